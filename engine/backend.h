@@ -1,0 +1,109 @@
+// A backend executes the model's ops on one device: the CPU reference path (engine/backend_cpu.cpp, on
+// kernels/cpu) or the CUDA path (engine/backend_cuda.cu, on cuDNN, cuBLAS and kernels/cuda). The model is
+// wired once, in engine/model.cpp, against this interface.
+//
+// Rules every backend keeps:
+// - Pointers are the backend's own memory (from alloc). Element type is float (fp32 storage); the CUDA
+//   backend may compute convolutions in TF32 (Precision::TF32). Activations are 4-D tensors whose memory
+//   layout is activation_layout(); the model only passes logical shapes (N, C, H, W).
+// - Outputs are assigned, never accumulated. A null output means "not needed".
+// - Ops are asynchronous on the CUDA backend (one stream); nothing inside a training step allocates or
+//   waits for the device. sync() waits; download() waits for its copy.
+// - Ops whose only cost is memory traffic come fused where the data flow allows: batch norm takes an
+//   optional residual input and an optional ReLU (y = relu(bn(x) + residual)), which is exactly the end of a
+//   ResNet bottleneck; its backward takes the gradient of that fused output.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/tensor.h"
+#include "kernels/cpu/ops.h"
+
+namespace vb {
+
+using ConvShape = cpu::ConvShape;
+
+enum class Precision : uint8_t { FP32, TF32 };
+inline const char* precision_name(Precision p) { return p == Precision::FP32 ? "fp32" : "tf32"; }
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string description() const = 0;  // e.g. "cpu (2 threads)" or "cuda: NVIDIA H200, cuDNN 9.19"
+  virtual Layout activation_layout() const { return Layout::NCHW; }
+
+  // ---- memory ----
+  virtual void* alloc(size_t bytes) = 0;  // zero-filled, at least 256-byte aligned
+  virtual void release(void* p) = 0;
+  virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* src, size_t bytes) = 0;  // waits for the copy
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;           // device to device
+  virtual void fill_zero(void* p, size_t bytes) = 0;
+  virtual void sync() = 0;
+  // Activations: converts a host NCHW float batch to / from the backend's activation layout.
+  virtual void upload_activation(float* dst, const float* host_nchw, int N, int C, int H, int W) = 0;
+  virtual void download_activation(float* host_nchw, const float* src, int N, int C, int H, int W) = 0;
+
+  // ---- convolution (no bias) ----
+  virtual void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) = 0;
+  virtual void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) = 0;
+  virtual void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) = 0;
+
+  // ---- batch norm, fused with an optional residual add and ReLU: y = act(bn(x) + residual) ----
+  // Training: batch statistics; saves mean and 1/sqrt(var+eps) [C]; updates running statistics (unbiased
+  // variance, momentum) when running_mean is not null.
+  virtual void bn_train_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
+                            const float* residual, bool relu, float* y, float* save_mean, float* save_invstd,
+                            float* running_mean, float* running_var, double momentum, double eps) = 0;
+  virtual void bn_eval_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
+                           const float* running_mean, const float* running_var, double eps,
+                           const float* residual, bool relu, float* y) = 0;
+  // dy: gradient of y. y: the fused output (used for the ReLU mask when relu). Writes dx, dresidual (the
+  // gradient reaching the residual input, = dy masked by the ReLU), dgamma, dbeta; any may be null.
+  // `scratch` holds N*C*H*W floats for the masked gradient; it may be dresidual.
+  virtual void bn_bwd(int N, int C, int H, int W, const float* x, const float* y, const float* dy,
+                      const float* gamma, const float* save_mean, const float* save_invstd, bool relu, float* dx,
+                      float* dresidual, float* dgamma, float* dbeta, float* scratch) = 0;
+
+  // ---- pooling ----
+  virtual void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const float* x, float* y) = 0;
+  virtual void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const float* x, const float* y,
+                           const float* dy, float* dx) = 0;
+  // Global average: x [N,C,H,W] (activation layout) -> y [N,C] (row-major).
+  virtual void avgpool_fwd(int N, int C, int H, int W, const float* x, float* y) = 0;
+  virtual void avgpool_bwd(int N, int C, int H, int W, const float* dy, float* dx) = 0;
+
+  // ---- the head (row-major matrices) ----
+  virtual void linear_fwd(int N, int IN, int OUT, const float* x, const float* w, const float* b, float* y) = 0;
+  virtual void linear_bwd(int N, int IN, int OUT, const float* x, const float* w, const float* dy, float* dx,
+                          float* dw, float* db) = 0;
+  virtual void relu_fwd(int64_t n, const float* x, float* y) = 0;
+  virtual void relu_bwd(int64_t n, const float* y, const float* dy, float* dx) = 0;
+
+  // ---- loss: softmax + weighted cross-entropy in one pass. loss: one float in backend memory. ----
+  virtual void softmax_wce(int N, int C, const float* logits, const int64_t* labels, const float* class_weights,
+                           float* probs, float* dlogits, float* loss) = 0;
+
+  // ---- optimizer: one AdamW step over a flat range (torch.optim.AdamW semantics) ----
+  virtual void adamw(int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, int64_t step) = 0;
+
+  virtual void set_precision(Precision p) { precision_ = p; }
+  Precision precision() const { return precision_; }
+
+ protected:
+  Precision precision_ = Precision::TF32;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(int threads);
+// Throws vb::Error with one line ("no CUDA device: ...") when CUDA is not built in or no GPU is present.
+std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
+bool cuda_available();  // built with CUDA and at least one device is visible
+
+// "auto" -> cuda when available, else cpu. Throws on an unknown name.
+std::unique_ptr<Backend> make_backend(const std::string& device, int threads);
+
+}  // namespace vb
