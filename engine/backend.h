@@ -82,6 +82,8 @@ class Backend {
                           float* dw, float* db) = 0;
   virtual void relu_fwd(int64_t n, const float* x, float* y) = 0;
   virtual void relu_bwd(int64_t n, const float* y, const float* dy, float* dx) = 0;
+  // y = a + b (flat, any layout; y may alias a or b): joins the two gradient paths of a residual block.
+  virtual void add(int64_t n, const float* a, const float* b, float* y) = 0;
 
   // ---- loss: softmax + weighted cross-entropy in one pass. loss: one float in backend memory. ----
   virtual void softmax_wce(int N, int C, const float* logits, const int64_t* labels, const float* class_weights,

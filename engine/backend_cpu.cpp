@@ -101,6 +101,7 @@ class CpuBackend final : public Backend {
   void relu_bwd(int64_t n, const float* y, const float* dy, float* dx) override {
     cpu::relu_bwd<float>(n, y, dy, dx);
   }
+  void add(int64_t n, const float* a, const float* b, float* y) override { cpu::add<float>(n, a, b, y); }
   void softmax_wce(int N, int C, const float* logits, const int64_t* labels, const float* class_weights,
                    float* probs, float* dlogits, float* loss) override {
     *loss = cpu::softmax_wce<float>(N, C, logits, labels, class_weights, probs, dlogits);

@@ -1,0 +1,161 @@
+#include "engine/golden.h"
+
+#include <cmath>
+#include <limits>
+
+#include "engine/model.h"
+#include "engine/optimizer.h"
+#include "kernels/cpu/ops.h"
+
+namespace vb {
+namespace {
+
+double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return std::numeric_limits<double>::infinity();
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// "model.layer1.0.conv1.weight" -> "layer1.0.conv1.weight" (the notebook's wrapper, DataParallel's module.)
+std::string engine_name(std::string k) {
+  for (bool again = true; again;) {
+    again = false;
+    for (const char* p : {"model.", "module."})
+      if (k.rfind(p, 0) == 0) { k = k.substr(std::strlen(p)); again = true; }
+  }
+  return k;
+}
+
+bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+
+}  // namespace
+
+double golden_tolerance(const std::string& name, Device device, Precision precision) {
+  double tol;
+  if (starts_with(name, "update.")) tol = 2e-2;
+  else if (starts_with(name, "grad")) tol = 1e-3;
+  else if (starts_with(name, "after")) tol = 1e-5;
+  else tol = 1e-4;  // logits, losses, learning rates, class weights
+  if (device == Device::CPU || precision == Precision::FP32) return device == Device::CPU ? tol : 10 * tol;
+  // TF32 convolutions: 10-bit mantissas in the products.
+  if (starts_with(name, "update.")) return 2e-1;
+  if (starts_with(name, "grad")) return 5e-2;
+  if (starts_with(name, "after")) return 1e-3;
+  return 1e-2;
+}
+
+std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const StateDict& ref,
+                                    const GoldenOptions& opt) {
+  const ModelConfig cfg = infer_model_config(weights);
+  Model model(be, cfg);
+  model.load_state_dict(weights, "weights");
+  const StateDict init = model.state_dict();
+
+  int T = 0;
+  while (ref.has("x" + std::to_string(T))) ++T;
+  if (T == 0 || !ref.has("eval_logits_init.x0")) fail("reference: not a golden-run file (no x0 / eval_logits_init.x0)");
+  const HostTensor& x0 = ref.at("x0");
+  if (x0.shape.size() != 4 || x0.shape[1] != 3 || x0.shape[2] != x0.shape[3])
+    fail("reference: x0 has shape ", shape_str(x0.shape), ", expected [N, 3, S, S]");
+  int max_n = 0;
+  for (int t = 0; t < T; ++t) max_n = std::max<int>(max_n, int(ref.at("x" + std::to_string(t)).shape[0]));
+  model.plan(max_n, int(x0.shape[2]));
+
+  std::vector<GoldenEntry> out;
+  auto add = [&](const std::string& name, const std::vector<double>& ours, const std::vector<double>& want) {
+    out.push_back({name, rel_err(ours, want), golden_tolerance(name, be.device(), be.precision())});
+  };
+  auto download = [&](const float* p, int64_t n) {
+    std::vector<float> h(static_cast<size_t>(n));
+    be.download(h.data(), p, sizeof(float) * h.size());
+    return std::vector<double>(h.begin(), h.end());
+  };
+  const int C = cfg.num_classes;
+  auto upload_x = [&](const HostTensor& x) {
+    std::vector<float> v = x.to_f32();
+    be.upload_activation(model.input(), v.data(), int(x.shape[0]), 3, int(x.shape[2]), int(x.shape[3]));
+    return int(x.shape[0]);
+  };
+  auto eval_logits = [&](const std::string& key) {
+    int n = upload_x(x0);
+    model.forward(n, false);
+    add(key, download(model.logits(), int64_t(n) * C), ref.at(key).to_f64());
+  };
+
+  // Class weights: the notebook's formula on the reference's training labels.
+  std::vector<float> cw(static_cast<size_t>(C));
+  {
+    const HostTensor& labels = ref.at("train_labels_for_weights");
+    std::vector<double> l = labels.to_f64();
+    std::vector<int64_t> li(l.begin(), l.end());
+    cpu::class_weights_from_labels(int64_t(li.size()), li.data(), C, cw.data());
+    if (ref.has("class_weights")) add("class_weights", std::vector<double>(cw.begin(), cw.end()), ref.at("class_weights").to_f64());
+  }
+  float* d_cw = static_cast<float*>(be.alloc(sizeof(float) * size_t(C)));
+  int64_t* d_labels = static_cast<int64_t*>(be.alloc(sizeof(int64_t) * size_t(max_n)));
+  float* d_loss = static_cast<float*>(be.alloc(sizeof(float)));
+  be.upload(d_cw, cw.data(), sizeof(float) * cw.size());
+
+  try {
+    eval_logits("eval_logits_init.x0");
+    AdamW adamw(model, AdamWOptions{opt.lr});
+    StepLR sched(opt.lr, opt.step_size, opt.gamma);
+    for (int t = 0; t < T; ++t) {
+      const std::string ts = std::to_string(t);
+      const int n = upload_x(ref.at("x" + ts));
+      std::vector<double> yd = ref.at("y" + ts).to_f64();
+      std::vector<int64_t> y(yd.begin(), yd.end());
+      be.upload(d_labels, y.data(), sizeof(int64_t) * y.size());
+      model.forward(n, true);
+      be.softmax_wce(n, C, model.logits(), d_labels, d_cw, nullptr, model.dlogits(), d_loss);
+      model.backward(n);
+      if (ref.has("logits" + ts)) add("logits" + ts, download(model.logits(), int64_t(n) * C), ref.at("logits" + ts).to_f64());
+      if (ref.has("loss" + ts)) add("loss" + ts, download(d_loss, 1), ref.at("loss" + ts).to_f64());
+      if (ref.has("lr" + ts)) add("lr" + ts, {sched.lr()}, ref.at("lr" + ts).to_f64());
+      const std::string gp = "grad" + ts + ".";
+      for (const auto& k : ref.order) {
+        if (!starts_with(k, gp)) continue;
+        const std::string name = engine_name(k.substr(gp.size()));
+        const TensorSlot* slot = nullptr;
+        for (const TensorSlot& s : model.slots())
+          if (s.spec.name == name && s.spec.kind == TensorKind::Parameter) slot = &s;
+        if (!slot) fail("reference: gradient '", k, "' names no parameter of the model");
+        add(k, download(model.grads() + slot->offset, numel(slot->spec.shape)), ref.at(k).to_f64());
+      }
+      adamw.step(sched.lr());
+      sched.step();
+    }
+    const StateDict after = model.state_dict();
+    const std::string ap = "after" + std::to_string(T) + ".";
+    for (const auto& k : ref.order) {
+      if (!starts_with(k, ap)) continue;
+      const std::string name = engine_name(k.substr(ap.size()));
+      if (!after.has(name)) fail("reference: '", k, "' names no tensor of the model");
+      std::vector<double> ours = after.at(name).to_f64(), want = ref.at(k).to_f64(), before = init.at(name).to_f64();
+      add(k, ours, want);
+      for (size_t i = 0; i < ours.size() && i < want.size() && i < before.size(); ++i) {
+        ours[i] -= before[i];
+        want[i] -= before[i];
+      }
+      add("update." + k, ours, want);
+    }
+    const std::string final_key = "eval_logits_after" + std::to_string(T) + ".x0";
+    if (ref.has(final_key)) eval_logits(final_key);
+  } catch (...) {
+    be.release(d_cw);
+    be.release(d_labels);
+    be.release(d_loss);
+    throw;
+  }
+  be.release(d_cw);
+  be.release(d_labels);
+  be.release(d_loss);
+  return out;
+}
+
+}  // namespace vb

@@ -1,0 +1,415 @@
+#include "engine/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <random>
+#include <sstream>
+
+namespace vb {
+
+// PyTorch's BatchNorm2d defaults, which the notebook uses.
+constexpr double kBnMomentum = 0.1;
+constexpr double kBnEps = 1e-5;
+
+struct Model::Conv {
+  ConvShape s{};  // N is set per call
+  float* w = nullptr;   // (K, C, R, S)
+  float* dw = nullptr;  // (K, C, R, S)
+};
+
+struct Model::Bn {
+  int C = 0, index = 0;
+  float *gamma = nullptr, *beta = nullptr, *dgamma = nullptr, *dbeta = nullptr;  // (C)
+  float *running_mean = nullptr, *running_var = nullptr;                          // (C)
+  float *save_mean = nullptr, *save_invstd = nullptr;                             // (C), from the last forward
+};
+
+struct Model::Block {
+  Conv *c1, *c2, *c3, *ds = nullptr;
+  Bn *b1, *b2, *b3, *bds = nullptr;
+  int in_c, in_h, in_w, planes, out_c, out_h, out_w;
+  float* x = nullptr;                                     // (N, in_c, in_h, in_w): the previous output
+  float *o1 = nullptr, *a1 = nullptr;                     // (N, planes, in_h, in_w): conv1, bn1+relu
+  float *o2 = nullptr, *a2 = nullptr;                     // (N, planes, out_h, out_w): conv2, bn2+relu
+  float *o3 = nullptr, *y = nullptr;                      // (N, out_c, out_h, out_w): conv3, bn3+res+relu
+  float *dso = nullptr, *dsa = nullptr;                   // (N, out_c, out_h, out_w): downsample conv, bn
+};
+
+struct Model::Linear {
+  int in = 0, out = 0;
+  float *w = nullptr, *b = nullptr, *dw = nullptr, *db = nullptr;  // (out, in), (out)
+};
+
+Model::Model(Backend& backend, const ModelConfig& cfg) : be_(backend), cfg_(cfg) {
+  VB_CHECK(!cfg.blocks.empty() && cfg.width > 0 && cfg.num_classes > 0, "invalid model configuration");
+  int n_bn = 0;
+  for (const TensorSpec& s : model_tensor_specs(cfg)) {
+    TensorSlot slot{s};
+    if (s.role == TensorRole::BnNumBatches) {
+      slot.bn_index = n_bn++;
+    } else if (s.kind == TensorKind::Parameter) {
+      if (s.head && head_offset_ == 0) head_offset_ = n_params_;
+      slot.offset = n_params_;
+      n_params_ += numel(s.shape);
+    } else {
+      slot.offset = n_buffers_;
+      n_buffers_ += numel(s.shape);
+    }
+    slots_.push_back(slot);
+  }
+  num_batches_.assign(size_t(n_bn), 0);
+  params_ = static_cast<float*>(be_.alloc(sizeof(float) * size_t(n_params_)));
+  grads_ = static_cast<float*>(be_.alloc(sizeof(float) * size_t(n_params_)));
+  buffers_ = static_cast<float*>(be_.alloc(sizeof(float) * size_t(n_buffers_)));
+
+  std::map<std::string, const TensorSlot*> by_name;
+  for (const TensorSlot& s : slots_) by_name[s.spec.name] = &s;
+  auto param = [&](const std::string& n) { return params_ + by_name.at(n)->offset; };
+  auto grad = [&](const std::string& n) { return grads_ + by_name.at(n)->offset; };
+  auto buffer = [&](const std::string& n) { return buffers_ + by_name.at(n)->offset; };
+  auto conv = [&](const std::string& name, int C, int H, int W, int K, int k, int stride, int pad) {
+    auto c = std::make_unique<Conv>();
+    c->s = ConvShape{0, C, H, W, K, k, k, stride, pad};
+    c->w = param(name + ".weight");
+    c->dw = grad(name + ".weight");
+    convs_.push_back(std::move(c));
+    return convs_.back().get();
+  };
+  auto bn = [&](const std::string& name, int C) {
+    auto b = std::make_unique<Bn>();
+    b->C = C;
+    b->index = by_name.at(name + ".num_batches_tracked")->bn_index;
+    b->gamma = param(name + ".weight");
+    b->beta = param(name + ".bias");
+    b->dgamma = grad(name + ".weight");
+    b->dbeta = grad(name + ".bias");
+    b->running_mean = buffer(name + ".running_mean");
+    b->running_var = buffer(name + ".running_var");
+    bns_.push_back(std::move(b));
+    return bns_.back().get();
+  };
+
+  // Spatial sizes are filled in by plan(); the structure is fixed here.
+  stem_conv_ = conv("conv1", 3, 0, 0, cfg.width, 7, 2, 3);
+  stem_bn_ = bn("bn1", cfg.width);
+  int inp = cfg.width;
+  for (size_t st = 0; st < cfg.blocks.size(); ++st) {
+    const int planes = cfg.width << st, out = planes * 4;
+    for (int bi = 0; bi < cfg.blocks[st]; ++bi) {
+      const std::string p = "layer" + std::to_string(st + 1) + "." + std::to_string(bi);
+      const int stride = (bi == 0 && st > 0) ? 2 : 1;
+      Block b{};
+      b.in_c = inp;
+      b.planes = planes;
+      b.out_c = out;
+      b.c1 = conv(p + ".conv1", inp, 0, 0, planes, 1, 1, 0);
+      b.b1 = bn(p + ".bn1", planes);
+      b.c2 = conv(p + ".conv2", planes, 0, 0, planes, 3, stride, 1);
+      b.b2 = bn(p + ".bn2", planes);
+      b.c3 = conv(p + ".conv3", planes, 0, 0, out, 1, 1, 0);
+      b.b3 = bn(p + ".bn3", out);
+      if (bi == 0) {
+        b.ds = conv(p + ".downsample.0", inp, 0, 0, out, 1, stride, 0);
+        b.bds = bn(p + ".downsample.1", out);
+      }
+      blocks_.push_back(b);
+      inp = out;
+    }
+  }
+  int in = cfg.features(), idx = 0;
+  auto add_fc = [&](int out) {
+    const std::string p = "fc." + std::to_string(idx);
+    fcs_.push_back(Linear{in, out, param(p + ".weight"), param(p + ".bias"), grad(p + ".weight"), grad(p + ".bias")});
+    in = out;
+    idx += 2;
+  };
+  for (int h : cfg.hidden) add_fc(h);
+  add_fc(cfg.num_classes);
+
+  // Running variances start at 1, as in PyTorch.
+  std::vector<float> buf(size_t(n_buffers_), 0.f);
+  for (const TensorSlot& s : slots_)
+    if (s.spec.role == TensorRole::BnRunningVar) std::fill_n(buf.begin() + s.offset, numel(s.spec.shape), 1.f);
+  be_.upload(buffers_, buf.data(), sizeof(float) * buf.size());
+}
+
+Model::~Model() {
+  release_activations();
+  be_.release(params_);
+  be_.release(grads_);
+  be_.release(buffers_);
+}
+
+void Model::init_torchvision(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<float> p(static_cast<size_t>(n_params_));
+  std::vector<float> buf(size_t(n_buffers_), 0.f);
+  for (const TensorSlot& s : slots_) {
+    const int64_t n = numel(s.spec.shape);
+    switch (s.spec.role) {
+      case TensorRole::ConvWeight: {  // kaiming_normal_(mode="fan_out", nonlinearity="relu")
+        const int64_t fan_out = s.spec.shape[0] * s.spec.shape[2] * s.spec.shape[3];
+        std::normal_distribution<double> d(0.0, std::sqrt(2.0 / double(fan_out)));
+        for (int64_t i = 0; i < n; ++i) p[size_t(s.offset + i)] = float(d(rng));
+        break;
+      }
+      case TensorRole::BnWeight: std::fill_n(p.begin() + s.offset, n, 1.f); break;
+      case TensorRole::BnBias: std::fill_n(p.begin() + s.offset, n, 0.f); break;
+      case TensorRole::FcWeight:
+      case TensorRole::FcBias: {  // nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+        const double bound = 1.0 / std::sqrt(double(s.spec.fan_in));
+        std::uniform_real_distribution<double> d(-bound, bound);
+        for (int64_t i = 0; i < n; ++i) p[size_t(s.offset + i)] = float(d(rng));
+        break;
+      }
+      case TensorRole::BnRunningVar: std::fill_n(buf.begin() + s.offset, n, 1.f); break;
+      case TensorRole::BnRunningMean: break;
+      case TensorRole::BnNumBatches: num_batches_[size_t(s.bn_index)] = 0; break;
+    }
+  }
+  be_.upload(params_, p.data(), sizeof(float) * p.size());
+  be_.upload(buffers_, buf.data(), sizeof(float) * buf.size());
+}
+
+void Model::load_state_dict(const StateDict& sd, const std::string& source) {
+  std::vector<std::string> missing, bad_shape, unexpected;
+  std::map<std::string, bool> known;
+  for (const TensorSlot& s : slots_) {
+    known[s.spec.name] = true;
+    if (!sd.has(s.spec.name)) {
+      missing.push_back(s.spec.name);
+    } else if (sd.at(s.spec.name).numel() != numel(s.spec.shape) ||
+               (sd.at(s.spec.name).shape != s.spec.shape && !s.spec.shape.empty())) {
+      bad_shape.push_back(s.spec.name + " " + shape_str(sd.at(s.spec.name).shape) + " (expected " +
+                          shape_str(s.spec.shape) + ")");
+    }
+  }
+  for (const auto& k : sd.order)
+    if (!known.count(k)) unexpected.push_back(k);
+  if (!missing.empty() || !bad_shape.empty() || !unexpected.empty()) {
+    std::ostringstream os;
+    os << source << ": does not match the model (" << cfg_.describe() << ")";
+    auto list = [&](const char* what, const std::vector<std::string>& v) {
+      if (v.empty()) return;
+      os << "; " << v.size() << " " << what << ": ";
+      for (size_t i = 0; i < v.size() && i < 6; ++i) os << (i ? ", " : "") << v[i];
+      if (v.size() > 6) os << ", ...";
+    };
+    list("missing", missing);
+    list("unexpected", unexpected);
+    list("with the wrong shape", bad_shape);
+    fail(os.str());
+  }
+  std::vector<float> p(static_cast<size_t>(n_params_)), buf(static_cast<size_t>(n_buffers_));
+  for (const TensorSlot& s : slots_) {
+    const HostTensor& t = sd.at(s.spec.name);
+    if (s.spec.role == TensorRole::BnNumBatches) {
+      num_batches_[size_t(s.bn_index)] = int64_t(t.to_f64()[0]);
+      continue;
+    }
+    std::vector<float> v = t.to_f32();
+    float* dst = (s.spec.kind == TensorKind::Parameter ? p.data() : buf.data()) + s.offset;
+    std::copy(v.begin(), v.end(), dst);
+  }
+  be_.upload(params_, p.data(), sizeof(float) * p.size());
+  be_.upload(buffers_, buf.data(), sizeof(float) * buf.size());
+}
+
+StateDict Model::state_dict() {
+  std::vector<float> p(static_cast<size_t>(n_params_)), buf(static_cast<size_t>(n_buffers_));
+  be_.download(p.data(), params_, sizeof(float) * p.size());
+  be_.download(buf.data(), buffers_, sizeof(float) * buf.size());
+  StateDict sd;
+  for (const TensorSlot& s : slots_) {
+    if (s.spec.role == TensorRole::BnNumBatches) {
+      int64_t v = num_batches_[size_t(s.bn_index)];
+      sd.set(s.spec.name, HostTensor::from_i64(s.spec.shape, &v));
+      continue;
+    }
+    const float* src = (s.spec.kind == TensorKind::Parameter ? p.data() : buf.data()) + s.offset;
+    sd.set(s.spec.name, HostTensor::from_f32(s.spec.shape, src));
+  }
+  return sd;
+}
+
+void Model::release_activations() {
+  for (void* p : act_allocs_) be_.release(p);
+  act_allocs_.clear();
+}
+
+float* Model::act_alloc(int64_t floats) {
+  void* p = be_.alloc(sizeof(float) * size_t(std::max<int64_t>(floats, 1)));
+  act_allocs_.push_back(p);
+  return static_cast<float*>(p);
+}
+
+void Model::plan(int max_batch, int image_size) {
+  VB_CHECK(max_batch > 0 && image_size >= 32, "bad plan: batch ", max_batch, ", image size ", image_size);
+  release_activations();
+  max_batch_ = max_batch;
+  image_size_ = image_size;
+  const int64_t N = max_batch;
+  int64_t largest = 0;
+  auto act = [&](int C, int H, int W) {
+    largest = std::max(largest, N * C * H * W);
+    return act_alloc(N * C * H * W);
+  };
+  input_ = act(3, image_size, image_size);
+  Conv& c = *stem_conv_;
+  c.s.H = c.s.W = image_size;
+  const int sh = c.s.P(), sw = c.s.Q();
+  stem_c_ = act(cfg_.width, sh, sw);
+  stem_a_ = act(cfg_.width, sh, sw);
+  const int ph = (sh + 2 - 3) / 2 + 1, pw = (sw + 2 - 3) / 2 + 1;
+  pool_ = act(cfg_.width, ph, pw);
+  float* x = pool_;
+  int h = ph, w = pw;
+  for (Block& b : blocks_) {
+    b.x = x;
+    b.in_h = h;
+    b.in_w = w;
+    b.c1->s.H = h; b.c1->s.W = w;
+    b.c2->s.H = h; b.c2->s.W = w;
+    b.out_h = b.c2->s.P();
+    b.out_w = b.c2->s.Q();
+    b.c3->s.H = b.out_h; b.c3->s.W = b.out_w;
+    b.o1 = act(b.planes, h, w);
+    b.a1 = act(b.planes, h, w);
+    b.o2 = act(b.planes, b.out_h, b.out_w);
+    b.a2 = act(b.planes, b.out_h, b.out_w);
+    b.o3 = act(b.out_c, b.out_h, b.out_w);
+    b.y = act(b.out_c, b.out_h, b.out_w);
+    if (b.ds) {
+      b.ds->s.H = h; b.ds->s.W = w;
+      b.dso = act(b.out_c, b.out_h, b.out_w);
+      b.dsa = act(b.out_c, b.out_h, b.out_w);
+    }
+    x = b.y;
+    h = b.out_h;
+    w = b.out_w;
+  }
+  VB_CHECK(h >= 1 && w >= 1, "image size ", image_size, " is too small for this network");
+  for (auto& bn : bns_) {
+    bn->save_mean = act_alloc(bn->C);
+    bn->save_invstd = act_alloc(bn->C);
+  }
+  feat_ = act_alloc(N * cfg_.features());
+  int widest = cfg_.features();
+  fc_out_.clear();
+  for (const Linear& l : fcs_) {
+    fc_out_.push_back(act_alloc(N * l.out));
+    widest = std::max(widest, l.out);
+  }
+  logits_ = fc_out_.back();
+  dlogits_ = act_alloc(N * cfg_.num_classes);
+  for (float*& g : g_) g = act_alloc(largest);
+  for (float*& g : gfc_) g = act_alloc(N * widest);
+}
+
+namespace {
+ConvShape with_batch(ConvShape s, int n) {
+  s.N = n;
+  return s;
+}
+}  // namespace
+
+void Model::forward(int n, bool train) {
+  VB_CHECK(n > 0 && n <= max_batch_, "batch of ", n, " images; the model is planned for ", max_batch_);
+  Backend& be = be_;
+  auto bn_fwd = [&](Bn& b, int H, int W, const float* x, const float* residual, bool relu, float* y) {
+    if (train) {
+      be.bn_train_fwd(n, b.C, H, W, x, b.gamma, b.beta, residual, relu, y, b.save_mean, b.save_invstd,
+                      b.running_mean, b.running_var, kBnMomentum, kBnEps);
+      ++num_batches_[size_t(b.index)];
+    } else {
+      be.bn_eval_fwd(n, b.C, H, W, x, b.gamma, b.beta, b.running_mean, b.running_var, kBnEps, residual, relu, y);
+    }
+  };
+  const ConvShape s0 = with_batch(stem_conv_->s, n);
+  be.conv_fwd(s0, input_, stem_conv_->w, stem_c_);
+  bn_fwd(*stem_bn_, s0.P(), s0.Q(), stem_c_, nullptr, true, stem_a_);
+  be.maxpool_fwd(n, cfg_.width, s0.P(), s0.Q(), 3, 2, 1, stem_a_, pool_);
+  for (Block& b : blocks_) {
+    be.conv_fwd(with_batch(b.c1->s, n), b.x, b.c1->w, b.o1);
+    bn_fwd(*b.b1, b.in_h, b.in_w, b.o1, nullptr, true, b.a1);
+    be.conv_fwd(with_batch(b.c2->s, n), b.a1, b.c2->w, b.o2);
+    bn_fwd(*b.b2, b.out_h, b.out_w, b.o2, nullptr, true, b.a2);
+    be.conv_fwd(with_batch(b.c3->s, n), b.a2, b.c3->w, b.o3);
+    const float* residual = b.x;
+    if (b.ds) {
+      be.conv_fwd(with_batch(b.ds->s, n), b.x, b.ds->w, b.dso);
+      bn_fwd(*b.bds, b.out_h, b.out_w, b.dso, nullptr, false, b.dsa);
+      residual = b.dsa;
+    }
+    bn_fwd(*b.b3, b.out_h, b.out_w, b.o3, residual, true, b.y);
+  }
+  const Block& last = blocks_.back();
+  be.avgpool_fwd(n, last.out_c, last.out_h, last.out_w, last.y, feat_);
+  const float* h = feat_;
+  for (size_t i = 0; i < fcs_.size(); ++i) {
+    const Linear& l = fcs_[i];
+    be.linear_fwd(n, l.in, l.out, h, l.w, l.b, fc_out_[i]);
+    if (i + 1 < fcs_.size()) be.relu_fwd(int64_t(n) * l.out, fc_out_[i], fc_out_[i]);
+    h = fc_out_[i];
+  }
+}
+
+void Model::backward(int n) {
+  VB_CHECK(n > 0 && n <= max_batch_, "batch of ", n, " images; the model is planned for ", max_batch_);
+  Backend& be = be_;
+  // The head, last layer first. dx of the first linear is the gradient of the pooled features.
+  const float* dy = dlogits_;
+  int k = 0;
+  for (size_t i = fcs_.size(); i-- > 0;) {
+    const Linear& l = fcs_[i];
+    const float* x = i == 0 ? feat_ : fc_out_[i - 1];
+    float* dx = (i == 0 && frozen_) ? nullptr : gfc_[k];
+    be.linear_bwd(n, l.in, l.out, x, l.w, dy, dx, l.dw, l.db);
+    if (i > 0) be.relu_bwd(int64_t(n) * l.in, fc_out_[i - 1], dx, dx);
+    dy = dx;
+    k ^= 1;
+  }
+  if (frozen_) return;
+
+  float *A = g_[0], *B = g_[1], *C = g_[2], *D = g_[3], *E = g_[4];
+  const Block& last = blocks_.back();
+  be.avgpool_bwd(n, last.out_c, last.out_h, last.out_w, dy, A);
+  // A holds the gradient of the current block's output throughout.
+  for (size_t bi = blocks_.size(); bi-- > 0;) {
+    const Block& b = blocks_[bi];
+    const ConvShape s1 = with_batch(b.c1->s, n), s2 = with_batch(b.c2->s, n), s3 = with_batch(b.c3->s, n);
+    // y = relu(bn3(o3) + residual): B gets the gradient of the residual (= of bn3's output).
+    be.bn_bwd(n, b.out_c, b.out_h, b.out_w, b.o3, b.y, A, b.b3->gamma, b.b3->save_mean, b.b3->save_invstd, true,
+              C, B, b.b3->dgamma, b.b3->dbeta, B);
+    be.conv_bwd_filter(s3, b.a2, C, b.c3->dw);
+    be.conv_bwd_data(s3, C, b.c3->w, D);
+    be.bn_bwd(n, b.planes, b.out_h, b.out_w, b.o2, b.a2, D, b.b2->gamma, b.b2->save_mean, b.b2->save_invstd, true,
+              C, nullptr, b.b2->dgamma, b.b2->dbeta, E);
+    be.conv_bwd_filter(s2, b.a1, C, b.c2->dw);
+    be.conv_bwd_data(s2, C, b.c2->w, D);
+    be.bn_bwd(n, b.planes, b.in_h, b.in_w, b.o1, b.a1, D, b.b1->gamma, b.b1->save_mean, b.b1->save_invstd, true,
+              C, nullptr, b.b1->dgamma, b.b1->dbeta, E);
+    be.conv_bwd_filter(s1, b.x, C, b.c1->dw);
+    be.conv_bwd_data(s1, C, b.c1->w, A);
+    const int64_t in_elems = int64_t(n) * b.in_c * b.in_h * b.in_w;
+    if (b.ds) {
+      const ConvShape sd = with_batch(b.ds->s, n);
+      be.bn_bwd(n, b.out_c, b.out_h, b.out_w, b.dso, b.dsa, B, b.bds->gamma, b.bds->save_mean, b.bds->save_invstd,
+                false, C, nullptr, b.bds->dgamma, b.bds->dbeta, E);
+      be.conv_bwd_filter(sd, b.x, C, b.ds->dw);
+      be.conv_bwd_data(sd, C, b.ds->w, D);
+      be.add(in_elems, A, D, A);
+    } else {
+      be.add(in_elems, A, B, A);
+    }
+  }
+  // The stem: maxpool, bn1 + relu, conv1 (no gradient for the input images).
+  const ConvShape s0 = with_batch(stem_conv_->s, n);
+  be.maxpool_bwd(n, cfg_.width, s0.P(), s0.Q(), 3, 2, 1, stem_a_, pool_, A, B);
+  be.bn_bwd(n, cfg_.width, s0.P(), s0.Q(), stem_c_, stem_a_, B, stem_bn_->gamma, stem_bn_->save_mean,
+            stem_bn_->save_invstd, true, D, nullptr, stem_bn_->dgamma, stem_bn_->dbeta, C);
+  be.conv_bwd_filter(s0, input_, D, stem_conv_->dw);
+}
+
+}  // namespace vb

@@ -1,0 +1,106 @@
+// The B1 model: torchvision's ResNet (bottleneck v1.5: stride on the 3x3 convolution, 1x1 conv + BN
+// downsample) with the notebook's head (Linear+ReLU per hidden layer, then Linear to the classes), wired by
+// hand against a Backend. All memory comes from the backend once: parameters and their gradients (one flat
+// allocation each, cut in model_tensor_specs() order), buffers (running statistics), and the activations
+// planned for a (max batch, image size). forward() and backward() allocate nothing.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/model_config.h"
+#include "engine/state_dict.h"
+
+namespace vb {
+
+// Where one tensor of the table lives.
+struct TensorSlot {
+  TensorSpec spec;
+  int64_t offset = 0;  // into params/grads (parameters) or buffers (running statistics), in floats
+  int bn_index = -1;   // num_batches_tracked: which batch norm
+};
+
+class Model {
+ public:
+  Model(Backend& backend, const ModelConfig& cfg);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return be_; }
+  const std::vector<TensorSlot>& slots() const { return slots_; }
+
+  // ---- parameters (flat, spec order of the Parameter entries; the head comes last) ----
+  int64_t num_params() const { return n_params_; }
+  int64_t num_head_params() const { return n_params_ - head_offset_; }
+  int64_t head_offset() const { return head_offset_; }  // first float of the head in params()/grads()
+  float* params() { return params_; }
+  float* grads() { return grads_; }
+
+  // torchvision's initialisation: conv kaiming_normal(fan_out, relu), BN weight 1 bias 0, running stats 0/1,
+  // Linear as nn.Linear (uniform +-1/sqrt(fan_in) for weight and bias). Seeded, reproducible.
+  void init_torchvision(uint64_t seed);
+  // Loads every tensor of the table from `sd` (names without prefix); errors name `source` and list the
+  // missing, unexpected and mis-shaped keys.
+  void load_state_dict(const StateDict& sd, const std::string& source);
+  StateDict state_dict();  // host copy, torchvision names, state_dict order
+
+  // ---- running ----
+  // Allocates the activations for batches of up to max_batch images of size x size. Call again to re-plan.
+  void plan(int max_batch, int image_size);
+  int max_batch() const { return max_batch_; }
+  int image_size() const { return image_size_; }
+  float* input() { return input_; }    // (max_batch, 3, S, S) in the backend's activation layout
+  float* logits() { return logits_; }  // (max_batch, classes) row-major
+  float* dlogits() { return dlogits_; }
+
+  // Forward of the first n images of input(). train: batch statistics (and running-statistics update);
+  // otherwise running statistics.
+  void forward(int n, bool train);
+  // Backward from dlogits() (n rows): parameter gradients into grads(), assigned. With a frozen backbone only
+  // the head's gradients are computed (the backbone's are left as they are).
+  void backward(int n);
+  void set_backbone_frozen(bool frozen) { frozen_ = frozen; }
+  bool backbone_frozen() const { return frozen_; }
+
+ private:
+  struct Conv;
+  struct Bn;
+  struct Block;
+  struct Linear;
+
+  void release_activations();
+  float* act_alloc(int64_t floats);
+
+  Backend& be_;
+  ModelConfig cfg_;
+  std::vector<TensorSlot> slots_;
+  int64_t n_params_ = 0, n_buffers_ = 0, head_offset_ = 0;
+  float* params_ = nullptr;   // (n_params)
+  float* grads_ = nullptr;    // (n_params)
+  float* buffers_ = nullptr;  // (n_buffers) running means and variances
+  std::vector<int64_t> num_batches_;  // one per batch norm, host side
+
+  std::vector<std::unique_ptr<Conv>> convs_;
+  std::vector<std::unique_ptr<Bn>> bns_;
+  std::vector<Block> blocks_;
+  std::vector<Linear> fcs_;
+  Conv* stem_conv_ = nullptr;
+  Bn* stem_bn_ = nullptr;
+
+  int max_batch_ = 0, image_size_ = 0;
+  std::vector<void*> act_allocs_;
+  float* input_ = nullptr;
+  float *stem_c_ = nullptr, *stem_a_ = nullptr, *pool_ = nullptr;  // stem conv out, bn+relu out, maxpool out
+  float* feat_ = nullptr;                                          // (N, F) after the average pool
+  std::vector<float*> fc_out_;                                      // per linear: its output (after ReLU)
+  float *logits_ = nullptr, *dlogits_ = nullptr;
+  float *g_[5] = {};  // gradient scratch, each the largest activation
+  float *gfc_[2] = {};  // head gradient scratch, each (N, max head width)
+  bool frozen_ = false;
+};
+
+}  // namespace vb
