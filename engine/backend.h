@@ -43,6 +43,9 @@ class Backend {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;           // device to device
   virtual void fill_zero(void* p, size_t bytes) = 0;
   virtual void sync() = 0;
+  // Bytes of device memory this backend holds now and at most so far (0 where not tracked, e.g. the CPU).
+  virtual size_t memory_in_use() const { return 0; }
+  virtual size_t memory_peak() const { return 0; }
   // Activations: converts a host NCHW float batch to / from the backend's activation layout.
   virtual void upload_activation(float* dst, const float* host_nchw, int N, int C, int H, int W) = 0;
   virtual void download_activation(float* host_nchw, const float* src, int N, int C, int H, int W) = 0;
