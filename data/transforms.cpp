@@ -1,0 +1,351 @@
+// Bit-exact Pillow/torchvision arithmetic: the double-precision steps must not be contracted into fused
+// multiply-adds, which Pillow's x86-64 builds never use.
+#pragma GCC optimize("fp-contract=off")
+#include "data/transforms.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "engine/check.h"
+
+namespace vb::data {
+
+namespace {
+
+constexpr int kPrecisionBits = 32 - 8 - 2;  // Pillow's PRECISION_BITS for 8-bit images
+
+// Per output pixel of one axis: first tap, tap count, and ksize fixed-point weights.
+struct AxisCoeffs {
+  int ksize = 0;
+  std::vector<int> first, count;
+  std::vector<int32_t> k;  // (out, ksize)
+};
+
+AxisCoeffs precompute_coeffs(int in_size, int out_size) {
+  AxisCoeffs c;
+  double scale = double(in_size) / out_size;
+  double filterscale = scale < 1.0 ? 1.0 : scale;
+  double support = 1.0 * filterscale;  // bilinear support 1
+  c.ksize = int(std::ceil(support)) * 2 + 1;
+  c.first.resize(size_t(out_size));
+  c.count.resize(size_t(out_size));
+  c.k.assign(size_t(out_size) * size_t(c.ksize), 0);
+  std::vector<double> w(size_t(c.ksize));
+  for (int xx = 0; xx < out_size; ++xx) {
+    double center = 0.0 + (xx + 0.5) * scale;
+    double ww = 0.0;
+    double ss = 1.0 / filterscale;
+    int xmin = int(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int xmax = int(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    for (int x = 0; x < xmax; ++x) {
+      double t = ((x + xmin) - center + 0.5) * ss;
+      if (t < 0.0) t = -t;
+      double v = t < 1.0 ? 1.0 - t : 0.0;
+      w[size_t(x)] = v;
+      ww += v;
+    }
+    int32_t* k = &c.k[size_t(xx) * size_t(c.ksize)];
+    for (int x = 0; x < xmax; ++x) {
+      double v = ww != 0.0 ? w[size_t(x)] / ww : w[size_t(x)];
+      k[x] = v < 0 ? int32_t(-0.5 + v * (1 << kPrecisionBits)) : int32_t(0.5 + v * (1 << kPrecisionBits));
+    }
+    c.first[size_t(xx)] = xmin;
+    c.count[size_t(xx)] = xmax;
+  }
+  return c;
+}
+
+inline uint8_t clip8(int32_t v) {
+  v >>= kPrecisionBits;
+  return uint8_t(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+// Pillow's two-pass resample of the box of `src` to (out_w, out_h), into `dst` (out_h, out_w, 3).
+void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, uint8_t* dst) {
+  VB_CHECK(box.top >= 0 && box.left >= 0 && box.height > 0 && box.width > 0 &&
+               box.top + box.height <= src.height && box.left + box.width <= src.width,
+           "crop box (top ", box.top, ", left ", box.left, ", h ", box.height, ", w ", box.width,
+           ") outside a ", src.width, "x", src.height, " image");
+  VB_CHECK(out_w > 0 && out_h > 0, "resize to ", out_w, "x", out_h);
+  const bool need_h = out_w != box.width, need_v = out_h != box.height;
+  AxisCoeffs cv = precompute_coeffs(box.height, out_h);
+  // Rows of the box the vertical pass reads.
+  const int y_first = cv.first[0];
+  const int y_last = cv.first[size_t(out_h) - 1] + cv.count[size_t(out_h) - 1];
+  const size_t src_stride = size_t(src.width) * 3;
+
+  // Horizontal pass into an 8-bit intermediate (rows y_first..y_last of the box), as Pillow's imTemp.
+  std::vector<uint8_t> tmp;  // (y_last - y_first, out_w, 3)
+  const uint8_t* rows;       // the vertical pass's input, row r = box row (y_first + r) when need_h
+  size_t rows_stride;
+  int row_offset;  // box row index of rows[0]
+  if (need_h) {
+    AxisCoeffs ch = precompute_coeffs(box.width, out_w);
+    const int nrows = y_last - y_first;
+    tmp.resize(size_t(nrows) * size_t(out_w) * 3);
+    for (int r = 0; r < nrows; ++r) {
+      const uint8_t* in = src.pixels.data() + size_t(box.top + y_first + r) * src_stride + size_t(box.left) * 3;
+      uint8_t* out = tmp.data() + size_t(r) * size_t(out_w) * 3;
+      for (int xx = 0; xx < out_w; ++xx) {
+        const int32_t* k = &ch.k[size_t(xx) * size_t(ch.ksize)];
+        const uint8_t* p = in + size_t(ch.first[size_t(xx)]) * 3;
+        int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+        for (int x = 0, n = ch.count[size_t(xx)]; x < n; ++x) {
+          s0 += p[3 * x + 0] * k[x];
+          s1 += p[3 * x + 1] * k[x];
+          s2 += p[3 * x + 2] * k[x];
+        }
+        out[3 * xx + 0] = clip8(s0);
+        out[3 * xx + 1] = clip8(s1);
+        out[3 * xx + 2] = clip8(s2);
+      }
+    }
+    rows = tmp.data();
+    rows_stride = size_t(out_w) * 3;
+    row_offset = y_first;
+  } else {
+    rows = src.pixels.data() + size_t(box.top) * src_stride + size_t(box.left) * 3;
+    rows_stride = src_stride;
+    row_offset = 0;
+  }
+
+  const size_t n = size_t(out_w) * 3;
+  if (!need_v) {
+    for (int yy = 0; yy < out_h; ++yy) std::memcpy(dst + size_t(yy) * n, rows + size_t(yy - row_offset) * rows_stride, n);
+    return;
+  }
+  // Vertical pass: accumulate whole rows (contiguous, vectorisable).
+  std::vector<int32_t> acc(n);
+  for (int yy = 0; yy < out_h; ++yy) {
+    const int32_t* k = &cv.k[size_t(yy) * size_t(cv.ksize)];
+    std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
+    const int ymin = cv.first[size_t(yy)] - row_offset;
+    for (int y = 0, cnt = cv.count[size_t(yy)]; y < cnt; ++y) {
+      const uint8_t* r = rows + size_t(ymin + y) * rows_stride;
+      const int32_t ky = k[y];
+      int32_t* a = acc.data();
+      for (size_t i = 0; i < n; ++i) a[i] += int32_t(r[i]) * ky;
+    }
+    uint8_t* out = dst + size_t(yy) * n;
+    for (size_t i = 0; i < n; ++i) out[i] = clip8(acc[i]);
+  }
+}
+
+// Python's round(x, 15): the correctly rounded 15-decimal value (glibc's printf rounds exactly).
+double round15(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.15f", x);
+  return std::strtod(buf, nullptr);
+}
+
+// Pillow's 16.16 fixed-point affine coefficients for rotate(angle) of a (w, h) image.
+struct FixedAffine {
+  int a0, a1, a2, a3, a4, a5;
+};
+
+int fix16(double v) {
+  double t = v * 65536.0 + 0.5;
+  return t < 0.0 ? int(std::floor(t)) : int(t);
+}
+
+FixedAffine rotation_coeffs(int w, int h, double angle_degrees) {
+  double angle = std::fmod(angle_degrees, 360.0);
+  if (angle < 0) angle += 360.0;  // Python's % takes the divisor's sign
+  const double cx = w / 2.0, cy = h / 2.0;
+  const double rad = -(angle * (M_PI / 180.0));
+  double m[6] = {round15(std::cos(rad)), round15(std::sin(rad)), 0.0, round15(-std::sin(rad)), round15(std::cos(rad)), 0.0};
+  // Python: matrix[2], matrix[5] = transform(-cx, -cy); then += cx, cy. transform = a*x + b*y + c.
+  double x = -cx, y = -cy;
+  double t2 = m[0] * x + m[1] * y + m[2];
+  double t5 = m[3] * x + m[4] * y + m[5];
+  m[2] = t2 + cx;
+  m[5] = t5 + cy;
+  VB_CHECK(w < 16384 && h < 16384, "rotation of a ", w, "x", h, " image is outside Pillow's fixed-point range");
+  FixedAffine f;
+  f.a0 = fix16(m[0]);
+  f.a1 = fix16(m[1]);
+  f.a3 = fix16(m[3]);
+  f.a4 = fix16(m[4]);
+  f.a2 = fix16(m[2] + m[0] * 0.5 + m[1] * 0.5);
+  f.a5 = fix16(m[5] + m[3] * 0.5 + m[4] * 0.5);
+  return f;
+}
+
+// Calls put(x, y, src_pixel_or_null) for every output pixel of the rotation, in Pillow's stepping order.
+template <class Put>
+void rotate_walk(const Image& src, double angle_degrees, Put&& put) {
+  const int w = src.width, h = src.height;
+  FixedAffine f = rotation_coeffs(w, h, angle_degrees);
+  int a2 = f.a2, a5 = f.a5;
+  for (int y = 0; y < h; ++y) {
+    int xx = a2, yy = a5;
+    for (int x = 0; x < w; ++x) {
+      const int xin = xx >> 16, yin = yy >> 16;
+      const uint8_t* p = (xin >= 0 && xin < w && yin >= 0 && yin < h) ? src.row(yin) + size_t(xin) * 3 : nullptr;
+      put(x, y, p);
+      xx += f.a0;
+      yy += f.a3;
+    }
+    a2 += f.a1;
+    a5 += f.a4;
+  }
+}
+
+// ToTensor + Normalize of every uint8 value, per channel: the exact float32 results torchvision computes.
+struct NormLut {
+  float v[3][256];
+  NormLut() {
+    for (int c = 0; c < 3; ++c)
+      for (int u = 0; u < 256; ++u) {
+        volatile float x = float(u) / 255.0f;  // ToTensor: float32 division
+        volatile float d = x - kImageNetMean[c];
+        v[c][u] = d / kImageNetStd[c];
+      }
+  }
+};
+const NormLut& norm_lut() {
+  static const NormLut lut;
+  return lut;
+}
+
+// Python's round() for a non-negative half-integer-or-integer value: half to even.
+int round_half_even(double x) { return int(std::nearbyint(x)); }
+
+}  // namespace
+
+Image resize_bilinear(const Image& src, int out_w, int out_h) {
+  Image out(out_w, out_h);
+  resample_box(src, CropBox{0, 0, src.height, src.width}, out_w, out_h, out.pixels.data());
+  return out;
+}
+
+Image resize_shorter(const Image& src, int short_side) {
+  VB_CHECK(!src.empty() && short_side > 0, "resize_shorter of an empty image or to ", short_side);
+  int w = src.width, h = src.height;
+  int short_ = std::min(w, h), long_ = std::max(w, h);
+  int new_long = int(double(int64_t(short_side) * long_) / short_);
+  int nw = w <= h ? short_side : new_long, nh = w <= h ? new_long : short_side;
+  if (nw == w && nh == h) return src;
+  return resize_bilinear(src, nw, nh);
+}
+
+Image crop(const Image& src, const CropBox& b) {
+  VB_CHECK(b.top >= 0 && b.left >= 0 && b.height > 0 && b.width > 0 && b.top + b.height <= src.height &&
+               b.left + b.width <= src.width,
+           "crop box outside a ", src.width, "x", src.height, " image");
+  Image out(b.width, b.height);
+  for (int y = 0; y < b.height; ++y)
+    std::memcpy(out.row(y), src.row(b.top + y) + size_t(b.left) * 3, size_t(b.width) * 3);
+  return out;
+}
+
+Image center_crop(const Image& src, int size) {
+  VB_CHECK(src.width >= size && src.height >= size, "center crop ", size, " of a ", src.width, "x", src.height, " image");
+  CropBox b{round_half_even((src.height - size) / 2.0), round_half_even((src.width - size) / 2.0), size, size};
+  return crop(src, b);
+}
+
+Image resized_crop(const Image& src, const CropBox& box, int size) {
+  Image out(size, size);
+  resample_box(src, box, size, size, out.pixels.data());
+  return out;
+}
+
+Image rotate_nearest(const Image& src, double angle_degrees) {
+  Image out(src.width, src.height);
+  rotate_walk(src, angle_degrees, [&](int x, int y, const uint8_t* p) {
+    uint8_t* o = out.row(y) + size_t(x) * 3;
+    if (p) o[0] = p[0], o[1] = p[1], o[2] = p[2];
+    else o[0] = o[1] = o[2] = 0;
+  });
+  return out;
+}
+
+void to_normalized_chw(const Image& src, float* out) {
+  const NormLut& L = norm_lut();
+  const size_t hw = size_t(src.width) * size_t(src.height);
+  const uint8_t* p = src.pixels.data();
+  for (size_t i = 0; i < hw; ++i) {
+    out[i] = L.v[0][p[3 * i + 0]];
+    out[hw + i] = L.v[1][p[3 * i + 1]];
+    out[2 * hw + i] = L.v[2][p[3 * i + 2]];
+  }
+}
+
+CropBox center_crop_fallback(int width, int height) {
+  const double min_ratio = 3.0 / 4.0, max_ratio = 4.0 / 3.0;
+  double in_ratio = double(width) / double(height);
+  int w, h;
+  if (in_ratio < min_ratio) {
+    w = width;
+    h = round_half_even(w / min_ratio);
+  } else if (in_ratio > max_ratio) {
+    h = height;
+    w = round_half_even(h * max_ratio);
+  } else {
+    w = width;
+    h = height;
+  }
+  return CropBox{(height - h) / 2, (width - w) / 2, h, w};
+}
+
+CropBox random_resized_crop_params(int width, int height, CounterRng& rng) {
+  const double area = double(width) * double(height);
+  const double log_lo = std::log(3.0 / 4.0), log_hi = std::log(4.0 / 3.0);
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    double target_area = area * rng.uniform(0.08, 1.0);
+    double aspect = std::exp(rng.uniform(log_lo, log_hi));
+    int w = round_half_even(std::sqrt(target_area * aspect));
+    int h = round_half_even(std::sqrt(target_area / aspect));
+    if (0 < w && w <= width && 0 < h && h <= height) {
+      int top = int(rng.below(uint64_t(height - h + 1)));
+      int left = int(rng.below(uint64_t(width - w + 1)));
+      return CropBox{top, left, h, w};
+    }
+  }
+  return center_crop_fallback(width, height);
+}
+
+TrainDraw draw_train_params(uint64_t seed, int64_t epoch, int64_t sample, int width, int height) {
+  CounterRng rng(seed, RngStream::Augment, uint64_t(epoch), uint64_t(sample));
+  TrainDraw d;
+  d.box = random_resized_crop_params(width, height, rng);
+  d.angle = rng.uniform(-5.0, 5.0);
+  return d;
+}
+
+Image eval_crop(const Image& decoded, int image_size) {
+  const int r = resize_size(image_size);
+  // Only the centre S x S of the R x R resize is kept: resample the full square (the horizontal pass
+  // is per row, so computing only the kept rows changes nothing), then crop.
+  return center_crop(resize_bilinear(decoded, r, r), image_size);
+}
+
+void eval_transform(const Image& decoded, int image_size, float* out) {
+  to_normalized_chw(eval_crop(decoded, image_size), out);
+}
+
+Image train_resize(const Image& decoded, int image_size) { return resize_shorter(decoded, resize_size(image_size)); }
+
+void train_random_part(const Image& resized, int image_size, const TrainDraw& draw, float* out) {
+  thread_local Image cropped;
+  if (cropped.width != image_size || cropped.height != image_size) cropped = Image(image_size, image_size);
+  resample_box(resized, draw.box, image_size, image_size, cropped.pixels.data());
+  const NormLut& L = norm_lut();
+  const size_t hw = size_t(image_size) * size_t(image_size);
+  rotate_walk(cropped, draw.angle, [&](int x, int y, const uint8_t* p) {
+    const size_t i = size_t(y) * size_t(image_size) + size_t(x);
+    out[i] = L.v[0][p ? p[0] : 0];
+    out[hw + i] = L.v[1][p ? p[1] : 0];
+    out[2 * hw + i] = L.v[2][p ? p[2] : 0];
+  });
+}
+
+}  // namespace vb::data
