@@ -1,10 +1,447 @@
-// Placeholder until the CUDA backend lands: keeps the build linking with CUDA on.
+// The CUDA backend: convolutions on cuDNN (legacy API), the head on cuBLAS, everything else on the custom
+// kernels of kernels/cuda. One stream; the cuDNN and cuBLAS handles are bound to it.
+//
+// Activation layout: NCHW. cuDNN's tensor-core convolutions prefer NHWC and transpose NCHW internally (about
+// 8% of PyTorch's fp32 step, see docs/anchors.md), so NHWC is the next step for speed; it is not taken here
+// because it has to hold for every op at once (batch norm, pooling, the transforms, upload/download) with the
+// OIHW weights kept as the single parameter copy, and none of it can be checked on a GPU yet. Every custom
+// kernel is written against NCHW planes; moving to NHWC means new reduction layouts for batch norm and a
+// KRSC filter descriptor (or a weight copy) for cuDNN.
+//
+// Memory: alloc is cudaMalloc + a stream-ordered memset (no managed memory). The cuDNN workspace is one
+// buffer shared by every convolution; it grows only while an algorithm is being chosen (the first time a
+// (shape, direction, precision) is seen, i.e. during the first training step), never afterwards. Batch norm's
+// reduction scratch and cuBLAS's workspace are allocated once up front, so a steady-state step neither
+// allocates nor waits for the device.
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "engine/backend.h"
+#include "kernels/cuda/adamw.cuh"
+#include "kernels/cuda/batchnorm.cuh"
+#include "kernels/cuda/elementwise.cuh"
+#include "kernels/cuda/pool.cuh"
+#include "kernels/cuda/softmax_wce.cuh"
 
 namespace vb {
+namespace {
+
+// The most workspace any one convolution algorithm may claim: larger ones are skipped during the choice.
+// Keeps the peak memory of a batch-150 step well under PyTorch's 12.5 GiB.
+constexpr size_t kMaxConvWorkspace = size_t(512) << 20;
+// cuBLAS's own workspace (NVIDIA recommends 32 MiB on Hopper); set explicitly so that cuBLAS never allocates
+// inside a step (and a CUDA graph can capture it later).
+constexpr size_t kCublasWorkspace = size_t(32) << 20;
+// Batch-norm scratch is sized for this many channels up front (ResNet-50 has at most 2048).
+constexpr int kBnChannels = 4096;
+
+enum class ConvDir { Fwd = 0, BwdData = 1, BwdFilter = 2 };
+
+// Descriptors and chosen algorithms of one (shape, precision); created once, reused by every call.
+struct ConvPlan {
+  cudnnTensorDescriptor_t x = nullptr, y = nullptr;
+  cudnnFilterDescriptor_t w = nullptr;
+  cudnnConvolutionDescriptor_t conv = nullptr;
+  bool chosen[3] = {false, false, false};
+  int algo[3] = {0, 0, 0};  // cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t
+  cudnnMathType_t math[3] = {CUDNN_FMA_MATH, CUDNN_FMA_MATH, CUDNN_FMA_MATH};
+  size_t ws[3] = {0, 0, 0};
+
+  ~ConvPlan() {
+    if (x) cudnnDestroyTensorDescriptor(x);
+    if (y) cudnnDestroyTensorDescriptor(y);
+    if (w) cudnnDestroyFilterDescriptor(w);
+    if (conv) cudnnDestroyConvolutionDescriptor(conv);
+  }
+};
+
+using ConvKey = std::array<int, 10>;
+
+// A candidate from the heuristics or the timing, whatever the direction.
+struct Candidate {
+  int algo;
+  cudnnStatus_t status;
+  float time;
+  size_t memory;
+  cudnnMathType_t math;
+};
+template <class Perf>
+std::vector<Candidate> candidates(const Perf* p, int n) {
+  std::vector<Candidate> r;
+  for (int i = 0; i < n; ++i) r.push_back({int(p[i].algo), p[i].status, p[i].time, p[i].memory, p[i].mathType});
+  return r;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : dev_(device) {
+    VB_CUDA_CHECK(cudaSetDevice(dev_));
+    cudaDeviceProp prop{};
+    VB_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev_));
+    // A blocking stream: it orders with the legacy default stream, so a tool can time it with events there.
+    VB_CUDA_CHECK(cudaStreamCreate(&st_));
+    VB_CUDNN_CHECK(cudnnCreate(&dnn_));
+    VB_CUDNN_CHECK(cudnnSetStream(dnn_, st_));
+    VB_CUBLAS_CHECK(cublasCreate(&blas_));
+    VB_CUBLAS_CHECK(cublasSetStream(blas_, st_));
+    VB_CUDA_CHECK(cudaMalloc(&blas_ws_, kCublasWorkspace));
+    account(int64_t(kCublasWorkspace));
+    VB_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace));
+    grow_bn_work(kBnChannels);
+    set_precision(Precision::TF32);
+    const size_t v = cudnnGetVersion();
+    desc_ = std::string("cuda: ") + prop.name + ", cuDNN " + std::to_string(v / 10000) + "." +
+            std::to_string((v % 10000) / 100);
+  }
+
+  ~CudaBackend() override {
+    // No throwing from a destructor: errors here are reported, not raised.
+    cudaStreamSynchronize(st_);
+    plans_.clear();
+    for (auto& kv : sizes_) cudaFree(kv.first);
+    if (ws_) cudaFree(ws_);
+    if (bn_work_) cudaFree(bn_work_);
+    if (blas_ws_) cudaFree(blas_ws_);
+    if (blas_) cublasDestroy(blas_);
+    if (dnn_) cudnnDestroy(dnn_);
+    if (st_) cudaStreamDestroy(st_);
+  }
+
+  Device device() const override { return Device::CUDA; }
+  std::string description() const override { return desc_; }
+
+  void set_precision(Precision p) override {
+    precision_ = p;
+    // Strict fp32 keeps TF32 out of cuBLAS too; TF32 allows it there as in the convolutions.
+    VB_CUBLAS_CHECK(cublasSetMathMode(blas_, p == Precision::TF32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  }
+
+  // ---- memory ----
+  void* alloc(size_t bytes) override {
+    void* p = nullptr;
+    const size_t rounded = bytes == 0 ? 256 : (bytes + 255) / 256 * 256;
+    const cudaError_t e = cudaMalloc(&p, rounded);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      fail("CUDA out of memory allocating ", rounded, " bytes (", free_b >> 20, " MiB free of ", total_b >> 20,
+           " MiB): ", cudaGetErrorString(e));
+    }
+    VB_CUDA_CHECK(cudaMemsetAsync(p, 0, rounded, st_));
+    sizes_[p] = rounded;
+    account(int64_t(rounded));
+    return p;
+  }
+  void release(void* p) override {
+    if (!p) return;
+    auto it = sizes_.find(p);
+    VB_CHECK(it != sizes_.end(), "release of a pointer this CUDA backend did not allocate");
+    account(-int64_t(it->second));
+    sizes_.erase(it);
+    VB_CUDA_CHECK(cudaFree(p));
+  }
+  size_t memory_in_use() const override { return in_use_; }
+  size_t memory_peak() const override { return peak_; }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, st_));
+  }
+  void download(void* dst, const void* src, size_t bytes) override {
+    VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
+    VB_CUDA_CHECK(cudaStreamSynchronize(st_));
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st_));
+  }
+  void fill_zero(void* p, size_t bytes) override { VB_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, st_)); }
+  void sync() override { VB_CUDA_CHECK(cudaStreamSynchronize(st_)); }
+  void upload_activation(float* dst, const float* src, int N, int C, int H, int W) override {
+    upload(dst, src, sizeof(float) * size_t(N) * C * H * W);
+  }
+  void download_activation(float* dst, const float* src, int N, int C, int H, int W) override {
+    download(dst, src, sizeof(float) * size_t(N) * C * H * W);
+  }
+
+  // ---- convolution ----
+  void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) override {
+    ConvPlan& p = plan(s);
+    if (!p.chosen[0]) choose(p, ConvDir::Fwd, x, w, y);
+    const float one = 1.f, zero = 0.f;
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[0]));
+    VB_CUDNN_CHECK(cudnnConvolutionForward(dnn_, &one, p.x, x, p.w, w, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[0]),
+                                           ws_, p.ws[0], &zero, p.y, y));
+  }
+  void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) override {
+    ConvPlan& p = plan(s);
+    if (!p.chosen[1]) choose(p, ConvDir::BwdData, dx, w, dy);
+    const float one = 1.f, zero = 0.f;
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[1]));
+    VB_CUDNN_CHECK(cudnnConvolutionBackwardData(dnn_, &one, p.w, w, p.y, dy, p.conv,
+                                                cudnnConvolutionBwdDataAlgo_t(p.algo[1]), ws_, p.ws[1], &zero, p.x,
+                                                dx));
+  }
+  void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override {
+    ConvPlan& p = plan(s);
+    if (!p.chosen[2]) choose(p, ConvDir::BwdFilter, x, dw, dy);
+    const float one = 1.f, zero = 0.f;
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[2]));
+    VB_CUDNN_CHECK(cudnnConvolutionBackwardFilter(dnn_, &one, p.x, x, p.y, dy, p.conv,
+                                                  cudnnConvolutionBwdFilterAlgo_t(p.algo[2]), ws_, p.ws[2], &zero,
+                                                  p.w, dw));
+  }
+
+  // ---- batch norm ----
+  void bn_train_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
+                    const float* residual, bool relu, float* y, float* save_mean, float* save_invstd,
+                    float* running_mean, float* running_var, double momentum, double eps) override {
+    grow_bn_work(C);
+    cuda::bn_train_fwd(st_, N, C, H * W, x, gamma, beta, residual, relu, y, save_mean, save_invstd, running_mean,
+                       running_var, momentum, eps, bn_work_);
+  }
+  void bn_eval_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
+                   const float* running_mean, const float* running_var, double eps, const float* residual,
+                   bool relu, float* y) override {
+    cuda::bn_eval_fwd(st_, N, C, H * W, x, gamma, beta, running_mean, running_var, eps, residual, relu, y);
+  }
+  void bn_bwd(int N, int C, int H, int W, const float* x, const float* y, const float* dy, const float* gamma,
+              const float* save_mean, const float* save_invstd, bool relu, float* dx, float* dresidual,
+              float* dgamma, float* dbeta, float* scratch) override {
+    grow_bn_work(C);
+    cuda::bn_bwd(st_, N, C, H * W, x, y, dy, gamma, save_mean, save_invstd, relu, dx, dresidual, dgamma, dbeta,
+                 scratch, bn_work_);
+  }
+
+  // ---- pooling ----
+  void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const float* x, float* y) override {
+    cuda::maxpool_fwd(st_, N, C, H, W, k, s, p, x, y);
+  }
+  void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const float* x, const float* y,
+                   const float* dy, float* dx) override {
+    cuda::maxpool_bwd(st_, N, C, H, W, k, s, p, x, y, dy, dx);
+  }
+  void avgpool_fwd(int N, int C, int H, int W, const float* x, float* y) override {
+    cuda::avgpool_fwd(st_, N, C, H * W, x, y);
+  }
+  void avgpool_bwd(int N, int C, int H, int W, const float* dy, float* dx) override {
+    cuda::avgpool_bwd(st_, N, C, H * W, dy, dx);
+  }
+
+  // ---- the head: row-major matrices through column-major cuBLAS ----
+  // A row-major [M, K] buffer is the column-major [K, M] matrix, so y = x w^T (row-major) is
+  // y^T = w x^T (column-major): gemm(T, N) with w seen as [IN, OUT] and x as [IN, N].
+  void linear_fwd(int N, int IN, int OUT, const float* x, const float* w, const float* b, float* y) override {
+    const float one = 1.f, zero = 0.f;
+    VB_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, &one, w, IN, x, IN, &zero, y, OUT));
+    if (b) cuda::bias_add(st_, N, OUT, b, y);
+  }
+  void linear_bwd(int N, int IN, int OUT, const float* x, const float* w, const float* dy, float* dx, float* dw,
+                  float* db) override {
+    const float one = 1.f, zero = 0.f;
+    // dx [N, IN] = dy w: column-major dx^T [IN, N] = w^T [IN, OUT] dy^T [OUT, N].
+    if (dx) VB_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, &one, w, IN, dy, OUT, &zero, dx, IN));
+    // dw [OUT, IN] = dy^T x: column-major dw^T [IN, OUT] = x^T [IN, N] dy [N, OUT].
+    if (dw) VB_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, &one, x, IN, dy, OUT, &zero, dw, IN));
+    if (db) cuda::bias_grad(st_, N, OUT, dy, db);
+  }
+  void relu_fwd(int64_t n, const float* x, float* y) override { cuda::relu_fwd(st_, n, x, y); }
+  void relu_bwd(int64_t n, const float* y, const float* dy, float* dx) override { cuda::relu_bwd(st_, n, y, dy, dx); }
+  void add(int64_t n, const float* a, const float* b, float* y) override { cuda::add(st_, n, a, b, y); }
+
+  void softmax_wce(int N, int C, const float* logits, const int64_t* labels, const float* class_weights,
+                   float* probs, float* dlogits, float* loss) override {
+    cuda::softmax_wce(st_, N, C, logits, labels, class_weights, probs, dlogits, loss);
+  }
+  void adamw(int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1, double beta2,
+             double eps, double weight_decay, int64_t step) override {
+    cuda::adamw(st_, n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  }
+
+ private:
+  // Device bytes held by this backend: allocations, workspaces and scratch (not the libraries' own state).
+  void account(int64_t delta) {
+    in_use_ = size_t(int64_t(in_use_) + delta);
+    if (in_use_ > peak_) peak_ = in_use_;
+  }
+
+  void grow_bn_work(int C) {
+    const size_t need = cuda::bn_work_floats(C);
+    if (need <= bn_work_floats_) return;
+    if (bn_work_) {
+      VB_CUDA_CHECK(cudaStreamSynchronize(st_));
+      VB_CUDA_CHECK(cudaFree(bn_work_));
+      account(-int64_t(bn_work_floats_ * sizeof(float)));
+      bn_work_ = nullptr;
+      bn_work_floats_ = 0;
+    }
+    VB_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&bn_work_), need * sizeof(float)));
+    bn_work_floats_ = need;
+    account(int64_t(need * sizeof(float)));
+  }
+
+  // Only while an algorithm is being chosen: waits for the stream before replacing the buffer.
+  void grow_workspace(size_t bytes) {
+    if (bytes <= ws_size_) return;
+    VB_CUDA_CHECK(cudaStreamSynchronize(st_));
+    if (ws_) VB_CUDA_CHECK(cudaFree(ws_));
+    account(-int64_t(ws_size_));
+    ws_ = nullptr;
+    ws_size_ = 0;
+    VB_CUDA_CHECK(cudaMalloc(&ws_, bytes));
+    ws_size_ = bytes;
+    account(int64_t(bytes));
+  }
+
+  ConvPlan& plan(const ConvShape& s) {
+    const ConvKey key{s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.pad, int(precision_)};
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return *it->second;
+    VB_CHECK(s.N > 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 &&
+                 s.pad >= 0 && s.P() > 0 && s.Q() > 0,
+             "conv: bad shape N=", s.N, " C=", s.C, " H=", s.H, " W=", s.W, " K=", s.K, " R=", s.R, " S=", s.S,
+             " stride=", s.stride, " pad=", s.pad);
+    auto p = std::make_unique<ConvPlan>();
+    VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p->x));
+    VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p->y));
+    VB_CUDNN_CHECK(cudnnCreateFilterDescriptor(&p->w));
+    VB_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&p->conv));
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, s.N, s.C, s.H, s.W));
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, s.N, s.K, s.P(), s.Q()));
+    VB_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, s.K, s.C, s.R, s.S));
+    VB_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(p->conv, s.pad, s.pad, s.stride, s.stride, 1, 1,
+                                                   CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
+    int n = 0, c = 0, h = 0, w = 0;
+    VB_CUDNN_CHECK(cudnnGetConvolution2dForwardOutputDim(p->conv, p->x, p->w, &n, &c, &h, &w));
+    VB_CHECK(n == s.N && c == s.K && h == s.P() && w == s.Q(), "conv: cuDNN output ", n, "x", c, "x", h, "x", w,
+             " differs from ", s.N, "x", s.K, "x", s.P(), "x", s.Q());
+    ConvPlan& ref = *p;
+    plans_.emplace(key, std::move(p));
+    return ref;
+  }
+
+  bool acceptable(const Candidate& c) const {
+    if (c.status != CUDNN_STATUS_SUCCESS || c.memory > kMaxConvWorkspace) return false;
+    // Strict fp32: plain FMA only. TF32: anything but down-conversion to fp16/bf16.
+    if (precision_ == Precision::FP32) return c.math == CUDNN_FMA_MATH;
+    return c.math != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+  }
+
+  // Heuristics first (to size the workspace for the plausible candidates), then cuDNN times every candidate
+  // once on the real buffers; the fastest acceptable one is kept for this (shape, direction, precision).
+  // a, b, c: the direction's buffers (fwd: x, w, y; bwd-data: dx, w, dy; bwd-filter: x, dw, dy); the
+  // direction's output is overwritten by the timing runs and then written by the real call.
+  void choose(ConvPlan& p, ConvDir dir, const void* a, const void* b, const void* c) {
+    const int d = int(dir);
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(
+        p.conv, precision_ == Precision::FP32 ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH));
+    std::vector<Candidate> heur;
+    int maxc = 0, got = 0;
+    if (dir == ConvDir::Fwd) {
+      VB_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(dnn_, &maxc));
+      std::vector<cudnnConvolutionFwdAlgoPerf_t> r(static_cast<size_t>(maxc));
+      VB_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(dnn_, p.x, p.w, p.conv, p.y, maxc, &got, r.data()));
+      heur = candidates(r.data(), got);
+    } else if (dir == ConvDir::BwdData) {
+      VB_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(dnn_, &maxc));
+      std::vector<cudnnConvolutionBwdDataAlgoPerf_t> r(static_cast<size_t>(maxc));
+      VB_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithm_v7(dnn_, p.w, p.y, p.conv, p.x, maxc, &got, r.data()));
+      heur = candidates(r.data(), got);
+    } else {
+      VB_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(dnn_, &maxc));
+      std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> r(static_cast<size_t>(maxc));
+      VB_CUDNN_CHECK(
+          cudnnGetConvolutionBackwardFilterAlgorithm_v7(dnn_, p.x, p.y, p.conv, p.w, maxc, &got, r.data()));
+      heur = candidates(r.data(), got);
+    }
+    size_t need = 0;
+    for (const Candidate& h : heur)
+      if (acceptable(h) && h.memory > need) need = h.memory;
+    grow_workspace(need);
+
+    std::vector<Candidate> timed;
+    if (dir == ConvDir::Fwd) {
+      std::vector<cudnnConvolutionFwdAlgoPerf_t> r(static_cast<size_t>(maxc));
+      VB_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(dnn_, p.x, a, p.w, b, p.conv, p.y, const_cast<void*>(c),
+                                                            maxc, &got, r.data(), ws_, ws_size_));
+      timed = candidates(r.data(), got);
+    } else if (dir == ConvDir::BwdData) {
+      std::vector<cudnnConvolutionBwdDataAlgoPerf_t> r(static_cast<size_t>(maxc));
+      VB_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(dnn_, p.w, b, p.y, c, p.conv, p.x,
+                                                                 const_cast<void*>(a), maxc, &got, r.data(), ws_,
+                                                                 ws_size_));
+      timed = candidates(r.data(), got);
+    } else {
+      std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> r(static_cast<size_t>(maxc));
+      VB_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(dnn_, p.x, a, p.y, c, p.conv, p.w,
+                                                                   const_cast<void*>(b), maxc, &got, r.data(), ws_,
+                                                                   ws_size_));
+      timed = candidates(r.data(), got);
+    }
+    // Timed results come fastest first; fall back to the heuristics' order if none ran.
+    const Candidate* pick = nullptr;
+    for (const Candidate& t : timed)
+      if (acceptable(t) && t.memory <= ws_size_) {
+        pick = &t;
+        break;
+      }
+    if (!pick)
+      for (const Candidate& h : heur)
+        if (acceptable(h) && h.memory <= ws_size_) {
+          pick = &h;
+          break;
+        }
+    static const char* names[] = {"forward", "backward-data", "backward-filter"};
+    if (!pick)
+      fail("conv: no cuDNN ", names[d], " algorithm for ", precision_name(precision_), " within the ",
+           kMaxConvWorkspace >> 20, " MiB workspace limit");
+    p.algo[d] = pick->algo;
+    p.math[d] = pick->math;
+    p.ws[d] = pick->memory;
+    p.chosen[d] = true;
+  }
+
+  int dev_;
+  cudaStream_t st_ = nullptr;
+  cudnnHandle_t dnn_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  void* blas_ws_ = nullptr;
+  void* ws_ = nullptr;  // cuDNN workspace shared by every convolution
+  size_t ws_size_ = 0;
+  float* bn_work_ = nullptr;
+  size_t bn_work_floats_ = 0;
+  std::string desc_;
+  std::map<ConvKey, std::unique_ptr<ConvPlan>> plans_;
+  std::map<void*, size_t> sizes_;  // live allocations, for release and the memory figures
+  size_t in_use_ = 0, peak_ = 0;
+};
+
+}  // namespace
+
 bool cuda_available() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear it: no device is an answer, not an error state
+    return false;
+  }
+  return n > 0;
 }
-std::unique_ptr<Backend> make_cuda_backend(int) { fail("the CUDA backend is not implemented yet"); }
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    fail("no CUDA device: ", cudaGetErrorString(e));
+  }
+  if (n == 0) fail("no CUDA device: the driver sees none");
+  if (device_index < 0 || device_index >= n)
+    fail("no CUDA device: index ", device_index, " requested, ", n, " visible");
+  return std::make_unique<CudaBackend>(device_index);
+}
+
 }  // namespace vb
