@@ -43,8 +43,9 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   }
 }
 
-StateDict load_safetensors(const std::string& path) {
-  const std::string buf = read_file(path);
+StateDict load_safetensors(const std::string& path) { return parse_safetensors(read_file(path), path); }
+
+StateDict parse_safetensors(const std::string& buf, const std::string& path) {
   if (buf.size() < 8) fail(path, ": truncated safetensors file (", buf.size(), " bytes)");
   uint64_t hlen = 0;
   std::memcpy(&hlen, buf.data(), 8);

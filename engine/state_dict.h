@@ -40,6 +40,8 @@ struct StateDict {
 // safetensors: 8-byte little-endian header size, JSON header {name: {dtype, shape, data_offsets}}, raw data.
 // Errors name the file and the problem (truncated, bad header, offsets out of range).
 StateDict load_safetensors(const std::string& path);
+// The same from the file's bytes (`path` only names it in messages).
+StateDict parse_safetensors(const std::string& bytes, const std::string& path);
 // Writes atomically: a temporary file next to `path`, flushed, then renamed over it.
 void save_safetensors(const std::string& path, const StateDict& sd);
 
