@@ -1,10 +1,11 @@
 #include "engine/model.h"
 
+#include "engine/weights.h"
+
 #include <algorithm>
 #include <cmath>
 #include <map>
 #include <random>
-#include <sstream>
 
 namespace vb {
 
@@ -173,34 +174,9 @@ void Model::init_torchvision(uint64_t seed) {
 }
 
 void Model::load_state_dict(const StateDict& sd, const std::string& source) {
-  std::vector<std::string> missing, bad_shape, unexpected;
-  std::map<std::string, bool> known;
-  for (const TensorSlot& s : slots_) {
-    known[s.spec.name] = true;
-    if (!sd.has(s.spec.name)) {
-      missing.push_back(s.spec.name);
-    } else if (sd.at(s.spec.name).numel() != numel(s.spec.shape) ||
-               (sd.at(s.spec.name).shape != s.spec.shape && !s.spec.shape.empty())) {
-      bad_shape.push_back(s.spec.name + " " + shape_str(sd.at(s.spec.name).shape) + " (expected " +
-                          shape_str(s.spec.shape) + ")");
-    }
-  }
-  for (const auto& k : sd.order)
-    if (!known.count(k)) unexpected.push_back(k);
-  if (!missing.empty() || !bad_shape.empty() || !unexpected.empty()) {
-    std::ostringstream os;
-    os << source << ": does not match the model (" << cfg_.describe() << ")";
-    auto list = [&](const char* what, const std::vector<std::string>& v) {
-      if (v.empty()) return;
-      os << "; " << v.size() << " " << what << ": ";
-      for (size_t i = 0; i < v.size() && i < 6; ++i) os << (i ? ", " : "") << v[i];
-      if (v.size() > 6) os << ", ...";
-    };
-    list("missing", missing);
-    list("unexpected", unexpected);
-    list("with the wrong shape", bad_shape);
-    fail(os.str());
-  }
+  std::vector<TensorSpec> specs;
+  for (const TensorSlot& s : slots_) specs.push_back(s.spec);
+  check_against_specs(sd, specs, source);
   std::vector<float> p(static_cast<size_t>(n_params_)), buf(static_cast<size_t>(n_buffers_));
   for (const TensorSlot& s : slots_) {
     const HostTensor& t = sd.at(s.spec.name);

@@ -1,0 +1,585 @@
+#include "engine/trainer.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "data/dataset.h"
+#include "data/loader.h"
+#include "engine/checkpoint.h"
+#include "engine/optimizer.h"
+#include "engine/progress.h"
+#include "engine/weights.h"
+#include "kernels/cpu/ops.h"
+
+namespace fs = std::filesystem;
+
+namespace vb {
+
+// ------------------------------------------------------------------------------------------------ options
+
+nlohmann::json TrainOptions::to_json() const {
+  return {{"data", data},
+          {"weights", weights},
+          {"out", out},
+          {"epochs", epochs},
+          {"batch_size", batch_size},
+          {"lr", lr},
+          {"weight_decay", weight_decay},
+          {"step_size", step_size},
+          {"gamma", gamma},
+          {"hidden_layers", hidden},
+          {"freeze_backbone_epochs", freeze_backbone_epochs},
+          {"device", device},
+          {"precision", precision},
+          {"threads", threads},
+          {"seed", seed},
+          {"deterministic", deterministic},
+          {"blocks", blocks},
+          {"width", width},
+          {"image_size", image_size},
+          {"on_bad_image", on_bad_image},
+          {"cache", cache},
+          {"evaluate_test", evaluate_test},
+          {"preset", preset}};
+}
+
+TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
+  TrainOptions o;
+  auto get = [&](const char* k, auto& v) {
+    if (j.contains(k) && !j.at(k).is_null()) j.at(k).get_to(v);
+  };
+  get("data", o.data);
+  get("weights", o.weights);
+  get("out", o.out);
+  get("epochs", o.epochs);
+  get("batch_size", o.batch_size);
+  get("lr", o.lr);
+  get("weight_decay", o.weight_decay);
+  get("step_size", o.step_size);
+  get("gamma", o.gamma);
+  get("hidden_layers", o.hidden);
+  get("freeze_backbone_epochs", o.freeze_backbone_epochs);
+  get("device", o.device);
+  get("precision", o.precision);
+  get("threads", o.threads);
+  get("seed", o.seed);
+  get("deterministic", o.deterministic);
+  get("blocks", o.blocks);
+  get("width", o.width);
+  get("image_size", o.image_size);
+  get("on_bad_image", o.on_bad_image);
+  get("cache", o.cache);
+  get("evaluate_test", o.evaluate_test);
+  get("preset", o.preset);
+  return o;
+}
+
+ModelConfig TrainOptions::model_config() const {
+  ModelConfig c;
+  c.blocks = blocks;
+  c.width = width;
+  c.hidden = hidden;
+  c.num_classes = data::kNumClasses;
+  return c;
+}
+
+std::vector<std::string> class_names() { return {data::kClassNames.begin(), data::kClassNames.end()}; }
+
+// ------------------------------------------------------------------------------------------------ Ctrl-C
+
+namespace {
+std::atomic<bool> g_interrupted{false};
+extern "C" void on_sigint(int) {
+  if (g_interrupted.exchange(true)) _exit(130);  // a second Ctrl-C: leave at once
+  const char msg[] = "\nvbtrain: interrupted; finishing the current step and saving (Ctrl-C again to quit now)\n";
+  ssize_t ignored = ::write(STDERR_FILENO, msg, sizeof msg - 1);
+  (void)ignored;
+}
+struct SigintGuard {
+  void (*previous)(int);
+  SigintGuard() : previous(std::signal(SIGINT, on_sigint)) { g_interrupted = false; }
+  ~SigintGuard() { std::signal(SIGINT, previous); }
+};
+
+std::string fmt_g(double v) {
+  if (std::isnan(v)) return "nan";
+  char b[40];
+  std::snprintf(b, sizeof b, "%.9g", v);
+  return b;
+}
+
+void write_text_atomic(const fs::path& p, const std::string& s) { write_file_atomic(p.string(), s); }
+
+// ------------------------------------------------------------------------------------------------ metrics
+
+struct EpochRow {
+  int64_t epoch = 0;  // 1-based, as printed
+  double train_loss = NAN, val_loss = NAN, val_accuracy = NAN, lr = NAN, images_per_s = 0, seconds = 0;
+  std::vector<double> class_accuracy;  // per class, validation
+
+  nlohmann::json to_json() const {
+    nlohmann::json ca = nlohmann::json::array();
+    for (double v : class_accuracy) ca.push_back(std::isnan(v) ? nlohmann::json(nullptr) : nlohmann::json(v));
+    auto num = [](double v) { return std::isnan(v) ? nlohmann::json(nullptr) : nlohmann::json(v); };
+    return {{"epoch", epoch},
+            {"train_loss", num(train_loss)},
+            {"val_loss", num(val_loss)},
+            {"val_accuracy", num(val_accuracy)},
+            {"val_class_accuracy", ca},
+            {"lr", lr},
+            {"images_per_s", images_per_s},
+            {"seconds", seconds}};
+  }
+  static EpochRow from_json(const nlohmann::json& j) {
+    auto num = [](const nlohmann::json& v) { return v.is_null() ? double(NAN) : v.get<double>(); };
+    EpochRow r;
+    r.epoch = j.at("epoch");
+    r.train_loss = num(j.at("train_loss"));
+    r.val_loss = num(j.at("val_loss"));
+    r.val_accuracy = num(j.at("val_accuracy"));
+    for (const auto& v : j.at("val_class_accuracy")) r.class_accuracy.push_back(num(v));
+    r.lr = j.at("lr");
+    r.images_per_s = j.value("images_per_s", 0.0);
+    r.seconds = j.value("seconds", 0.0);
+    return r;
+  }
+};
+
+void write_metrics(const fs::path& dir, const std::vector<EpochRow>& rows) {
+  std::ostringstream csv, jl;
+  csv << "epoch,train_loss,val_loss,val_accuracy,lr,images_per_s,seconds";
+  for (const auto& n : class_names()) csv << ",val_acc_" << n;
+  csv << "\n";
+  for (const EpochRow& r : rows) {
+    csv << r.epoch << ',' << fmt_g(r.train_loss) << ',' << fmt_g(r.val_loss) << ',' << fmt_g(r.val_accuracy) << ','
+        << fmt_g(r.lr) << ',' << fmt_g(r.images_per_s) << ',' << fmt_g(r.seconds);
+    for (double v : r.class_accuracy) csv << ',' << fmt_g(v);
+    csv << "\n";
+    jl << r.to_json().dump() << "\n";
+  }
+  write_text_atomic(dir / "metrics.csv", csv.str());
+  write_text_atomic(dir / "metrics.jsonl", jl.str());
+}
+
+std::vector<EpochRow> read_metrics(const fs::path& dir) {
+  std::vector<EpochRow> rows;
+  std::ifstream f(dir / "metrics.jsonl");
+  std::string line;
+  int n = 0;
+  while (std::getline(f, line)) {
+    ++n;
+    if (line.empty()) continue;
+    try {
+      rows.push_back(EpochRow::from_json(nlohmann::json::parse(line)));
+    } catch (const std::exception& e) {
+      fail((dir / "metrics.jsonl").string(), ":", n, ": unreadable metrics line (", e.what(), ")");
+    }
+  }
+  return rows;
+}
+
+void write_report(const fs::path& dir, const TrainOptions& opt, const std::string& model_desc,
+                  const std::vector<EpochRow>& rows, const Confusion* val_best, int64_t best_epoch,
+                  const Confusion* test) {
+  std::vector<double> tl, vl, va;
+  for (const auto& r : rows) {
+    tl.push_back(r.train_loss);
+    vl.push_back(r.val_loss);
+    va.push_back(r.val_accuracy);
+  }
+  const auto names = class_names();
+  std::ostringstream h;
+  h << "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>vbtrain report</title>\n"
+    << "<style>body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse}"
+       "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}"
+       "pre{background:#f8f8f8;padding:8px}</style></head><body>\n";
+  h << "<h1>B1 training report</h1>\n<p>" << html_escape(model_desc) << "; data <code>" << html_escape(opt.data)
+    << "</code>; " << rows.size() << " of " << opt.epochs << " epochs";
+  if (!opt.preset.empty()) h << "; preset <b>" << html_escape(opt.preset) << "</b>";
+  h << ".</p>\n";
+  h << svg_line_chart("Training and Validation Loss", "loss",
+                      {{"Training Loss", "#1f4fd0", tl}, {"Validation Loss", "#d0301f", vl}});
+  h << svg_line_chart("Validation Accuracy", "accuracy", {{"Validation Accuracy", "#1f9d3a", va}});
+  if (val_best) {
+    h << "<h2>Validation confusion matrix (best epoch, " << best_epoch + 1 << ")</h2>\n";
+    h << val_best->to_svg(names, "validation, epoch " + std::to_string(best_epoch + 1));
+  }
+  if (test) {
+    h << "<h2>Test split (final model)</h2>\n" << test->to_svg(names, "test");
+    h << "<pre>" << html_escape(test->report_text(names)) << "</pre>\n";
+  }
+  h << "<h2>Epochs</h2>\n<table><tr><th>epoch</th><th>train loss</th><th>val loss</th><th>val acc</th><th>lr</th>"
+       "<th>img/s</th><th>s</th></tr>\n";
+  for (const auto& r : rows)
+    h << "<tr><td>" << r.epoch << "</td><td>" << fmt_g(r.train_loss) << "</td><td>" << fmt_g(r.val_loss)
+      << "</td><td>" << fmt_g(r.val_accuracy) << "</td><td>" << fmt_g(r.lr) << "</td><td>"
+      << int64_t(r.images_per_s) << "</td><td>" << fmt_g(r.seconds) << "</td></tr>\n";
+  h << "</table>\n<h2>Configuration</h2>\n<pre>" << html_escape(opt.to_json().dump(2)) << "</pre>\n</body></html>\n";
+  write_text_atomic(dir / "report.html", h.str());
+}
+
+data::LoaderOptions loader_options(const TrainOptions& o, bool train, Backend& be) {
+  data::LoaderOptions lo;
+  lo.batch_size = o.batch_size;
+  lo.image_size = o.image_size;
+  lo.threads = o.threads;
+  lo.train = train;
+  lo.shuffle = train;
+  lo.seed = o.seed;
+  lo.on_bad = data::parse_bad_image_policy(o.on_bad_image);
+  lo.cache = data::parse_cache_policy(o.cache);
+  (void)be;
+  return lo;
+}
+
+struct DeviceScratch {
+  Backend& be;
+  float* class_weights;
+  int64_t* labels;
+  float* loss;
+  DeviceScratch(Backend& b, int classes, int batch)
+      : be(b),
+        class_weights(static_cast<float*>(b.alloc(sizeof(float) * size_t(classes)))),
+        labels(static_cast<int64_t*>(b.alloc(sizeof(int64_t) * size_t(batch)))),
+        loss(static_cast<float*>(b.alloc(sizeof(float)))) {}
+  ~DeviceScratch() {
+    be.release(class_weights);
+    be.release(labels);
+    be.release(loss);
+  }
+};
+
+void upload_batch(Model& model, const data::Batch& b, int64_t* labels_dev) {
+  const int S = model.image_size();
+  model.backend().upload_activation(model.input(), b.images, b.size, 3, S, S);
+  model.backend().upload(labels_dev, b.labels, sizeof(int64_t) * size_t(b.size));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------ evaluate
+
+EvalResult evaluate(Model& model, data::Loader& loader, const float* class_weights, int64_t* labels_dev,
+                    float* loss_dev) {
+  Backend& be = model.backend();
+  const int C = model.config().num_classes;
+  EvalResult r;
+  r.confusion = Confusion(C);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<float> logits(size_t(model.max_batch()) * C);
+  double loss_sum = 0;
+  int64_t batches = 0;
+  loader.start_epoch(0);
+  Progress progress("eval", loader.batches_per_epoch(), 10.0);
+  while (const data::Batch* b = loader.next()) {
+    if (b->size == 0) continue;
+    upload_batch(model, *b, labels_dev);
+    model.forward(b->size, false);
+    be.softmax_wce(b->size, C, model.logits(), labels_dev, class_weights, nullptr, nullptr, loss_dev);
+    float loss = 0;
+    be.download(&loss, loss_dev, sizeof(float));
+    be.download(logits.data(), model.logits(), sizeof(float) * size_t(b->size) * C);
+    for (int i = 0; i < b->size; ++i) {
+      const float* row = logits.data() + size_t(i) * C;
+      r.confusion.add(int(b->labels[i]), int(std::max_element(row, row + C) - row));
+    }
+    loss_sum += loss;
+    ++batches;
+    r.images += b->size;
+    progress.update(batches, b->size, loss);
+  }
+  progress.finish();
+  r.loss = batches ? loss_sum / double(batches) : NAN;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+LoadedModel load_model_file(Backend& be, const std::string& path, int image_size_default) {
+  StateDict sd = load_state_dict_file(path);
+  LoadedModel lm;
+  lm.image_size = image_size_default;
+  ModelConfig cfg = infer_model_config(sd);
+  auto it = sd.metadata.find("vbtrain.config");
+  if (it != sd.metadata.end()) {
+    try {
+      auto j = nlohmann::json::parse(it->second);
+      if (j.contains("image_size")) lm.image_size = j.at("image_size");
+    } catch (const std::exception&) {
+      // a damaged metadata entry leaves the tensors' own configuration in force
+    }
+  }
+  if (cfg.num_classes != data::kNumClasses)
+    fail(path, ": the model has ", cfg.num_classes, " outputs, B1 needs ", data::kNumClasses,
+         " (convert ImageNet weights with vbconvert first)");
+  sd.metadata.clear();
+  lm.model = std::make_unique<Model>(be, cfg);
+  lm.model->load_state_dict(sd, path);
+  return lm;
+}
+
+// ------------------------------------------------------------------------------------------------ training
+
+int run_training(TrainOptions opt, const std::string& resume, bool epochs_given) {
+  const auto names = class_names();
+  bool resume_run = false, resume_notebook = false;
+  if (!resume.empty()) {
+    if (fs::is_directory(resume)) {
+      resume_run = true;
+      const fs::path cfg = fs::path(resume) / "config.json";
+      if (!fs::exists(cfg)) fail(resume, ": not a vbtrain run folder (no config.json)");
+      const int epochs = opt.epochs;
+      const uint64_t stop = opt.stop_after_steps;
+      try {
+        opt = TrainOptions::from_json(nlohmann::json::parse(read_file(cfg.string())));
+      } catch (const nlohmann::json::exception& e) {
+        fail(cfg.string(), ": unreadable (", e.what(), ")");
+      }
+      if (epochs_given) opt.epochs = epochs;
+      opt.stop_after_steps = int64_t(stop);
+      opt.out = resume;
+      if (!fs::exists(fs::path(resume) / "checkpoint-last.safetensors"))
+        fail(resume, ": no checkpoint-last.safetensors to resume from (the run stopped before its first checkpoint)");
+    } else if (fs::is_regular_file(resume)) {
+      resume_notebook = true;
+    } else {
+      fail(resume, ": no such run folder or checkpoint file");
+    }
+  }
+  if (opt.data.empty()) fail("no dataset: pass --data DIR (the Volleyball videos/ folder or its parent)");
+  if (opt.epochs <= 0 || opt.batch_size <= 0 || opt.image_size < 32 || opt.lr <= 0 || opt.step_size <= 0)
+    fail("invalid settings: epochs, batch size and step size must be positive, image size at least 32, lr > 0");
+  const fs::path out(opt.out);
+  fs::create_directories(out);
+
+  // ---- data ----
+  data::DatasetIndex index = data::build_index(opt.data);
+  for (const auto& s : index.skipped_entries) std::printf("note: %s\n", s.c_str());
+  std::vector<data::Sample> train = data::select_split(index.samples, data::Split::Train);
+  std::vector<data::Sample> val = data::select_split(index.samples, data::Split::Val);
+  std::vector<data::Sample> test = data::select_split(index.samples, data::Split::Test);
+  if (train.empty()) fail(opt.data, ": no training clips (videos of the train split with annotations)");
+  std::vector<int64_t> train_labels;
+  for (const auto& s : train) train_labels.push_back(s.label);
+  std::vector<float> cw(data::kNumClasses);
+  cpu::class_weights_from_labels(int64_t(train_labels.size()), train_labels.data(), data::kNumClasses, cw.data());
+
+  // ---- device, model ----
+  std::unique_ptr<Backend> be = make_backend(opt.device, opt.threads);
+  if (opt.precision != "tf32" && opt.precision != "fp32") fail("--precision must be tf32 or fp32, got '", opt.precision, "'");
+  be->set_precision(opt.precision == "fp32" || be->device() == Device::CPU ? Precision::FP32 : Precision::TF32);
+  StateDict init;
+  if (!opt.weights.empty() && !resume_run) {
+    init = load_state_dict_file(opt.weights);
+    ModelConfig wc = infer_model_config(init);
+    if (wc.num_classes != data::kNumClasses)
+      fail(opt.weights, ": the weights have a ", wc.num_classes, "-class head; B1 has ", data::kNumClasses,
+           " classes: convert them first (vbconvert ", opt.weights, " engine.safetensors)");
+    opt.blocks = wc.blocks;
+    opt.width = wc.width;
+    opt.hidden = wc.hidden;
+    init.metadata.clear();
+  }
+  const ModelConfig cfg = opt.model_config();
+  Model model(*be, cfg);
+  if (!init.order.empty()) {
+    model.load_state_dict(init, opt.weights);
+  } else if (!resume_run && !resume_notebook) {
+    model.init_torchvision(opt.seed);
+    std::fprintf(stderr, "warning: no --weights: the model starts from torchvision's random initialisation, not "
+                         "ImageNet weights (see weights/README.md)\n");
+  }
+  model.plan(opt.batch_size, opt.image_size);
+  AdamW adamw(model, AdamWOptions{opt.lr, 0.9, 0.999, 1e-8, opt.weight_decay});
+  StepLR sched(opt.lr, opt.step_size, opt.gamma);
+  TrainPosition pos;
+  std::vector<EpochRow> rows;
+  if (resume_run) {
+    pos = load_checkpoint((out / "checkpoint-last.safetensors").string(), model, adamw, sched);
+    rows = read_metrics(out);
+    while (!rows.empty() && rows.back().epoch > pos.epoch) rows.pop_back();  // epochs after the checkpoint
+    std::printf("resuming %s at epoch %lld%s\n", out.string().c_str(), (long long)pos.epoch + 1,
+                pos.step_in_epoch ? (", step " + std::to_string(pos.step_in_epoch + 1)).c_str() : "");
+  } else if (resume_notebook) {
+    NotebookCheckpoint nb = read_notebook_checkpoint(resume);
+    model.load_state_dict(nb.model, resume);
+    std::vector<HostTensor> m, v;
+    std::vector<int64_t> steps;
+    for (const auto& [idx, st] : nb.optimizer_state) {
+      if (idx != int64_t(m.size())) fail(resume, ": optimizer state is missing parameter ", m.size());
+      m.push_back(st.exp_avg);
+      v.push_back(st.exp_avg_sq);
+      steps.push_back(st.step);
+    }
+    adamw.load_torch_state(m, v, steps, resume);
+    if (nb.scheduler && !nb.scheduler->last_lr.empty())
+      sched.set_state(nb.scheduler->last_epoch, nb.scheduler->last_lr[0]);
+    pos.epoch = nb.epoch + 1;  // the notebook saves after finishing epoch `epoch` (0-based)
+    std::printf("continuing the notebook's checkpoint %s: epoch %lld done, next epoch %lld, lr %g\n", resume.c_str(),
+                (long long)nb.epoch + 1, (long long)pos.epoch + 1, sched.lr());
+  }
+  nlohmann::json config = opt.to_json();
+  config["model"] = cfg.describe();
+  config["backend"] = be->description();
+  config["train_clips"] = train.size();
+  config["val_clips"] = val.size();
+  config["test_clips"] = test.size();
+  config["class_weights"] = cw;
+  write_text_atomic(out / "config.json", config.dump(2) + "\n");
+
+  data::Loader train_loader(train, loader_options(opt, true, *be));
+  std::unique_ptr<data::Loader> val_loader;
+  if (!val.empty()) val_loader = std::make_unique<data::Loader>(val, loader_options(opt, false, *be));
+  DeviceScratch dev(*be, data::kNumClasses, opt.batch_size);
+  be->upload(dev.class_weights, cw.data(), sizeof(float) * cw.size());
+
+  std::printf("vbtrain: %s on %s (%s); %zu train / %zu val / %zu test clips; batch %d, image %d, %d epochs\n",
+              cfg.describe().c_str(), be->description().c_str(), precision_name(be->precision()), train.size(),
+              val.size(), test.size(), opt.batch_size, opt.image_size, opt.epochs);
+  std::fflush(stdout);
+
+  SigintGuard sigint;
+  int64_t steps_this_run = 0;
+  std::unique_ptr<Confusion> best_confusion;
+  auto save_last = [&](const TrainPosition& p) {
+    save_checkpoint((out / "checkpoint-last.safetensors").string(), model, adamw, sched, p, config);
+  };
+  auto interrupted = [&] {
+    return g_interrupted.load() || (opt.stop_after_steps > 0 && steps_this_run >= opt.stop_after_steps);
+  };
+  auto announce_stop = [&] {
+    std::printf("stopped; resume with: vbtrain train --resume %s\n", out.string().c_str());
+    std::fflush(stdout);
+  };
+
+  for (int64_t epoch = pos.epoch; epoch < opt.epochs; ++epoch) {
+    const auto t0 = std::chrono::steady_clock::now();
+    model.set_backbone_frozen(epoch < opt.freeze_backbone_epochs);
+    const double lr = sched.lr();
+    train_loader.start_epoch(int(epoch));
+    int64_t step = 0;
+    double loss_sum = 0;
+    if (pos.epoch == epoch && pos.step_in_epoch > 0) {  // resuming inside this epoch: replay the order only
+      while (step < pos.step_in_epoch && train_loader.next()) ++step;
+      loss_sum = pos.partial_loss_sum;
+    }
+    const int64_t total = train_loader.batches_per_epoch();
+    Progress progress("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(opt.epochs), total, 10.0);
+    int64_t images = 0;
+    while (const data::Batch* b = train_loader.next()) {
+      if (b->size == 0) continue;
+      upload_batch(model, *b, dev.labels);
+      model.forward(b->size, true);
+      be->softmax_wce(b->size, data::kNumClasses, model.logits(), dev.labels, dev.class_weights, nullptr,
+                      model.dlogits(), dev.loss);
+      model.backward(b->size);
+      adamw.step(lr);
+      float loss = 0;
+      be->download(&loss, dev.loss, sizeof(float));
+      if (!std::isfinite(loss)) fail("the training loss is ", loss, " at epoch ", epoch + 1, ", step ", step + 1, " (lr ", lr, ")");
+      loss_sum += loss;
+      ++step;
+      ++steps_this_run;
+      images += b->size;
+      progress.update(step, b->size, loss);
+      if (interrupted() && step < total) {
+        progress.finish();
+        TrainPosition p = pos;
+        p.epoch = epoch;
+        p.step_in_epoch = step;
+        p.partial_loss_sum = loss_sum;
+        save_last(p);
+        announce_stop();
+        return 130;
+      }
+    }
+    progress.finish();
+    const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EpochRow row;
+    row.epoch = epoch + 1;
+    row.train_loss = step ? loss_sum / double(step) : NAN;
+    row.lr = lr;
+    row.images_per_s = train_seconds > 0 ? double(images) / train_seconds : 0;
+    std::unique_ptr<Confusion> conf;
+    if (val_loader) {
+      EvalResult v = evaluate(model, *val_loader, dev.class_weights, dev.labels, dev.loss);
+      row.val_loss = v.loss;
+      row.val_accuracy = v.confusion.accuracy();
+      for (int c = 0; c < data::kNumClasses; ++c) row.class_accuracy.push_back(v.confusion.recall(c));
+      conf = std::make_unique<Confusion>(v.confusion);
+    } else {
+      row.class_accuracy.assign(data::kNumClasses, NAN);
+    }
+    row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sched.step();
+
+    pos.epoch = epoch + 1;
+    pos.step_in_epoch = 0;
+    pos.partial_loss_sum = 0;
+    const bool best = conf && row.val_accuracy > pos.best_val_accuracy;
+    if (best) {
+      pos.best_val_accuracy = row.val_accuracy;
+      pos.best_epoch = epoch;
+      best_confusion = std::make_unique<Confusion>(*conf);
+      write_text_atomic(out / "val_confusion_best.csv", conf->to_csv(names));
+    }
+    save_last(pos);
+    if (best) save_checkpoint((out / "checkpoint-best.safetensors").string(), model, adamw, sched, pos, config);
+    if (epoch % 10 == 0) save_model_file((out / ("model-epoch" + std::to_string(epoch) + ".safetensors")).string(), model, opt.image_size);
+    rows.push_back(row);
+    write_metrics(out, rows);
+    write_report(out, opt, cfg.describe(), rows, best_confusion.get(), pos.best_epoch, nullptr);
+
+    std::printf("epoch %lld/%d  train loss %.4f  val loss %.4f  val acc %.4f  lr %.3g  %.0f img/s  %.1f s%s\n",
+                (long long)epoch + 1, opt.epochs, row.train_loss, row.val_loss, row.val_accuracy, lr,
+                row.images_per_s, row.seconds, best ? "  (best)" : "");
+    if (conf) {
+      std::printf("  per class:");
+      for (int c = 0; c < data::kNumClasses; ++c)
+        std::printf(" %s %.2f", names[size_t(c)].c_str(), row.class_accuracy[size_t(c)]);
+      std::printf("\n");
+    }
+    std::fflush(stdout);
+    if (g_interrupted.load() && epoch + 1 < opt.epochs) {
+      announce_stop();
+      return 130;
+    }
+  }
+
+  save_model_file((out / "final_model.safetensors").string(), model, opt.image_size);
+  std::unique_ptr<Confusion> test_conf;
+  if (opt.evaluate_test && !test.empty()) {
+    data::Loader test_loader(test, loader_options(opt, false, *be));
+    EvalResult t = evaluate(model, test_loader, dev.class_weights, dev.labels, dev.loss);
+    test_conf = std::make_unique<Confusion>(t.confusion);
+    write_text_atomic(out / "test_confusion.csv", t.confusion.to_csv(names));
+    write_text_atomic(out / "test_confusion.svg", t.confusion.to_svg(names, "test"));
+    nlohmann::json tj = {{"loss", t.loss}, {"accuracy", t.confusion.accuracy()}, {"images", t.images}};
+    write_text_atomic(out / "test_metrics.json", tj.dump(2) + "\n");
+    std::printf("test: loss %.4f  accuracy %.4f (%lld / %lld)\n%s", t.loss, t.confusion.accuracy(),
+                (long long)t.confusion.correct(), (long long)t.confusion.total(),
+                t.confusion.report_text(names).c_str());
+  }
+  write_report(out, opt, cfg.describe(), rows, best_confusion.get(), pos.best_epoch, test_conf.get());
+  std::vector<std::string> skipped = train_loader.skipped_files();
+  if (val_loader)
+    for (const auto& s : val_loader->skipped_files()) skipped.push_back(s);
+  if (!skipped.empty()) {
+    std::string list;
+    for (const auto& s : skipped) list += s + "\n";
+    write_text_atomic(out / "skipped_images.txt", list);
+    std::printf("%zu unreadable images were skipped (listed in %s)\n", skipped.size(),
+                (out / "skipped_images.txt").string().c_str());
+  }
+  std::printf("done: %s (final model, checkpoints, metrics.csv, report.html)\n", out.string().c_str());
+  return 0;
+}
+
+}  // namespace vb

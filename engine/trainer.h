@@ -1,0 +1,75 @@
+// The B1 training program: the notebook's loop (train, validate, StepLR per epoch, checkpoint every epoch,
+// model files every 10 epochs and at the end) with exact resume, progress, metrics files and a report.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/metrics.h"
+#include "engine/model.h"
+
+namespace vb::data {
+struct Sample;
+class Loader;
+}  // namespace vb::data
+
+namespace vb {
+
+struct TrainOptions {
+  std::string data;     // the dataset folder (videos/ or its parent)
+  std::string weights;  // initial engine weights (.safetensors or .pth); empty: torchvision's initialisation
+  std::string out = "runs/b1";
+  int epochs = 50;
+  int batch_size = 150;
+  double lr = 1e-3;
+  double weight_decay = 0.01;
+  int step_size = 2;
+  double gamma = 0.6;
+  std::vector<int> hidden;  // the notebook's hidden_layers
+  int freeze_backbone_epochs = 0;
+  std::string device = "auto";
+  std::string precision = "tf32";
+  int threads = 0;
+  uint64_t seed = 42;
+  bool deterministic = false;
+  std::vector<int> blocks{3, 4, 6, 3};
+  int width = 64;
+  int image_size = 224;
+  std::string on_bad_image = "skip";
+  std::string cache = "auto";   // auto | on | off: the decoded-frame cache
+  bool evaluate_test = true;    // after the last epoch, evaluate the test split
+  std::string preset;           // informational: which built-in preset filled the options
+  // For tests of interruption: stop (as Ctrl-C would) after this many training steps in total; 0 = never.
+  int64_t stop_after_steps = 0;
+
+  nlohmann::json to_json() const;
+  static TrainOptions from_json(const nlohmann::json& j);
+  ModelConfig model_config() const;
+};
+
+// Runs (or resumes) a training run; returns the process exit code (130 when interrupted by Ctrl-C).
+// resume_dir: a run folder to continue, or a notebook checkpoint (.pth) to continue from.
+int run_training(TrainOptions opt, const std::string& resume, bool epochs_given);
+
+struct EvalResult {
+  double loss = 0;       // mean of the per-batch mean losses, as the notebook reports it
+  Confusion confusion{8};
+  int64_t images = 0;
+  double seconds = 0;
+};
+// Evaluation-mode pass over a loader (one epoch). class_weights: device memory [classes] for the loss.
+EvalResult evaluate(Model& model, data::Loader& loader, const float* class_weights, int64_t* labels_dev,
+                    float* loss_dev);
+
+std::vector<std::string> class_names();
+
+// Loads a model file for eval/predict: weights with their configuration (from the file's metadata or
+// inferred from its tensors) and the image size (metadata, else `image_size_default`).
+struct LoadedModel {
+  std::unique_ptr<Model> model;
+  int image_size = 224;
+};
+LoadedModel load_model_file(Backend& be, const std::string& path, int image_size_default);
+
+}  // namespace vb

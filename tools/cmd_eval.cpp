@@ -1,0 +1,93 @@
+// vbtrain eval: a model on a split: accuracy, per-class precision, recall and F1, the confusion matrix
+// (text on the terminal, CSV and SVG files).
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "data/dataset.h"
+#include "data/loader.h"
+#include "engine/trainer.h"
+#include "kernels/cpu/ops.h"
+#include "tools/commands.h"
+
+namespace {
+
+struct EvalArgs {
+  std::string data, model, split = "test", out, device = "auto", on_bad = "skip";
+  int threads = 0, batch_size = 150, image_size = 0;
+};
+
+int run_eval(const EvalArgs& a) {
+  namespace fs = std::filesystem;
+  const vb::data::Split split = vb::data::parse_split(a.split);
+  vb::data::DatasetIndex index = vb::data::build_index(a.data);
+  std::vector<vb::data::Sample> samples = vb::data::select_split(index.samples, split);
+  if (samples.empty()) vb::fail(a.data, ": the ", a.split, " split has no clips");
+  // The loss uses the notebook's criterion: class weights from the training split's labels.
+  std::vector<int64_t> train_labels;
+  for (const auto& s : vb::data::select_split(index.samples, vb::data::Split::Train)) train_labels.push_back(s.label);
+  std::vector<float> cw(vb::data::kNumClasses, 1.f);
+  if (!train_labels.empty())
+    vb::cpu::class_weights_from_labels(int64_t(train_labels.size()), train_labels.data(), vb::data::kNumClasses, cw.data());
+
+  std::unique_ptr<vb::Backend> be = vb::make_backend(a.device, a.threads);
+  vb::LoadedModel lm = vb::load_model_file(*be, a.model, a.image_size ? a.image_size : 224);
+  if (a.image_size) lm.image_size = a.image_size;
+  lm.model->plan(a.batch_size, lm.image_size);
+  vb::data::LoaderOptions lo;
+  lo.batch_size = a.batch_size;
+  lo.image_size = lm.image_size;
+  lo.threads = a.threads;
+  lo.on_bad = vb::data::parse_bad_image_policy(a.on_bad);
+  lo.cache = vb::data::CachePolicy::Off;  // one pass: nothing to reuse
+  vb::data::Loader loader(samples, lo);
+  float* d_cw = static_cast<float*>(be->alloc(sizeof(float) * cw.size()));
+  int64_t* d_labels = static_cast<int64_t*>(be->alloc(sizeof(int64_t) * size_t(a.batch_size)));
+  float* d_loss = static_cast<float*>(be->alloc(sizeof(float)));
+  be->upload(d_cw, cw.data(), sizeof(float) * cw.size());
+  std::printf("eval: %s (%s, %d px) on %zu %s clips, %s\n", a.model.c_str(), lm.model->config().describe().c_str(),
+              lm.image_size, samples.size(), a.split.c_str(), be->description().c_str());
+  vb::EvalResult r = vb::evaluate(*lm.model, loader, d_cw, d_labels, d_loss);
+  be->release(d_cw);
+  be->release(d_labels);
+  be->release(d_loss);
+
+  const auto names = vb::class_names();
+  std::printf("%s\n%s", r.confusion.report_text(names).c_str(), r.confusion.to_text(names).c_str());
+  std::printf("loss %.4f  (%lld images in %.1f s)\n", r.loss, (long long)r.images, r.seconds);
+  const fs::path out = a.out.empty() ? fs::path(a.model).parent_path() / ("eval-" + a.split) : fs::path(a.out);
+  fs::create_directories(out);
+  vb::write_file_atomic((out / "confusion.csv").string(), r.confusion.to_csv(names));
+  vb::write_file_atomic((out / "confusion.svg").string(), r.confusion.to_svg(names, a.split + " split"));
+  vb::write_file_atomic((out / "confusion.txt").string(), r.confusion.to_text(names));
+  nlohmann::ordered_json j = {{"model", a.model}, {"split", a.split}, {"images", r.images}, {"loss", r.loss},
+                              {"accuracy", r.confusion.accuracy()}};
+  for (int c = 0; c < vb::data::kNumClasses; ++c) {
+    auto num = [](double v) { return std::isnan(v) ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(v); };
+    j["classes"][names[size_t(c)]] = {{"precision", num(r.confusion.precision(c))}, {"recall", num(r.confusion.recall(c))},
+                                      {"f1", num(r.confusion.f1(c))}, {"support", r.confusion.support(c)}};
+  }
+  vb::write_file_atomic((out / "metrics.json").string(), j.dump(2) + "\n");
+  std::printf("wrote %s/{metrics.json, confusion.csv, confusion.svg, confusion.txt}\n", out.string().c_str());
+  if (!loader.skipped_files().empty())
+    std::printf("%zu unreadable images were skipped\n", loader.skipped_files().size());
+  return 0;
+}
+
+}  // namespace
+
+VB_COMMAND("eval", "Evaluate a model on a split: accuracy, per-class precision/recall/F1, confusion matrix",
+           [](CLI::App& app) -> std::function<int()> {
+             auto a = std::make_shared<EvalArgs>();
+             app.add_option("--data", a->data, "dataset folder")->required();
+             app.add_option("--model", a->model, "model file (.safetensors or .pth)")->required();
+             app.add_option("--split", a->split, "train, val or test (default test)")->check(CLI::IsMember({"train", "val", "test"}));
+             app.add_option("--out", a->out, "where to write the files (default: next to the model, eval-<split>/)");
+             app.add_option("--device", a->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+             app.add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+             app.add_option("--batch-size", a->batch_size, "batch size (default 150)")->check(CLI::PositiveNumber);
+             app.add_option("--image-size", a->image_size, "input size (default: the model file's, else 224)");
+             app.add_option("--on-bad-image", a->on_bad, "skip (default) or fail")->check(CLI::IsMember({"skip", "fail"}));
+             return [a] { return run_eval(*a); };
+           });

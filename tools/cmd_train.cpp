@@ -1,0 +1,102 @@
+// vbtrain train: the notebook's B1 training with its defaults; with no --data, the default run: a synthetic
+// dataset in the real layout (generated once) and a preset that suits the machine.
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "data/synth.h"
+#include "engine/backend.h"
+#include "engine/model_config.h"
+#include "engine/trainer.h"
+#include "tools/commands.h"
+
+namespace {
+
+struct TrainArgs {
+  vb::TrainOptions o;
+  std::string hidden, blocks, resume, synth_dir = "data-synth";
+  CLI::Option* epochs_opt = nullptr;
+  CLI::Option* blocks_opt = nullptr;
+  CLI::Option* width_opt = nullptr;
+  CLI::Option* size_opt = nullptr;
+  CLI::Option* batch_opt = nullptr;
+  CLI::Option* out_opt = nullptr;
+};
+
+// The default run: the synthetic dataset, a preset for the machine (announced), the test split at the end.
+void apply_default_run(TrainArgs& a) {
+  const bool gpu = a.o.device == "cuda" || (a.o.device == "auto" && vb::cuda_available());
+  namespace fs = std::filesystem;
+  vb::data::SynthOptions so;
+  if (gpu) {
+    so.scale = 0.5;
+    so.clips_per_video = 40;
+  } else {
+    so.scale = 0.25;
+    so.clips_per_video = 16;
+  }
+  if (!fs::exists(fs::path(a.synth_dir) / "videos")) {
+    std::printf("no --data: generating the synthetic Volleyball dataset in %s/ (once)\n", a.synth_dir.c_str());
+    std::fflush(stdout);
+    vb::data::generate_synthetic(a.synth_dir, so);
+  } else {
+    std::printf("no --data: using the synthetic dataset in %s/\n", a.synth_dir.c_str());
+  }
+  a.o.data = a.synth_dir;
+  if (gpu) {
+    a.o.preset = "gpu-synthetic: full ResNet-50 at 224, 10 epochs";
+    if (!a.epochs_opt->count()) a.o.epochs = 10;
+  } else {
+    a.o.preset = "cpu-synthetic: a reduced ResNet (blocks 1,1,1,1, width 16) at 64x64, batch 32, 12 epochs, lr 2e-3, StepLR(4, 0.6)";
+    if (!a.blocks_opt->count()) a.o.blocks = {1, 1, 1, 1};
+    if (!a.width_opt->count()) a.o.width = 16;
+    if (!a.size_opt->count()) a.o.image_size = 64;
+    if (!a.batch_opt->count()) a.o.batch_size = 32;
+    if (!a.epochs_opt->count()) a.o.epochs = 12;
+    a.o.lr = 2e-3;
+    a.o.step_size = 4;
+  }
+  if (!a.out_opt->count()) a.o.out = "runs/default";
+  std::printf("preset %s\n", a.o.preset.c_str());
+  std::fflush(stdout);
+}
+
+int run_train(TrainArgs& a) {
+  if (!a.hidden.empty()) a.o.hidden = vb::parse_int_list(a.hidden, "--hidden-layers");
+  if (!a.blocks.empty()) a.o.blocks = vb::parse_int_list(a.blocks, "--blocks");
+  if (a.o.data.empty() && a.resume.empty()) apply_default_run(a);
+  return vb::run_training(a.o, a.resume, a.epochs_opt->count() > 0);
+}
+
+}  // namespace
+
+VB_COMMAND("train", "Train the B1 classifier (the notebook's defaults; no --data: the synthetic default run)",
+           [](CLI::App& app) -> std::function<int()> {
+             auto a = std::make_shared<TrainArgs>();
+             auto& o = a->o;
+             app.add_option("--data", o.data, "dataset folder: the Volleyball videos/ folder or its parent");
+             app.add_option("--weights", o.weights, "initial engine weights (.safetensors or .pth, see vbconvert)");
+             a->epochs_opt = app.add_option("--epochs", o.epochs, "epochs (default 50)")->check(CLI::PositiveNumber);
+             a->batch_opt = app.add_option("--batch-size", o.batch_size, "batch size (default 150)")->check(CLI::PositiveNumber);
+             app.add_option("--lr", o.lr, "AdamW learning rate (default 1e-3)")->check(CLI::PositiveNumber);
+             app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (default 0.01)")->check(CLI::NonNegativeNumber);
+             app.add_option("--step-size", o.step_size, "StepLR step size in epochs (default 2)")->check(CLI::PositiveNumber);
+             app.add_option("--gamma", o.gamma, "StepLR factor (default 0.6)")->check(CLI::PositiveNumber);
+             app.add_option("--hidden-layers", a->hidden, "hidden layers of the head, e.g. 512,256 (default none)");
+             app.add_option("--freeze-backbone-epochs", o.freeze_backbone_epochs, "train only fc for the first K epochs");
+             app.add_option("--device", o.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+             app.add_option("--precision", o.precision, "tf32 (default) or fp32 on CUDA")->check(CLI::IsMember({"tf32", "fp32"}));
+             app.add_option("--threads", o.threads, "CPU threads for decoding and the CPU path (0 = all cores)");
+             app.add_option("--seed", o.seed, "seed of the shuffles, augmentations and initialisation (default 42)");
+             app.add_flag("--deterministic", o.deterministic, "bit-reproducible runs (always so on the CPU)");
+             a->out_opt = app.add_option("--out", o.out, "run folder (default runs/b1)");
+             app.add_option("--resume", a->resume, "continue a run folder, or the notebook's checkpoint-epochN.pth");
+             a->blocks_opt = app.add_option("--blocks", a->blocks, "blocks per stage (default 3,4,6,3)");
+             a->width_opt = app.add_option("--width", o.width, "base width (default 64)")->check(CLI::PositiveNumber);
+             a->size_opt = app.add_option("--image-size", o.image_size, "input size (default 224)")->check(CLI::Range(32, 4096));
+             app.add_option("--on-bad-image", o.on_bad_image, "skip (default) or fail")->check(CLI::IsMember({"skip", "fail"}));
+             app.add_option("--cache", o.cache, "decoded-frame cache: auto, on or off")->check(CLI::IsMember({"auto", "on", "off"}));
+             app.add_option("--synth-dir", a->synth_dir, "where the default run keeps its synthetic dataset");
+             app.add_option("--stop-after-steps", o.stop_after_steps, "stop as Ctrl-C would after N steps (testing)");
+             return [a] { return run_train(*a); };
+           });
