@@ -1,0 +1,190 @@
+// GPU image transforms (see transforms.cuh). CPU twins: vb::data::train_random_part and
+// vb::data::to_normalized_chw (data/transforms.cpp), whose arithmetic is mirrored step by step:
+// - Pillow's antialiased bilinear resample: double weights normalised to sum 1, then 22-bit fixed point;
+//   horizontal pass rounded to 8 bits before the vertical pass. Here each output pixel recomputes the taps
+//   it needs (no intermediate image): the same integers, hence the same bytes. Double arithmetic uses the
+//   _rn intrinsics so that nvcc cannot fuse it into multiply-adds that Pillow never does.
+// - Rotation: 16.16 fixed-point coordinates; Pillow steps by adding the coefficients, which equals the
+//   closed form a2 + y*a1 + x*a0 exactly (integer arithmetic).
+// - Normalisation: float32 (u / 255 - mean) / std with IEEE division, as torchvision.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "engine/check.h"
+#include "kernels/cuda/transforms.cuh"
+
+namespace vb::cuda {
+namespace {
+
+constexpr int kPrecisionBits = 22;  // Pillow's PRECISION_BITS for 8-bit images
+constexpr int kMaxTaps = 16;        // taps per axis: enough for a downscale of up to 7x
+constexpr int kMaxScale = 7;
+
+__constant__ float kMean[3] = {0.485f, 0.456f, 0.406f};
+__constant__ float kStd[3] = {0.229f, 0.224f, 0.225f};
+
+__device__ __forceinline__ float normalize_u8(int u, int c) {
+  return __fdiv_rn(__fsub_rn(__fdiv_rn(float(u), 255.0f), kMean[c]), kStd[c]);
+}
+
+__device__ __forceinline__ int clip8(int v) {
+  v >>= kPrecisionBits;
+  return v < 0 ? 0 : (v > 255 ? 255 : v);
+}
+
+// Pillow's precompute_coeffs for output index i of an axis in_size -> out_size: first tap and the fixed-point
+// weights k[0..count). Returns count.
+__device__ int axis_taps(int in_size, int out_size, int i, int* first, int* k) {
+  const double scale = __ddiv_rn(double(in_size), double(out_size));
+  const double filterscale = scale < 1.0 ? 1.0 : scale;
+  const double support = filterscale;  // bilinear support 1
+  const double center = __dmul_rn(double(i) + 0.5, scale);
+  const double ss = __ddiv_rn(1.0, filterscale);
+  int xmin = int(__dadd_rn(__dsub_rn(center, support), 0.5));
+  if (xmin < 0) xmin = 0;
+  int xmax = int(__dadd_rn(__dadd_rn(center, support), 0.5));
+  if (xmax > in_size) xmax = in_size;
+  xmax -= xmin;
+  if (xmax > kMaxTaps) xmax = kMaxTaps;  // unreachable: make_aug_sample bounds the scale
+  double w[kMaxTaps];
+  double ww = 0.0;
+  for (int x = 0; x < xmax; ++x) {
+    double t = __dmul_rn(__dadd_rn(__dsub_rn(double(x + xmin), center), 0.5), ss);
+    if (t < 0.0) t = -t;
+    const double v = t < 1.0 ? __dsub_rn(1.0, t) : 0.0;
+    w[x] = v;
+    ww = __dadd_rn(ww, v);
+  }
+  for (int x = 0; x < xmax; ++x) {
+    const double v = ww != 0.0 ? __ddiv_rn(w[x], ww) : w[x];
+    const double scaled = __dmul_rn(v, double(1 << kPrecisionBits));
+    k[x] = v < 0 ? int(__dadd_rn(-0.5, scaled)) : int(__dadd_rn(0.5, scaled));
+  }
+  *first = xmin;
+  return xmax;
+}
+
+// One output pixel per thread; blockIdx.y is the sample.
+__global__ void augment_kernel(int size, const uint8_t* __restrict__ frames, const AugSample* __restrict__ samples,
+                               float* __restrict__ out) {
+  const int b = blockIdx.y;
+  const int pix = blockIdx.x * blockDim.x + threadIdx.x;
+  if (pix >= size * size) return;
+  const int x = pix % size, y = pix / size;
+  const AugSample a = samples[b];
+  const int xin = (a.r2 + y * a.r1 + x * a.r0) >> 16;
+  const int yin = (a.r5 + y * a.r4 + x * a.r3) >> 16;
+  int rgb[3] = {0, 0, 0};  // black fill outside the rotated image
+  if (xin >= 0 && xin < size && yin >= 0 && yin < size) {
+    const uint8_t* img = frames + a.src_offset;
+    const size_t stride = size_t(a.src_w) * 3;
+    const bool need_h = size != a.width, need_v = size != a.height;
+    int hfirst = 0, hk[kMaxTaps], hcount = 0;
+    if (need_h) hcount = axis_taps(a.width, size, xin, &hfirst, hk);
+    // The horizontal pass's value at box row r (8 bits, as Pillow's intermediate image).
+    auto hval = [&](int r, int c) -> int {
+      const uint8_t* row = img + size_t(a.top + r) * stride + size_t(a.left) * 3;
+      if (!need_h) return row[size_t(xin) * 3 + c];
+      int s = 1 << (kPrecisionBits - 1);
+      for (int t = 0; t < hcount; ++t) s += int(row[size_t(hfirst + t) * 3 + c]) * hk[t];
+      return clip8(s);
+    };
+    if (!need_v) {
+      for (int c = 0; c < 3; ++c) rgb[c] = hval(yin, c);
+    } else {
+      int vfirst = 0, vk[kMaxTaps];
+      const int vcount = axis_taps(a.height, size, yin, &vfirst, vk);
+      for (int c = 0; c < 3; ++c) {
+        int s = 1 << (kPrecisionBits - 1);
+        for (int t = 0; t < vcount; ++t) s += hval(vfirst + t, c) * vk[t];
+        rgb[c] = clip8(s);
+      }
+    }
+  }
+  const size_t plane = size_t(size) * size;
+  float* o = out + size_t(b) * 3 * plane + pix;
+  for (int c = 0; c < 3; ++c) o[size_t(c) * plane] = normalize_u8(rgb[c], c);
+}
+
+__global__ void normalize_kernel(int64_t pixels_per_image, int64_t total, const uint8_t* __restrict__ src,
+                                 float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / pixels_per_image, p = i - n * pixels_per_image;
+    const uint8_t* s = src + i * 3;
+    float* o = out + n * 3 * pixels_per_image + p;
+    for (int c = 0; c < 3; ++c) o[c * pixels_per_image] = normalize_u8(s[c], c);
+  }
+}
+
+// Python's round(x, 15), as Pillow rounds its rotation matrix (glibc's printf rounds correctly).
+double round15(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.15f", x);
+  return std::strtod(buf, nullptr);
+}
+
+int fix16(double v) {
+  volatile double t = v * 65536.0;  // volatile: no multiply-add contraction, as in Pillow's build
+  const double u = t + 0.5;
+  return u < 0.0 ? int(std::floor(u)) : int(u);
+}
+
+}  // namespace
+
+AugSample make_aug_sample(int64_t src_offset, int src_w, int src_h, int top, int left, int height, int width,
+                          double angle_degrees, int size) {
+  VB_CHECK(size > 0 && size < 16384, "augment: output size ", size);
+  VB_CHECK(top >= 0 && left >= 0 && height > 0 && width > 0 && top + height <= src_h && left + width <= src_w,
+           "augment: crop box (top ", top, ", left ", left, ", h ", height, ", w ", width, ") outside a ", src_w,
+           "x", src_h, " frame");
+  VB_CHECK(width <= kMaxScale * size && height <= kMaxScale * size, "augment: crop ", width, "x", height,
+           " is more than ", kMaxScale, "x the output size ", size);
+  AugSample a;
+  a.src_offset = src_offset;
+  a.src_w = src_w;
+  a.src_h = src_h;
+  a.top = top;
+  a.left = left;
+  a.height = height;
+  a.width = width;
+  // Pillow's rotate(angle) of the size x size crop (data/transforms.cpp, rotation_coeffs).
+  double angle = std::fmod(angle_degrees, 360.0);
+  if (angle < 0) angle += 360.0;
+  const double cx = size / 2.0, cy = size / 2.0;
+  const double rad = -(angle * (M_PI / 180.0));
+  const double m0 = round15(std::cos(rad)), m1 = round15(std::sin(rad)), m3 = round15(-std::sin(rad)),
+               m4 = round15(std::cos(rad));
+  volatile double p0 = m0 * -cx, p1 = m1 * -cy, p3 = m3 * -cx, p4 = m4 * -cy;
+  const double m2 = (p0 + p1 + 0.0) + cx;
+  const double m5 = (p3 + p4 + 0.0) + cy;
+  a.r0 = fix16(m0);
+  a.r1 = fix16(m1);
+  a.r3 = fix16(m3);
+  a.r4 = fix16(m4);
+  volatile double h0 = m0 * 0.5, h1 = m1 * 0.5, h3 = m3 * 0.5, h4 = m4 * 0.5;
+  a.r2 = fix16(m2 + h0 + h1);
+  a.r5 = fix16(m5 + h3 + h4);
+  return a;
+}
+
+void augment_frames(cudaStream_t st, int N, int size, const uint8_t* frames, const AugSample* samples, float* out) {
+  if (N <= 0) return;
+  VB_CHECK(N <= 65535, "augment: batch ", N, " above 65535");
+  const int threads = 256;
+  const dim3 grid(unsigned((size * size + threads - 1) / threads), unsigned(N));
+  augment_kernel<<<grid, threads, 0, st>>>(size, frames, samples, out);
+  VB_CUDA_LAUNCH_CHECK();
+}
+
+void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out) {
+  const int64_t ppi = int64_t(H) * W, total = ppi * N;
+  if (total <= 0) return;
+  const int threads = 256;
+  int64_t blocks = (total + threads - 1) / threads;
+  if (blocks > 132 * 16) blocks = 132 * 16;
+  normalize_kernel<<<unsigned(blocks), threads, 0, st>>>(ppi, total, src, out);
+  VB_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace vb::cuda
