@@ -1,0 +1,275 @@
+#include "data/loader.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+
+#include "data/rng.h"
+#include "data/transforms.h"
+#include "engine/check.h"
+
+namespace vb::data {
+
+namespace {
+
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+size_t physical_memory() {
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t(8) << 30;
+}
+
+size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+}  // namespace
+
+CachePolicy parse_cache_policy(const std::string& s) {
+  if (s == "auto") return CachePolicy::Auto;
+  if (s == "on") return CachePolicy::On;
+  if (s == "off") return CachePolicy::Off;
+  fail("unknown cache policy '", s, "' (expected auto, on or off)");
+}
+
+std::vector<int64_t> shuffle_order(int64_t n, uint64_t seed, int64_t epoch) {
+  std::vector<int64_t> order(size_t(std::max<int64_t>(n, 0)));
+  for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
+  CounterRng rng(seed, RngStream::Shuffle, uint64_t(epoch));
+  for (int64_t i = n - 1; i > 0; --i) std::swap(order[size_t(i)], order[size_t(rng.below(uint64_t(i + 1)))]);
+  return order;
+}
+
+Loader::Loader(std::vector<Sample> samples, LoaderOptions opt) : samples_(std::move(samples)), opt_(std::move(opt)) {
+  VB_CHECK(opt_.batch_size > 0, "batch size ", opt_.batch_size);
+  VB_CHECK(opt_.image_size > 0 && opt_.image_size <= 4096, "image size ", opt_.image_size);
+  VB_CHECK(opt_.prefetch_batches > 0, "prefetch_batches ", opt_.prefetch_batches);
+  VB_CHECK(bool(opt_.alloc) == bool(opt_.free), "loader options: give both alloc and free, or neither");
+  for (const Sample& s : samples_)
+    VB_CHECK(s.label >= 0 && s.label < kNumClasses, "label ", s.label, " out of range for ", s.path);
+  if (!opt_.alloc) {
+    opt_.alloc = [](size_t n) { return std::aligned_alloc(64, round_up(n, 64)); };
+    opt_.free = [](void* p) { std::free(p); };
+  }
+  const int S = opt_.image_size, R = resize_size(S);
+  image_floats_ = 3 * int64_t(S) * S;
+
+  // The cache estimate assumes 16:9 frames, as the dataset's; the budget still bounds what is really kept.
+  cache_budget_ = opt_.cache_budget_bytes ? opt_.cache_budget_bytes : physical_memory() / 2;
+  size_t per_frame = opt_.train ? size_t(R) * size_t((R * 16 + 8) / 9) * 3 : size_t(S) * S * 3;
+  switch (opt_.cache) {
+    case CachePolicy::Off: cache_enabled_ = false; break;
+    case CachePolicy::On: cache_enabled_ = true; cache_budget_ = SIZE_MAX; break;
+    case CachePolicy::Auto: cache_enabled_ = per_frame * samples_.size() <= cache_budget_; break;
+  }
+  cache_.resize(samples_.size());
+  bad_.assign(samples_.size(), 0);
+  bad_reason_.resize(samples_.size());
+
+  const size_t bs = size_t(opt_.batch_size);
+  const size_t img_bytes = round_up(bs * size_t(image_floats_) * sizeof(float), 256);
+  const size_t bytes = img_bytes + 2 * round_up(bs * sizeof(int64_t), 64);
+  slots_.resize(size_t(opt_.prefetch_batches));
+  for (Slot& s : slots_) {
+    s.mem = opt_.alloc(bytes);
+    if (!s.mem) fail("loader: cannot allocate a ", bytes, "-byte batch buffer");
+    auto* base = static_cast<uint8_t*>(s.mem);
+    s.view.images = reinterpret_cast<float*>(base);
+    s.view.labels = reinterpret_cast<int64_t*>(base + img_bytes);
+    s.view.sample_indices = reinterpret_cast<int64_t*>(base + img_bytes + round_up(bs * sizeof(int64_t), 64));
+    s.ok.assign(bs, 0);
+  }
+  int n = opt_.threads > 0 ? opt_.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  for (int i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
+}
+
+Loader::~Loader() {
+  {
+    std::lock_guard<std::mutex> g(m_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : workers_) t.join();
+  for (Slot& s : slots_) opt_.free(s.mem);
+}
+
+int64_t Loader::batches_per_epoch() const { return (size() + opt_.batch_size - 1) / opt_.batch_size; }
+
+int Loader::batch_count(int64_t b) const {
+  return int(std::min<int64_t>(opt_.batch_size, size() - b * opt_.batch_size));
+}
+
+void Loader::start_epoch(int64_t epoch) {
+  std::unique_lock<std::mutex> lk(m_);
+  ++generation_;  // stops claims of the old epoch
+  idle_cv_.wait(lk, [&] { return in_flight_ == 0; });
+  epoch_ = epoch;
+  if (opt_.shuffle) {
+    order_ = shuffle_order(size(), opt_.seed, epoch);
+  } else {
+    order_.resize(size_t(size()));
+    for (int64_t i = 0; i < size(); ++i) order_[size_t(i)] = i;
+  }
+  next_task_ = 0;
+  n_tasks_ = size();
+  released_ = 0;
+  next_batch_ = 0;
+  active_batch_ = -1;
+  for (Slot& s : slots_) s.batch = -1, s.done = 0;
+  epoch_start_ = last_batch_time_ = now_seconds();
+  wait_ = 0;
+  delivered_ = decoded_ = cache_hits_ = 0;
+  lk.unlock();
+  work_cv_.notify_all();
+}
+
+void Loader::worker() {
+  std::unique_lock<std::mutex> lk(m_);
+  const int64_t R = int64_t(slots_.size());
+  for (;;) {
+    work_cv_.wait(lk, [&] {
+      return stop_ || (epoch_ >= 0 && next_task_ < n_tasks_ && next_task_ / opt_.batch_size < released_ + R);
+    });
+    if (stop_) return;
+    const int64_t task = next_task_++;
+    const int64_t b = task / opt_.batch_size;
+    Slot& slot = slots_[size_t(b % R)];
+    if (slot.batch != b) slot.batch = b, slot.done = 0;
+    const uint64_t gen = generation_;
+    const int64_t epoch = epoch_;
+    ++in_flight_;
+    lk.unlock();
+    process(task, slot, epoch);
+    lk.lock();
+    --in_flight_;
+    if (gen == generation_ && ++slot.done == batch_count(b)) done_cv_.notify_all();
+    if (in_flight_ == 0) idle_cv_.notify_all();
+  }
+}
+
+void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
+  const int64_t k = order_[size_t(task)];
+  const int pos = int(task % opt_.batch_size);
+  const Sample& s = samples_[size_t(k)];
+  const int S = opt_.image_size, R = resize_size(S);
+  float* out = slot.view.images + size_t(pos) * size_t(image_floats_);
+  slot.view.labels[pos] = s.label;
+  slot.view.sample_indices[pos] = k;
+  slot.ok[size_t(pos)] = 0;
+  {
+    std::lock_guard<std::mutex> g(m_);
+    if (bad_[size_t(k)]) return;
+  }
+  try {
+    const Image* frame = &cache_[size_t(k)];
+    Image fresh;
+    bool hit = !frame->empty();
+    if (!hit) {
+      int min_side = opt_.dct_scaling ? R : 0;
+      Image decoded = decode_jpeg_file(s.path, min_side, min_side);
+      fresh = opt_.train ? train_resize(decoded, S) : eval_crop(decoded, S);
+      frame = &fresh;
+    }
+    if (opt_.train) {
+      TrainDraw d = draw_train_params(opt_.seed, epoch, k, frame->width, frame->height);
+      train_random_part(*frame, S, d, out);
+    } else {
+      to_normalized_chw(*frame, out);
+    }
+    slot.ok[size_t(pos)] = 1;
+    std::lock_guard<std::mutex> g(m_);
+    if (hit) {
+      ++cache_hits_;
+    } else {
+      ++decoded_;
+      size_t bytes = fresh.pixels.size();
+      if (cache_enabled_ && cache_bytes_ + bytes <= cache_budget_) {
+        cache_bytes_ += bytes;
+        ++cached_frames_;
+        cache_[size_t(k)] = std::move(fresh);
+      }
+    }
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> g(m_);
+    bad_[size_t(k)] = 1;
+    bad_reason_[size_t(k)] = e.what();
+  }
+}
+
+void Loader::compact(Slot& s, int count) {
+  int w = 0;
+  for (int r = 0; r < count; ++r) {
+    if (!s.ok[size_t(r)]) continue;
+    if (w != r) {
+      std::memmove(s.view.images + size_t(w) * size_t(image_floats_), s.view.images + size_t(r) * size_t(image_floats_),
+                   size_t(image_floats_) * sizeof(float));
+      s.view.labels[w] = s.view.labels[r];
+      s.view.sample_indices[w] = s.view.sample_indices[r];
+    }
+    ++w;
+  }
+  s.view.size = w;
+}
+
+const Batch* Loader::next() {
+  std::unique_lock<std::mutex> lk(m_);
+  VB_CHECK(epoch_ >= 0, "Loader::next() before start_epoch()");
+  const int64_t R = int64_t(slots_.size());
+  for (;;) {
+    if (active_batch_ >= 0) {
+      active_batch_ = -1;
+      ++released_;
+      work_cv_.notify_all();
+    }
+    if (next_batch_ >= batches_per_epoch()) return nullptr;
+    const int64_t b = next_batch_;
+    Slot& slot = slots_[size_t(b % R)];
+    const double t0 = now_seconds();
+    done_cv_.wait(lk, [&] { return slot.batch == b && slot.done == batch_count(b); });
+    wait_ += now_seconds() - t0;
+    ++next_batch_;
+    active_batch_ = b;
+    // Under Fail, the first bad frame of the batch in order stops the run: the same one for any thread count.
+    if (opt_.on_bad == BadImagePolicy::Fail)
+      for (int r = 0; r < batch_count(b); ++r)
+        if (!slot.ok[size_t(r)])
+          fail("loader (--on-bad-image fail): ", bad_reason_[size_t(slot.view.sample_indices[r])]);
+    lk.unlock();
+    slot.view.index = b;
+    compact(slot, batch_count(b));
+    lk.lock();
+    delivered_ += slot.view.size;
+    last_batch_time_ = now_seconds();
+    if (slot.view.size > 0) return &slot.view;
+  }
+}
+
+LoaderStats Loader::stats() const {
+  std::lock_guard<std::mutex> g(m_);
+  LoaderStats st;
+  st.epoch = epoch_;
+  st.images = delivered_;
+  st.seconds = last_batch_time_ - epoch_start_;
+  st.images_per_second = st.seconds > 0 ? double(delivered_) / st.seconds : 0;
+  st.wait_seconds = wait_;
+  st.decoded = decoded_;
+  st.cache_hits = cache_hits_;
+  st.cached_frames = cached_frames_;
+  st.cache_bytes = cache_bytes_;
+  st.cache_enabled = cache_enabled_;
+  return st;
+}
+
+std::vector<std::string> Loader::skipped_files() const {
+  std::lock_guard<std::mutex> g(m_);
+  std::vector<std::string> out;
+  for (size_t k = 0; k < samples_.size(); ++k)
+    if (bad_[k]) out.push_back(bad_reason_[k]);
+  return out;
+}
+
+}  // namespace vb::data

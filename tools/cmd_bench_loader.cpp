@@ -1,0 +1,109 @@
+// vbtrain bench-loader: decode-only and full-pipeline images/s, with and without the decoded-frame cache,
+// over 1..N threads. The targets: full pipeline >= 85% of (threads x single-thread decode rate);
+// cached per-epoch training transforms >= 1,000 img/s per core.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <thread>
+
+#include "data/dataset.h"
+#include "data/jpeg.h"
+#include "data/loader.h"
+#include "tools/commands.h"
+
+namespace {
+
+struct BenchArgs {
+  std::string data;
+  int threads = 0, images = 300, batch = 50, size = 224;
+  bool dct = false;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Decodes every sample once on `threads` threads; images/s.
+double decode_rate(const std::vector<vb::data::Sample>& s, int threads, int min_side) {
+  std::atomic<size_t> next{0};
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t)
+    ts.emplace_back([&] {
+      for (size_t i; (i = next++) < s.size();) vb::data::decode_jpeg_file(s[i].path, min_side, min_side);
+    });
+  for (auto& t : ts) t.join();
+  return double(s.size()) / seconds_since(t0);
+}
+
+// One epoch of the loader (after `warm` epochs that fill the cache); images/s and consumer wait.
+vb::data::LoaderStats loader_epoch(const std::vector<vb::data::Sample>& s, const BenchArgs& a, int threads, bool train,
+                                   vb::data::CachePolicy cache, int warm) {
+  vb::data::LoaderOptions o;
+  o.batch_size = a.batch;
+  o.image_size = a.size;
+  o.threads = threads;
+  o.train = train;
+  o.shuffle = train;
+  o.cache = cache;
+  o.dct_scaling = a.dct;
+  vb::data::Loader L(s, o);
+  for (int e = 0; e <= warm; ++e) {
+    L.start_epoch(e);
+    while (L.next()) {
+    }
+  }
+  return L.stats();
+}
+
+int run_bench(const BenchArgs& a) {
+  using namespace vb::data;
+  DatasetIndex idx = build_index(a.data);
+  std::vector<Sample> s = idx.samples;
+  if (s.empty()) vb::fail(a.data, ": no samples");
+  if (int64_t(s.size()) > a.images) s.resize(size_t(a.images));
+  const int N = a.threads > 0 ? a.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  JpegHeader h = read_jpeg_header(read_file_bytes(s[0].path), s[0].path);
+  std::printf("bench-loader: %zu frames of %s (first %dx%d), image size %d, batch %d, DCT scaling %s, %d threads max\n",
+              s.size(), idx.videos_dir.c_str(), h.width, h.height, a.size, a.batch, a.dct ? "on" : "off", N);
+  const int min_side = a.dct ? (a.size * 8 + 3) / 7 : 0;
+  decode_rate(std::vector<Sample>(s.begin(), s.begin() + long(std::min<size_t>(s.size(), 20))), 1, min_side);  // warm
+  std::vector<double> dec(size_t(N) + 1);
+  std::printf("\n%-8s %12s %14s %14s %9s %14s %14s %12s %12s\n", "threads", "decode", "train nocache", "eval nocache",
+              "vs decode", "train cached", "eval cached", "train/core", "wait(s)");
+  bool ok_pipeline = true, ok_cache = true;
+  for (int t = 1; t <= N; ++t) {
+    dec[size_t(t)] = decode_rate(s, t, min_side);
+    LoaderStats tr = loader_epoch(s, a, t, true, CachePolicy::Off, 0);
+    LoaderStats ev = loader_epoch(s, a, t, false, CachePolicy::Off, 0);
+    LoaderStats tc = loader_epoch(s, a, t, true, CachePolicy::On, 1);
+    LoaderStats ec = loader_epoch(s, a, t, false, CachePolicy::On, 1);
+    const double ratio = tr.images_per_second / (t * dec[1]);
+    std::printf("%-8d %12.1f %14.1f %14.1f %8.0f%% %14.1f %14.1f %12.1f %12.3f\n", t, dec[size_t(t)],
+                tr.images_per_second, ev.images_per_second, 100 * ratio, tc.images_per_second, ec.images_per_second,
+                tc.images_per_second / t, tc.wait_seconds);
+    if (ratio < 0.85) ok_pipeline = false;
+    if (tc.images_per_second / t < 1000) ok_cache = false;
+  }
+  std::printf("\n(img/s; 'vs decode' = train pipeline / (threads x 1-thread decode); cached = an epoch after the "
+              "cache-filling one)\n");
+  std::printf("full pipeline >= 85%% of threads x single-thread decode: %s\n", ok_pipeline ? "yes" : "NO");
+  std::printf("cached training transforms >= 1000 img/s per core:    %s\n", ok_cache ? "yes" : "NO");
+  return 0;
+}
+
+}  // namespace
+
+VB_COMMAND("bench-loader", "Measure the data loader: decode-only and full-pipeline img/s, cache on/off, 1..N threads",
+           [](CLI::App& app) -> std::function<int()> {
+             auto a = std::make_shared<BenchArgs>();
+             app.add_option("--data", a->data, "the videos/ folder or its parent")->required();
+             app.add_option("--threads", a->threads, "largest thread count (0 = all cores)");
+             app.add_option("--images", a->images, "frames to use (default 300)")->check(CLI::Range(1, 1000000));
+             app.add_option("--batch", a->batch, "batch size (default 50)")->check(CLI::Range(1, 100000));
+             app.add_option("--image-size", a->size, "image size S (default 224)")->check(CLI::Range(16, 4096));
+             app.add_flag("--dct-scaling", a->dct, "decode at a DCT-scaled size (faster, not Pillow-exact)");
+             return [a] { return run_bench(*a); };
+           });
