@@ -1,0 +1,378 @@
+// vbbench: every custom CUDA kernel and every distinct ResNet-50 convolution / batch-norm layer at the
+// training batch (150 at 224x224 by default), forward and backward, timed with CUDA events after warm-up,
+// with L2 flushed before each timed run. Each line gives the median time and the achieved GB/s (memory-bound
+// kernels, bytes that must move at least once) or TFLOP/s (convolutions, linear), next to the H200's limits:
+// about 4.8 TB/s HBM, 495 TFLOP/s dense TF32, 67 TFLOP/s FP32. A last section weights each layer by how often
+// ResNet-50 uses it: the time one training step spends in convolutions and batch norm.
+//
+// Timing: the backend's stream is a blocking stream, so events recorded on the legacy default stream order
+// with its work (an event there waits for everything queued before it on blocking streams).
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "engine/backend.h"
+#include "kernels/cuda/transforms.cuh"
+
+namespace {
+
+constexpr double kHbmGBs = 4800.0;
+constexpr double kTf32Tflops = 495.0;
+constexpr double kFp32Tflops = 67.0;
+
+struct Options {
+  int batch = 150, size = 224, warmup = 2, iters = 10;
+  std::string precision = "both", filter, json;
+};
+
+struct Row {
+  std::string group, name;
+  double ms = 0;
+  double gbs = 0, tflops = 0;  // one of them, the other 0
+};
+
+class Bench {
+ public:
+  Bench(vb::Backend& be, const Options& o) : be_(be), o_(o) {
+    int dev = 0;
+    VB_CUDA_CHECK(cudaGetDevice(&dev));
+    cudaDeviceProp prop{};
+    VB_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+    flush_bytes_ = size_t(std::max(prop.l2CacheSize, 1 << 20)) * 2;
+    VB_CUDA_CHECK(cudaMalloc(&flush_, flush_bytes_));
+    VB_CUDA_CHECK(cudaEventCreate(&ev0_));
+    VB_CUDA_CHECK(cudaEventCreate(&ev1_));
+  }
+  ~Bench() {
+    cudaFree(flush_);
+    cudaEventDestroy(ev0_);
+    cudaEventDestroy(ev1_);
+  }
+  Bench(const Bench&) = delete;
+  Bench& operator=(const Bench&) = delete;
+
+  bool wanted(const std::string& name) const { return o_.filter.empty() || name.find(o_.filter) != std::string::npos; }
+
+  // Median of o_.iters timed runs of fn after o_.warmup untimed ones (the first run also chooses algorithms).
+  template <class F>
+  double time_ms(F&& fn) {
+    for (int i = 0; i < o_.warmup; ++i) fn();
+    be_.sync();
+    std::vector<float> t;
+    for (int i = 0; i < o_.iters; ++i) {
+      VB_CUDA_CHECK(cudaMemsetAsync(flush_, i & 0xff, flush_bytes_, nullptr));
+      VB_CUDA_CHECK(cudaEventRecord(ev0_, nullptr));
+      fn();
+      VB_CUDA_CHECK(cudaEventRecord(ev1_, nullptr));
+      VB_CUDA_CHECK(cudaEventSynchronize(ev1_));
+      float ms = 0;
+      VB_CUDA_CHECK(cudaEventElapsedTime(&ms, ev0_, ev1_));
+      t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  }
+
+  void mem(const std::string& group, const std::string& name, double bytes, double ms) {
+    add({group, name, ms, bytes / (ms * 1e-3) / 1e9, 0});
+  }
+  void flops(const std::string& group, const std::string& name, double f, double ms) {
+    add({group, name, ms, 0, f / (ms * 1e-3) / 1e12});
+  }
+  const std::vector<Row>& rows() const { return rows_; }
+
+ private:
+  void add(Row r) {
+    if (r.gbs > 0)
+      std::printf("  %-58s %9.3f ms %9.1f GB/s  (%4.1f%% of %.0f)\n", r.name.c_str(), r.ms, r.gbs,
+                  100 * r.gbs / kHbmGBs, kHbmGBs);
+    else
+      std::printf("  %-58s %9.3f ms %9.1f TFLOP/s\n", r.name.c_str(), r.ms, r.tflops);
+    std::fflush(stdout);
+    rows_.push_back(std::move(r));
+  }
+
+  vb::Backend& be_;
+  Options o_;
+  void* flush_ = nullptr;
+  size_t flush_bytes_ = 0;
+  cudaEvent_t ev0_ = nullptr, ev1_ = nullptr;
+  std::vector<Row> rows_;
+};
+
+// Device buffer on the backend, random-filled, released at scope end.
+struct Buf {
+  vb::Backend& be;
+  float* p;
+  size_t n;
+  Buf(vb::Backend& b, size_t count, uint32_t seed = 1, float lo = -1.f, float hi = 1.f)
+      : be(b), p(static_cast<float*>(b.alloc(count * sizeof(float)))), n(count) {
+    std::vector<float> h(count);
+    std::mt19937 g(seed);
+    std::uniform_real_distribution<float> u(lo, hi);
+    for (auto& v : h) v = u(g);
+    b.upload(p, h.data(), count * sizeof(float));
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { be.release(p); }
+};
+
+std::string conv_name(const vb::ConvShape& s) {
+  char b[128];
+  std::snprintf(b, sizeof b, "%dx%d/%d %4d->%-4d @%3dx%-3d", s.R, s.S, s.stride, s.C, s.K, s.H, s.W);
+  return b;
+}
+
+struct BnLayer {
+  int C, H, W;
+  bool residual, relu;
+  bool operator<(const BnLayer& o) const {
+    return std::tie(C, H, W, residual, relu) < std::tie(o.C, o.H, o.W, o.residual, o.relu);
+  }
+};
+
+struct ConvKeyLess {
+  bool operator()(const vb::ConvShape& a, const vb::ConvShape& b) const {
+    return std::tie(a.N, a.C, a.H, a.W, a.K, a.R, a.S, a.stride, a.pad) <
+           std::tie(b.N, b.C, b.H, b.W, b.K, b.R, b.S, b.stride, b.pad);
+  }
+};
+
+// ResNet-50 (torchvision v1.5: stride on the 3x3) at batch N and image size S: distinct convolutions and
+// batch norms with how many times a step uses each.
+void resnet50_layers(int N, int S, std::map<vb::ConvShape, int, ConvKeyLess>& convs, std::map<BnLayer, int>& bns) {
+  int H = (S + 2 * 3 - 7) / 2 + 1;
+  convs[{N, 3, S, S, 64, 7, 7, 2, 3}]++;
+  bns[{64, H, H, false, true}]++;
+  H = (H + 2 - 3) / 2 + 1;  // max pool 3x3/2
+  int in_c = 64;
+  const int planes[] = {64, 128, 256, 512}, blocks[] = {3, 4, 6, 3};
+  for (int st = 0; st < 4; ++st)
+    for (int j = 0; j < blocks[st]; ++j) {
+      const int p = planes[st], s = (j == 0 && st > 0) ? 2 : 1, Ho = (H + 2 - 3) / s + 1;
+      convs[{N, in_c, H, H, p, 1, 1, 1, 0}]++;
+      bns[{p, H, H, false, true}]++;
+      convs[{N, p, H, H, p, 3, 3, s, 1}]++;
+      bns[{p, Ho, Ho, false, true}]++;
+      convs[{N, p, Ho, Ho, 4 * p, 1, 1, 1, 0}]++;
+      bns[{4 * p, Ho, Ho, true, true}]++;
+      if (j == 0) {
+        convs[{N, in_c, H, H, 4 * p, 1, 1, s, 0}]++;
+        bns[{4 * p, Ho, Ho, false, false}]++;
+      }
+      in_c = 4 * p;
+      H = Ho;
+    }
+}
+
+int run(const Options& o) {
+  std::unique_ptr<vb::Backend> be = vb::make_cuda_backend(0);
+  Bench bench(*be, o);
+  const int N = o.batch, S = o.size;
+  std::printf("vbbench: %s, batch %d, %dx%d; median of %d runs after %d warm-up, L2 flushed\n",
+              be->description().c_str(), N, S, S, o.iters, o.warmup);
+  std::map<vb::ConvShape, int, ConvKeyLess> convs;
+  std::map<BnLayer, int> bns;
+  resnet50_layers(N, S, convs, bns);
+
+  // ---- convolutions (cuDNN), per precision ----
+  std::vector<vb::Precision> precs;
+  if (o.precision == "both" || o.precision == "tf32") precs.push_back(vb::Precision::TF32);
+  if (o.precision == "both" || o.precision == "fp32") precs.push_back(vb::Precision::FP32);
+  std::map<std::string, double> step_ms;  // per-step totals, weighted by use count
+  for (vb::Precision prec : precs) {
+    be->set_precision(prec);
+    const std::string pn = vb::precision_name(prec);
+    const double limit = prec == vb::Precision::TF32 ? kTf32Tflops : kFp32Tflops;
+    std::printf("convolutions, %s (limit about %.0f TFLOP/s):\n", pn.c_str(), limit);
+    for (const auto& [s, count] : convs) {
+      const std::string base = "conv " + pn + " " + conv_name(s);
+      if (!bench.wanted(base)) continue;
+      Buf x(*be, size_t(s.N) * s.C * s.H * s.W, 1), w(*be, size_t(s.K) * s.C * s.R * s.S, 2, -0.05f, 0.05f),
+          y(*be, size_t(s.N) * s.K * s.P() * s.Q(), 3), dx(*be, x.n, 4), dw(*be, w.n, 5);
+      const double f = 2.0 * s.N * s.K * s.P() * s.Q() * double(s.C) * s.R * s.S;
+      const double tf = bench.time_ms([&] { be->conv_fwd(s, x.p, w.p, y.p); });
+      bench.flops("conv_" + pn, base + " fwd", f, tf);
+      const double tb = bench.time_ms([&] { be->conv_bwd_data(s, y.p, w.p, dx.p); });
+      bench.flops("conv_" + pn, base + " bwd-data", f, tb);
+      const double tw = bench.time_ms([&] { be->conv_bwd_filter(s, x.p, y.p, dw.p); });
+      bench.flops("conv_" + pn, base + " bwd-filter", f, tw);
+      // The stem's input needs no gradient: the model never runs its backward-data.
+      step_ms["convolutions " + pn] += count * (tf + tw + (s.C == 3 ? 0.0 : tb));
+    }
+  }
+  be->set_precision(vb::Precision::TF32);
+
+  // ---- batch norm (fused residual + ReLU), custom kernels ----
+  std::printf("batch norm (memory-bound; limit about %.0f GB/s):\n", kHbmGBs);
+  for (const auto& [b, count] : bns) {
+    char nm[128];
+    std::snprintf(nm, sizeof nm, "bn %4d @%3dx%-3d%s%s", b.C, b.H, b.W, b.residual ? " +res" : "",
+                  b.relu ? " relu" : "");
+    if (!bench.wanted(nm)) continue;
+    const size_t n = size_t(N) * b.C * b.H * b.W;
+    Buf x(*be, n, 1), r(*be, n, 2), y(*be, n, 3), dy(*be, n, 4), dx(*be, n, 5), scr(*be, n, 6);
+    Buf g(*be, size_t(b.C), 7, 0.5f, 1.5f), bt(*be, size_t(b.C), 8), sm(*be, size_t(b.C), 9),
+        si(*be, size_t(b.C), 10, 0.5f, 1.5f), rm(*be, size_t(b.C), 11), rv(*be, size_t(b.C), 12, 0.5f, 1.5f),
+        dg(*be, size_t(b.C), 13), db(*be, size_t(b.C), 14);
+    const double e = double(n) * sizeof(float);
+    const double tf = bench.time_ms([&] {
+      be->bn_train_fwd(N, b.C, b.H, b.W, x.p, g.p, bt.p, b.residual ? r.p : nullptr, b.relu, y.p, sm.p, si.p, rm.p,
+                       rv.p, 0.1, 1e-5);
+    });
+    bench.mem("bn", std::string(nm) + " train fwd", e * (3 + (b.residual ? 1 : 0)), tf);
+    const double te = bench.time_ms([&] {
+      be->bn_eval_fwd(N, b.C, b.H, b.W, x.p, g.p, bt.p, rm.p, rv.p, 1e-5, b.residual ? r.p : nullptr, b.relu, y.p);
+    });
+    bench.mem("bn", std::string(nm) + " eval fwd", e * (2 + (b.residual ? 1 : 0)), te);
+    const double tb = bench.time_ms([&] {
+      be->bn_bwd(N, b.C, b.H, b.W, x.p, y.p, dy.p, g.p, sm.p, si.p, b.relu, dx.p, b.residual ? scr.p : nullptr, dg.p,
+                 db.p, scr.p);
+    });
+    // Pass 1 reads x, dy (and y with relu), writes the masked gradient with relu; pass 2 reads x and it, writes dx.
+    bench.mem("bn", std::string(nm) + " bwd", e * (b.relu ? 6 : 4), tb);
+    step_ms["batch norm (train fwd + bwd)"] += count * (tf + tb);
+  }
+
+  // ---- the other custom kernels, at their ResNet-50 sizes ----
+  std::printf("other kernels:\n");
+  {
+    const int H = (S + 2 * 3 - 7) / 2 + 1, P = (H + 2 - 3) / 2 + 1;
+    const size_t nx = size_t(N) * 64 * H * H, ny = size_t(N) * 64 * P * P;
+    Buf x(*be, nx, 1), y(*be, ny, 2), dy(*be, ny, 3), dx(*be, nx, 4);
+    if (bench.wanted("maxpool")) {
+      be->maxpool_fwd(N, 64, H, H, 3, 2, 1, x.p, y.p);
+      const double tf = bench.time_ms([&] { be->maxpool_fwd(N, 64, H, H, 3, 2, 1, x.p, y.p); });
+      bench.mem("pool", "maxpool 3x3/2 64 @" + std::to_string(H) + " fwd", 4.0 * (nx + ny), tf);
+      const double tb = bench.time_ms([&] { be->maxpool_bwd(N, 64, H, H, 3, 2, 1, x.p, y.p, dy.p, dx.p); });
+      bench.mem("pool", "maxpool 3x3/2 64 @" + std::to_string(H) + " bwd", 4.0 * (2 * nx + 2 * ny), tb);
+    }
+  }
+  {
+    const int F = 2048, H = (S + 31) / 32;
+    const size_t nx = size_t(N) * F * H * H;
+    Buf x(*be, nx, 1), y(*be, size_t(N) * F, 2), dx(*be, nx, 3);
+    if (bench.wanted("avgpool")) {
+      const double tf = bench.time_ms([&] { be->avgpool_fwd(N, F, H, H, x.p, y.p); });
+      bench.mem("pool", "avgpool 2048 @" + std::to_string(H) + " fwd", 4.0 * (nx + size_t(N) * F), tf);
+      const double tb = bench.time_ms([&] { be->avgpool_bwd(N, F, H, H, y.p, dx.p); });
+      bench.mem("pool", "avgpool 2048 @" + std::to_string(H) + " bwd", 4.0 * (nx + size_t(N) * F), tb);
+    }
+  }
+  {
+    const size_t n = size_t(N) * 256 * 56 * 56 * S / 224 * S / 224;
+    Buf a(*be, n, 1), b(*be, n, 2), c(*be, n, 3);
+    if (bench.wanted("relu")) {
+      bench.mem("elementwise", "relu fwd n=" + std::to_string(n), 8.0 * n,
+                bench.time_ms([&] { be->relu_fwd(int64_t(n), a.p, c.p); }));
+      bench.mem("elementwise", "relu bwd n=" + std::to_string(n), 12.0 * n,
+                bench.time_ms([&] { be->relu_bwd(int64_t(n), a.p, b.p, c.p); }));
+    }
+    if (bench.wanted("add"))
+      bench.mem("elementwise", "add n=" + std::to_string(n), 12.0 * n,
+                bench.time_ms([&] { be->add(int64_t(n), a.p, b.p, c.p); }));
+  }
+  for (vb::Precision prec : precs) {
+    be->set_precision(prec);
+    const int IN = 2048, OUT = 8;
+    Buf x(*be, size_t(N) * IN, 1), w(*be, size_t(OUT) * IN, 2), b(*be, OUT, 3), y(*be, size_t(N) * OUT, 4),
+        dx(*be, size_t(N) * IN, 5), dw(*be, size_t(OUT) * IN, 6), db(*be, OUT, 7);
+    const std::string nm = std::string("linear ") + vb::precision_name(prec) + " 2048->8";
+    if (!bench.wanted(nm)) continue;
+    const double f = 2.0 * N * IN * OUT;
+    bench.flops("linear", nm + " fwd", f, bench.time_ms([&] { be->linear_fwd(N, IN, OUT, x.p, w.p, b.p, y.p); }));
+    bench.flops("linear", nm + " bwd", 2 * f,
+                bench.time_ms([&] { be->linear_bwd(N, IN, OUT, x.p, w.p, y.p, dx.p, dw.p, db.p); }));
+  }
+  be->set_precision(vb::Precision::TF32);
+  if (bench.wanted("softmax_wce")) {
+    const int C = 8;
+    Buf l(*be, size_t(N) * C, 1), cw(*be, C, 2, 0.5f, 2.f), pr(*be, size_t(N) * C, 3), dl(*be, size_t(N) * C, 4),
+        loss(*be, 1, 5);
+    std::vector<int64_t> lab(static_cast<size_t>(N));
+    for (int i = 0; i < N; ++i) lab[size_t(i)] = i % C;
+    auto* d_lab = static_cast<int64_t*>(be->alloc(lab.size() * sizeof(int64_t)));
+    be->upload(d_lab, lab.data(), lab.size() * sizeof(int64_t));
+    bench.mem("loss", "softmax_wce " + std::to_string(N) + "x8", 4.0 * 3 * N * C,
+              bench.time_ms([&] { be->softmax_wce(N, C, l.p, d_lab, cw.p, pr.p, dl.p, loss.p); }));
+    be->release(d_lab);
+  }
+  if (bench.wanted("adamw")) {
+    const size_t n = 23'524'424;  // ResNet-50 backbone + the notebook's 2048->8 head
+    Buf p(*be, n, 1), g(*be, n, 2), m(*be, n, 3), v(*be, n, 4, 0.f, 1.f);
+    bench.mem("optimizer", "adamw n=" + std::to_string(n), 28.0 * n,
+              bench.time_ms([&] { be->adamw(int64_t(n), p.p, g.p, m.p, v.p, 1e-3, 0.9, 0.999, 1e-8, 0.01, 5); }));
+  }
+  if (bench.wanted("transforms")) {
+    // Training frames as the cache keeps them (455x256 uint8), the batch cropped, resized, rotated, normalised.
+    const int FW = 455, FH = 256;
+    const size_t fb = size_t(FW) * FH * 3;
+    auto* frames = static_cast<uint8_t*>(be->alloc(fb * size_t(N)));
+    std::vector<vb::cuda::AugSample> smp;
+    std::mt19937 g(3);
+    for (int i = 0; i < N; ++i) {
+      const int h = 120 + int(g() % 130), w = 120 + int(g() % 200);
+      smp.push_back(vb::cuda::make_aug_sample(int64_t(fb) * i, FW, FH, int(g() % uint32_t(FH - h + 1)),
+                                              int(g() % uint32_t(FW - w + 1)), h, w, double(int(g() % 11) - 5), S));
+    }
+    auto* d_smp = static_cast<vb::cuda::AugSample*>(be->alloc(smp.size() * sizeof(vb::cuda::AugSample)));
+    be->upload(d_smp, smp.data(), smp.size() * sizeof(vb::cuda::AugSample));
+    Buf out(*be, size_t(N) * 3 * S * S, 1);
+    be->sync();
+    const double ta = bench.time_ms([&] { vb::cuda::augment_frames(nullptr, N, S, frames, d_smp, out.p); });
+    bench.mem("transforms", "augment (crop+resize+rotate+normalise) " + std::to_string(N) + "x3x" + std::to_string(S),
+              double(out.n) * 4 + double(N) * S * S * 3, ta);
+    const double tn = bench.time_ms([&] { vb::cuda::normalize_frames(nullptr, N, S, S, frames, out.p); });
+    bench.mem("transforms", "normalise " + std::to_string(N) + "x3x" + std::to_string(S), double(out.n) * 5, tn);
+    be->release(d_smp);
+    be->release(frames);
+  }
+
+  if (!step_ms.empty()) {
+    std::printf("per training step at batch %d (each distinct layer times its use count):\n", N);
+    for (const auto& [k, v] : step_ms) std::printf("  %-40s %9.2f ms\n", k.c_str(), v);
+  }
+  if (!o.json.empty()) {
+    nlohmann::ordered_json j = nlohmann::ordered_json::array();
+    for (const Row& r : bench.rows())
+      j.push_back({{"group", r.group}, {"name", r.name}, {"ms", r.ms}, {"GB/s", r.gbs}, {"TFLOP/s", r.tflops}});
+    nlohmann::ordered_json top = {{"device", be->description()}, {"batch", N}, {"image_size", S}, {"rows", j}};
+    for (const auto& [k, v] : step_ms) top["step_ms"][k] = v;
+    std::ofstream f(o.json);
+    if (!f) vb::fail(o.json, ": cannot write");
+    f << top.dump(1) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vbbench: CUDA kernel and ResNet-50 layer benchmarks"};
+  Options o;
+  app.add_option("--batch-size", o.batch, "batch (default 150)");
+  app.add_option("--image-size", o.size, "input size (default 224)");
+  app.add_option("--precision", o.precision, "tf32, fp32 or both (convolutions and linear)")
+      ->check(CLI::IsMember({"tf32", "fp32", "both"}));
+  app.add_option("--warmup", o.warmup, "untimed runs per op (default 2)");
+  app.add_option("--iters", o.iters, "timed runs per op (default 10)");
+  app.add_option("--filter", o.filter, "only ops whose name contains this");
+  app.add_option("--json", o.json, "also write the rows as JSON");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (o.iters < 1 || o.warmup < 1 || o.batch < 1 || o.size < 32) vb::fail("bad --iters, --warmup, --batch-size or --image-size");
+    return run(o);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "vbbench: %s\n", e.what());
+    return 1;
+  }
+}
