@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "data/dataset.h"
 #include "data/loader.h"
@@ -337,6 +338,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
       if (!fs::exists(cfg)) fail(resume, ": not a vbtrain run folder (no config.json)");
       const int epochs = opt.epochs;
       const uint64_t stop = opt.stop_after_steps;
+      const int delay = opt.step_delay_ms;
       try {
         opt = TrainOptions::from_json(nlohmann::json::parse(read_file(cfg.string())));
       } catch (const nlohmann::json::exception& e) {
@@ -344,6 +346,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
       }
       if (epochs_given) opt.epochs = epochs;
       opt.stop_after_steps = int64_t(stop);
+      opt.step_delay_ms = delay;
       opt.out = resume;
       if (!fs::exists(fs::path(resume) / "checkpoint-last.safetensors"))
         fail(resume, ": no checkpoint-last.safetensors to resume from (the run stopped before its first checkpoint)");
@@ -489,6 +492,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
       ++steps_this_run;
       images += b->size;
       progress.update(step, b->size, loss);
+      if (opt.step_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(opt.step_delay_ms));
       if (interrupted() && step < total) {
         progress.finish();
         TrainPosition p = pos;

@@ -42,6 +42,8 @@ struct TrainOptions {
   std::string preset;           // informational: which built-in preset filled the options
   // For tests of interruption: stop (as Ctrl-C would) after this many training steps in total; 0 = never.
   int64_t stop_after_steps = 0;
+  // For tests of kill -9: sleep this long after each training step (not saved in config.json).
+  int step_delay_ms = 0;
 
   nlohmann::json to_json() const;
   static TrainOptions from_json(const nlohmann::json& j);

@@ -98,5 +98,6 @@ VB_COMMAND("train", "Train the B1 classifier (the notebook's defaults; no --data
              app.add_option("--cache", o.cache, "decoded-frame cache: auto, on or off")->check(CLI::IsMember({"auto", "on", "off"}));
              app.add_option("--synth-dir", a->synth_dir, "where the default run keeps its synthetic dataset");
              app.add_option("--stop-after-steps", o.stop_after_steps, "stop as Ctrl-C would after N steps (testing)");
+             app.add_option("--step-delay-ms", o.step_delay_ms, "sleep after each step (testing interruptions)");
              return [a] { return run_train(*a); };
            });

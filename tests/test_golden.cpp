@@ -1,0 +1,89 @@
+// The golden run of tests/fixtures/mini_train_golden.safetensors (PyTorch, float64) through the same code as
+// `vbtrain verify`, on the CPU path: logits and losses within 1e-4 relative, gradients 1e-3, tensors after
+// three AdamW steps 1e-5, their updates 2e-2 (issue 2's bounds).
+#include <cstdlib>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/golden.h"
+#include "engine/weights.h"
+#include "tests/test_util.h"
+
+namespace {
+
+std::map<std::string, vb::GoldenEntry> run_cpu_golden() {
+  auto be = vb::make_cpu_backend(0);
+  be->set_precision(vb::Precision::FP32);
+  vb::StateDict w = vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  vb::StateDict ref = vb::load_safetensors(vbtest::fixture("mini_train_golden.safetensors"));
+  std::map<std::string, vb::GoldenEntry> m;
+  for (const auto& e : vb::run_golden(*be, w, ref)) m[e.name] = e;
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("golden run on the CPU: every stage within issue 2's tolerances") {
+  const auto rows = run_cpu_golden();
+  vb::StateDict ref = vb::load_safetensors(vbtest::fixture("mini_train_golden.safetensors"));
+  // Every comparable key of the reference was compared (nothing silently skipped).
+  size_t expected = 0;
+  for (const auto& k : ref.order) {
+    if (k.rfind("grad0.", 0) == 0 || k.rfind("logits", 0) == 0 || k.rfind("loss", 0) == 0 ||
+        k.rfind("eval_logits", 0) == 0 || k.rfind("lr", 0) == 0 || k == "class_weights") {
+      ++expected;
+      CHECK_MESSAGE(rows.count(k), "not compared: " << k);
+    }
+    if (k.rfind("after3.", 0) == 0) {
+      expected += 2;
+      CHECK_MESSAGE(rows.count(k), "not compared: " << k);
+      CHECK_MESSAGE(rows.count("update." + k), "update not compared: " << k);
+    }
+  }
+  CHECK(rows.size() == expected);
+  for (const auto& [name, e] : rows) {
+    INFO(name << ": relative error " << e.rel_err << " (tolerance " << e.tol << ")");
+    CHECK(e.ok());
+  }
+  // The bounds themselves are issue 2's.
+  CHECK(rows.at("logits0").tol == 1e-4);
+  CHECK(rows.at("loss2").tol == 1e-4);
+  CHECK(rows.at("grad0.model.conv1.weight").tol == 1e-3);
+  CHECK(rows.at("after3.model.fc.2.bias").tol == 1e-5);
+  CHECK(rows.at("update.after3.model.layer4.2.bn3.weight").tol == 2e-2);
+}
+
+TEST_CASE("golden run: a corrupted reference is caught") {
+  // The comparison can fail: perturb one gradient and one logit of the reference.
+  auto be = vb::make_cpu_backend(0);
+  vb::StateDict w = vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  vb::StateDict ref = vb::load_safetensors(vbtest::fixture("mini_train_golden.safetensors"));
+  ref.at("grad0.model.layer2.0.conv2.weight").as<float>()[3] += 0.05f;
+  ref.at("logits1").as<float>()[0] *= 1.01f;
+  std::map<std::string, vb::GoldenEntry> m;
+  for (const auto& e : vb::run_golden(*be, w, ref)) m[e.name] = e;
+  CHECK_FALSE(m.at("grad0.model.layer2.0.conv2.weight").ok());
+  CHECK_FALSE(m.at("logits1").ok());
+  CHECK(m.at("logits0").ok());
+}
+
+TEST_CASE("vbtrain verify: exit code and the JSON table") {
+  const std::string bin = vbtest::binary_dir() + "/tools/vbtrain";
+  const std::string json = "verify_test_out.json";
+  const std::string cmd = bin + " verify --device cpu --quiet --weights " + vbtest::fixture("mini_seed_b1_init.pth") +
+                          " --reference " + vbtest::fixture("mini_train_golden.safetensors") + " --json " + json +
+                          " > verify_test_out.txt 2>&1";
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  std::ifstream f(json);
+  nlohmann::json j = nlohmann::json::parse(f);
+  CHECK(j.contains("logits0"));
+  CHECK(j.contains("grad0.model.fc.0.weight"));
+  CHECK(j.contains("update.after3.model.bn1.running_mean"));
+  CHECK(j.at("loss0").get<double>() < 1e-4);
+  // A wrong reference makes it exit non-zero.
+  const std::string bad = bin + " verify --device cpu --quiet --weights " + vbtest::fixture("mini_imagenet_style.pth") +
+                          " --reference " + vbtest::fixture("mini_train_golden.safetensors") + " > /dev/null 2>&1";
+  CHECK(std::system(bad.c_str()) != 0);
+}

@@ -1,0 +1,175 @@
+// The model's tensor table against torchvision's own files, initialisation, state-dict round trips, the
+// frozen backbone, and AdamW/StepLR through the Backend against PyTorch's numbers.
+#include <cmath>
+#include <random>
+
+#include "engine/model.h"
+#include "engine/optimizer.h"
+#include "engine/weights.h"
+#include "tests/test_util.h"
+
+namespace {
+vb::ModelConfig mini(std::vector<int> hidden = {16}) {
+  vb::ModelConfig c;
+  c.width = 8;
+  c.hidden = std::move(hidden);
+  return c;
+}
+}  // namespace
+
+TEST_CASE("tensor table: torchvision's names, shapes and state_dict order") {
+  // mini_imagenet_style.safetensors is a torchvision ResNet-50 layout (width 8) written by PyTorch.
+  vb::StateDict sd = vb::load_safetensors(vbtest::fixture("mini_imagenet_style.safetensors"));
+  vb::ModelConfig cfg = vb::infer_model_config(sd);
+  CHECK(cfg.blocks == std::vector<int>{3, 4, 6, 3});
+  CHECK(cfg.width == 8);
+  CHECK(cfg.num_classes == 10);
+  CHECK(cfg.hidden.empty());
+  // torchvision's head is a plain `fc`; ours is the notebook's Sequential: compare everything else in order.
+  std::vector<std::string> ours;
+  for (const auto& s : vb::model_tensor_specs(mini({}))) {
+    if (s.name.rfind("fc.", 0) == 0) continue;
+    ours.push_back(s.name);
+    REQUIRE_MESSAGE(sd.has(s.name), s.name);
+    CHECK_MESSAGE(sd.at(s.name).shape == s.shape, s.name);
+  }
+  std::vector<std::string> theirs;
+  for (const auto& k : sd.order)
+    if (k.rfind("fc.", 0) != 0) theirs.push_back(k);
+  CHECK(ours == theirs);
+  CHECK(vb::model_tensor_specs(mini({})).size() == sd.size());
+  // The notebook's model: fc.0 (256->16), fc.2 (16->8).
+  vb::StateDict nb = vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  vb::ModelConfig nc = vb::infer_model_config(nb);
+  CHECK(nc.hidden == std::vector<int>{16});
+  CHECK(nc.num_classes == 8);
+  CHECK(nc == mini());
+}
+
+TEST_CASE("full-width ResNet-50: 25.5M backbone parameters, torchvision's count") {
+  vb::ModelConfig c;  // [3,4,6,3], width 64, 8 classes
+  int64_t params = 0, head = 0;
+  for (const auto& s : vb::model_tensor_specs(c))
+    if (s.kind == vb::TensorKind::Parameter) (s.head ? head : params) += vb::numel(s.shape);
+  CHECK(params == 23508032);  // torchvision resnet50 without fc: 25557032 - 2049000
+  CHECK(head == 2048 * 8 + 8);
+}
+
+TEST_CASE("load and save the state dict: exact round trip, num_batches_tracked kept") {
+  auto be = vb::make_cpu_backend(1);
+  vb::StateDict nb = vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  vb::Model m(*be, vb::infer_model_config(nb));
+  m.load_state_dict(nb, "mini_seed_b1_init.pth");
+  vb::StateDict back = m.state_dict();
+  REQUIRE(back.order == nb.order);
+  for (const auto& k : nb.order) {
+    CHECK_MESSAGE(back.at(k).bytes == nb.at(k).bytes, k);
+    CHECK(back.at(k).dtype == nb.at(k).dtype);
+  }
+  CHECK(back.at("layer3.5.bn2.num_batches_tracked").as<int64_t>()[0] == 5);
+  // A wrong shape is named.
+  nb.set("layer1.0.conv1.weight", vb::HostTensor({8, 8, 3, 3}, vb::DType::F32));
+  CHECK_THROWS_WITH_AS(m.load_state_dict(nb, "x.pth"), doctest::Contains("layer1.0.conv1.weight"), vb::Error);
+}
+
+TEST_CASE("torchvision initialisation: kaiming_normal(fan_out) convolutions, BN 1/0, nn.Linear bounds") {
+  auto be = vb::make_cpu_backend(1);
+  vb::ModelConfig cfg = mini({16});
+  vb::Model m(*be, cfg);
+  m.init_torchvision(3);
+  vb::StateDict sd = m.state_dict();
+  auto stats = [](const vb::HostTensor& t) {
+    std::vector<double> v = t.to_f64();
+    double s = 0, s2 = 0, mx = 0;
+    for (double x : v) { s += x; s2 += x * x; mx = std::max(mx, std::fabs(x)); }
+    return std::array<double, 3>{s / double(v.size()), std::sqrt(s2 / double(v.size())), mx};
+  };
+  auto c = stats(sd.at("layer4.0.conv2.weight"));  // 64 x 64 x 3 x 3: fan_out 576
+  CHECK(std::fabs(c[0]) < 0.01);
+  CHECK(c[1] == doctest::Approx(std::sqrt(2.0 / 576)).epsilon(0.05));
+  CHECK(stats(sd.at("layer2.1.bn3.weight"))[0] == 1.0);
+  CHECK(stats(sd.at("layer2.1.bn3.bias"))[2] == 0.0);
+  CHECK(stats(sd.at("layer2.1.bn3.running_var"))[0] == 1.0);
+  auto f = stats(sd.at("fc.0.weight"));  // in 256: bound 1/16
+  CHECK(f[2] <= 1.0 / 16);
+  CHECK(f[1] == doctest::Approx(1.0 / 16 / std::sqrt(3.0)).epsilon(0.1));
+  // Seeded: the same seed gives the same weights, another seed others.
+  vb::Model m2(*be, cfg);
+  m2.init_torchvision(3);
+  CHECK(m2.state_dict().at("conv1.weight").bytes == sd.at("conv1.weight").bytes);
+  m2.init_torchvision(4);
+  CHECK(m2.state_dict().at("conv1.weight").bytes != sd.at("conv1.weight").bytes);
+}
+
+TEST_CASE("frozen backbone: only fc gets gradients and updates; step counts as PyTorch's") {
+  auto be = vb::make_cpu_backend(1);
+  vb::Model m(*be, mini({16}));
+  m.init_torchvision(1);
+  m.plan(4, 32);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  std::vector<float> x(4 * 3 * 32 * 32);
+  for (float& v : x) v = nd(rng);
+  be->upload_activation(m.input(), x.data(), 4, 3, 32, 32);
+  std::vector<int64_t> y = {0, 3, 5, 7};
+  std::vector<float> cw(8, 1.f);
+  float loss = 0;
+  vb::AdamW opt(m, {});
+  const vb::StateDict before = m.state_dict();
+  std::fill(m.grads(), m.grads() + m.num_params(), 0.f);
+  m.set_backbone_frozen(true);
+  m.forward(4, true);
+  be->softmax_wce(4, 8, m.logits(), y.data(), cw.data(), nullptr, m.dlogits(), &loss);
+  m.backward(4);
+  for (int64_t i = 0; i < m.head_offset(); ++i) REQUIRE(m.grads()[i] == 0.f);
+  double head_norm = 0;
+  for (int64_t i = m.head_offset(); i < m.num_params(); ++i) head_norm += std::fabs(m.grads()[i]);
+  CHECK(head_norm > 0);
+  opt.step(1e-3);
+  vb::StateDict after = m.state_dict();
+  CHECK(after.at("conv1.weight").bytes == before.at("conv1.weight").bytes);
+  CHECK(after.at("layer4.2.bn3.bias").bytes == before.at("layer4.2.bn3.bias").bytes);
+  CHECK(after.at("fc.2.weight").bytes != before.at("fc.2.weight").bytes);
+  // Running statistics still move in training mode (PyTorch's frozen parameters do not freeze BN buffers).
+  CHECK(after.at("bn1.running_mean").bytes != before.at("bn1.running_mean").bytes);
+  const auto& steps = opt.steps();
+  CHECK(steps.front() == 0);
+  CHECK(steps.back() == 1);
+  // Unfrozen: everything moves; the backbone's step count starts at 1.
+  m.set_backbone_frozen(false);
+  m.forward(4, true);
+  be->softmax_wce(4, 8, m.logits(), y.data(), cw.data(), nullptr, m.dlogits(), &loss);
+  m.backward(4);
+  opt.step(1e-3);
+  CHECK(opt.steps().front() == 1);
+  CHECK(opt.steps().back() == 2);
+  CHECK(m.state_dict().at("conv1.weight").bytes != before.at("conv1.weight").bytes);
+}
+
+TEST_CASE("AdamW and StepLR through the engine match PyTorch (ops.safetensors)") {
+  vb::StateDict ops = vb::load_safetensors(vbtest::fixture("ops.safetensors"));
+  std::vector<float> lr50 = ops.at("steplr.lr_per_epoch_50").to_f32();
+  vb::StepLR s(1e-3, 2, 0.6);
+  for (size_t e = 0; e < lr50.size(); ++e) {
+    INFO("epoch " << e);
+    CHECK(float(s.lr()) == lr50[e]);  // exact in float32: the same chain of multiplications
+    s.step();
+  }
+  // AdamW on the Backend interface (the path the trainer uses), driven by StepLR stepped every step.
+  auto be = vb::make_cpu_backend(1);
+  std::vector<float> p = ops.at("adamw.p0").to_f32(), m(p.size()), v(p.size());
+  vb::StepLR sched(1e-3, 2, 0.6);
+  std::vector<float> lr_used = ops.at("adamw.lr_used").to_f32();
+  for (int t = 1; t <= 5; ++t) {
+    std::vector<float> g = ops.at("adamw.g" + std::to_string(t)).to_f32();
+    CHECK(float(sched.lr()) == lr_used[size_t(t - 1)]);
+    be->adamw(int64_t(p.size()), p.data(), g.data(), m.data(), v.data(), sched.lr(), 0.9, 0.999, 1e-8, 0.01, t);
+    sched.step();
+    std::vector<float> want = ops.at("adamw.p" + std::to_string(t)).to_f32();
+    std::vector<float> p0 = ops.at("adamw.p0").to_f32();
+    std::vector<double> du, dw;
+    for (size_t i = 0; i < p.size(); ++i) { du.push_back(double(p[i]) - p0[i]); dw.push_back(double(want[i]) - p0[i]); }
+    CHECK(vbtest::rel_err(p, want) < 1e-6);
+    CHECK(vbtest::rel_err(du, dw) < 1e-3);
+  }
+}

@@ -1,0 +1,242 @@
+// vbtrain end to end on a tiny synthetic set, on the CPU: the run folder, exact resume (stopped between
+// epochs, interrupted mid-epoch as Ctrl-C does, killed with SIGKILL), eval and predict, learning, and the
+// one-line errors.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "tests/test_util.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string& vbtrain() {
+  static const std::string b = vbtest::binary_dir() + "/tools/vbtrain";
+  return b;
+}
+
+struct Result {
+  int code = -1;
+  std::string out;
+};
+
+Result run(const std::string& args) {
+  Result r;
+  const std::string cmd = vbtrain() + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  int st = pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+std::string read(const fs::path& p) {
+  std::ifstream f(p);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// The learning columns of metrics.jsonl (timings excluded), as text: equal means bit-for-bit equal.
+std::vector<std::string> learning_rows(const fs::path& run_dir) {
+  std::vector<std::string> rows;
+  std::ifstream f(run_dir / "metrics.jsonl");
+  std::string line;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line);
+    j.erase("images_per_s");
+    j.erase("seconds");
+    rows.push_back(j.dump());
+  }
+  return rows;
+}
+
+const fs::path& work() {
+  static const fs::path w = [] {
+    fs::path d = fs::temp_directory_path() / ("vbtrain_e2e_" + std::to_string(::getpid()));
+    fs::remove_all(d);
+    fs::create_directories(d);
+    return d;
+  }();
+  return w;
+}
+
+const std::string& dataset() {
+  static const std::string d = [] {
+    const fs::path p = work() / "synth";
+    Result r = run("synth --out " + p.string() + " --clips-per-video 2 --scale 0.125 --seed 3");
+    INFO(r.out);
+    REQUIRE(r.code == 0);
+    return p.string();
+  }();
+  return d;
+}
+
+// Small and fast: a 1,1,1,1 ResNet of width 8 on 32x32 images, batch 16 (48 training clips: 3 steps/epoch).
+std::string tiny(const std::string& out, int epochs) {
+  return "train --device cpu --threads 2 --data " + dataset() + " --out " + out + " --epochs " +
+         std::to_string(epochs) + " --blocks 1,1,1,1 --width 8 --image-size 32 --batch-size 16 --seed 11";
+}
+
+}  // namespace
+
+TEST_CASE("a run folder holds what the notebook saves, and more") {
+  const fs::path out = work() / "full";
+  Result r = run(tiny(out.string(), 3));
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  for (const char* f : {"config.json", "metrics.csv", "metrics.jsonl", "checkpoint-last.safetensors",
+                        "checkpoint-best.safetensors", "model-epoch0.safetensors", "final_model.safetensors",
+                        "report.html", "test_metrics.json", "test_confusion.csv", "test_confusion.svg"})
+    CHECK_MESSAGE(fs::exists(out / f), f);
+  auto cfg = nlohmann::json::parse(read(out / "config.json"));
+  CHECK(cfg.at("epochs") == 3);
+  CHECK(cfg.at("batch_size") == 16);
+  CHECK(cfg.at("step_size") == 2);
+  CHECK(cfg.at("class_weights").size() == 8);
+  const std::string csv = read(out / "metrics.csv");
+  CHECK(csv.rfind("epoch,train_loss,val_loss,val_accuracy,lr,", 0) == 0);
+  CHECK(std::count(csv.begin(), csv.end(), '\n') == 4);
+  auto rows = learning_rows(out);
+  REQUIRE(rows.size() == 3);
+  // StepLR(2, 0.6) per epoch: 1e-3, 1e-3, 6e-4.
+  CHECK(nlohmann::json::parse(rows[2]).at("lr").get<double>() == doctest::Approx(6e-4).epsilon(1e-12));
+  const std::string html = read(out / "report.html");
+  CHECK(html.find("Training and Validation Loss") != std::string::npos);
+  CHECK(html.find("Validation Accuracy") != std::string::npos);
+  CHECK(html.find("<svg") != std::string::npos);
+  CHECK(r.out.find("epoch 3/3") != std::string::npos);
+}
+
+TEST_CASE("exact resume: stopped after 2 epochs and resumed to 3 equals an uninterrupted run") {
+  const fs::path a = work() / "full", b = work() / "two_then_three";
+  if (!fs::exists(a / "metrics.jsonl")) REQUIRE(run(tiny(a.string(), 3)).code == 0);
+  REQUIRE(run(tiny(b.string(), 2)).code == 0);
+  Result r = run("train --resume " + b.string() + " --epochs 3");
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  CHECK(learning_rows(b) == learning_rows(a));
+  CHECK(read(b / "final_model.safetensors") == read(a / "final_model.safetensors"));
+}
+
+TEST_CASE("exact resume after an interruption mid-epoch (as Ctrl-C: finish the step, save, exit 130)") {
+  const fs::path a = work() / "full", c = work() / "interrupted";
+  if (!fs::exists(a / "metrics.jsonl")) REQUIRE(run(tiny(a.string(), 3)).code == 0);
+  Result r = run(tiny(c.string(), 3) + " --stop-after-steps 4");  // epoch 2, after its first step
+  INFO(r.out);
+  REQUIRE(r.code == 130);
+  CHECK(r.out.find("vbtrain train --resume " + c.string()) != std::string::npos);
+  CHECK(learning_rows(c).size() == 1);
+  Result r2 = run("train --resume " + c.string());
+  INFO(r2.out);
+  REQUIRE(r2.code == 0);
+  CHECK(learning_rows(c) == learning_rows(a));
+}
+
+TEST_CASE("exact resume after kill -9 mid-epoch (the epoch restarts)") {
+  const fs::path a = work() / "full", k = work() / "killed";
+  if (!fs::exists(a / "metrics.jsonl")) REQUIRE(run(tiny(a.string(), 3)).code == 0);
+  // Slowed down (a pause after each step, no change to the arithmetic) so the kill lands inside epoch 2.
+  const std::string args = tiny(k.string(), 3) + " --step-delay-ms 150";
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    std::string cmd = vbtrain() + " " + args + " > " + (work() / "killed.log").string() + " 2>&1";
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  // Wait for the first epoch's checkpoint, then kill at once.
+  bool saw = false;
+  for (int i = 0; i < 6000 && !saw; ++i) {
+    saw = fs::exists(k / "metrics.jsonl") && !learning_rows(k).empty();
+    if (!saw) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ::kill(pid, SIGKILL);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  REQUIRE(saw);
+  REQUIRE(fs::exists(k / "checkpoint-last.safetensors"));
+  Result r = run("train --resume " + k.string());
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  CHECK(learning_rows(k) == learning_rows(a));
+}
+
+TEST_CASE("eval and predict on the final model") {
+  const fs::path a = work() / "full";
+  if (!fs::exists(a / "final_model.safetensors")) REQUIRE(run(tiny(a.string(), 3)).code == 0);
+  const fs::path ev = work() / "eval";
+  Result r = run("eval --device cpu --data " + dataset() + " --model " + (a / "final_model.safetensors").string() +
+                 " --split test --out " + ev.string());
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  CHECK(r.out.find("precision") != std::string::npos);
+  auto m = nlohmann::json::parse(read(ev / "metrics.json"));
+  auto tm = nlohmann::json::parse(read(a / "test_metrics.json"));
+  CHECK(m.at("accuracy").get<double>() == tm.at("accuracy").get<double>());  // the same model, the same split
+  CHECK(m.at("classes").size() == 8);
+  CHECK(fs::exists(ev / "confusion.csv"));
+  CHECK(read(ev / "confusion.svg").find("<svg") != std::string::npos);
+  // predict: one folder of frames -> JSON with 8 probabilities summing to 1.
+  const fs::path clip = *fs::directory_iterator(fs::path(dataset()) / "videos" / "4");
+  Result p = run("predict --device cpu --json --model " + (a / "final_model.safetensors").string() + " " +
+                 fs::path(clip).string());
+  INFO(p.out);
+  REQUIRE(p.code == 0);
+  auto j = nlohmann::json::parse(p.out.substr(p.out.find('[')));
+  REQUIRE(j.size() >= 1);
+  double sum = 0;
+  for (auto& [k, v] : j[0].at("probabilities").items()) sum += v.get<double>();
+  CHECK(sum == doctest::Approx(1.0).epsilon(1e-5));
+  CHECK(j[0].at("class").is_string());
+}
+
+TEST_CASE("one-line errors: bad flags, a missing or empty dataset, a missing model") {
+  Result r = run("train --epochs -3");
+  CHECK(r.code != 0);
+  CHECK(r.out.find("--epochs") != std::string::npos);
+  r = run("train --device cpu --data /nonexistent/volleyball");
+  CHECK(r.code == 1);
+  CHECK(r.out.find("/nonexistent/volleyball") != std::string::npos);
+  CHECK(std::count(r.out.begin(), r.out.end(), '\n') <= 2);
+  const fs::path empty = work() / "empty";
+  fs::create_directories(empty / "videos");
+  r = run("train --device cpu --data " + empty.string());
+  CHECK(r.code == 1);
+  CHECK(r.out.find("vbtrain: error:") != std::string::npos);
+  r = run("eval --device cpu --data " + dataset() + " --model /nonexistent/model.safetensors");
+  CHECK(r.code == 1);
+  CHECK(r.out.find("/nonexistent/model.safetensors") != std::string::npos);
+  r = run("train --device cuda --data " + dataset());
+#ifndef VB_WITH_CUDA
+  CHECK(r.code == 1);
+#endif
+  if (r.code != 0) CHECK(r.out.find("vbtrain: error:") != std::string::npos);
+}
+
+TEST_CASE("learning works: a small model beats chance by a wide margin in a few epochs") {
+  const fs::path d = work() / "learn_data";
+  Result g = run("synth --out " + d.string() + " --clips-per-video 8 --scale 0.125 --seed 5");
+  REQUIRE(g.code == 0);
+  const fs::path out = work() / "learn";
+  Result r = run("train --device cpu --threads 2 --data " + d.string() + " --out " + out.string() +
+                 " --epochs 8 --blocks 1,1,1,1 --width 16 --image-size 48 --batch-size 32 --lr 2e-3 --step-size 4 --seed 1");
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  auto rows = learning_rows(out);
+  REQUIRE(rows.size() == 8);
+  double best = 0;
+  for (auto& s : rows) best = std::max(best, nlohmann::json::parse(s).at("val_accuracy").get<double>());
+  CHECK(best > 0.45);  // chance is 1/8
+}

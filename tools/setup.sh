@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the build needs (Debian packages) when it is missing, then configures and builds vbtrain
+# into build/ (Release). Safe to run again: it only installs and rebuilds what is out of date.
+# Environment: BUILD_DIR (default build), VB_JOBS (default: all cores), VB_CMAKE_ARGS (extra cmake flags).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${BUILD_DIR:-build}
+
+need=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for p in cmake ninja-build g++ pkg-config libturbojpeg0-dev doctest-dev nlohmann-json3-dev libcli11-dev; do
+  have_pkg "$p" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# The CUDA toolkit is optional for the build: without nvcc the CPU path alone is built.
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+
+if [ ! -f "$BUILD_DIR/build.ninja" ]; then
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${VB_CMAKE_ARGS:-}
+fi
+cmake --build "$BUILD_DIR" -j "${VB_JOBS:-$(nproc)}"
