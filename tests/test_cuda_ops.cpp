@@ -8,7 +8,8 @@
 // - tf32 (convolutions and linear layers only; everything else is fp32 in both modes): 1e-2 norm-relative,
 //   per element 3e-2 of the largest magnitude (10-bit mantissa products).
 //
-// Without a GPU: only the "no device" error test runs, and when it passes the binary prints
+// Without a GPU: only the "no device" error test and the host run of the transform kernel's arithmetic run,
+// and when they pass the binary prints
 // "[GPU tests skipped: no CUDA device]" (CTest reports SKIPPED) and exits 0.
 #include <algorithm>
 #include <cmath>
@@ -452,6 +453,34 @@ TEST_CASE("AdamW: three fused steps match the CPU step") {
 }
 
 #ifdef VB_WITH_CUDA
+// Runs everywhere: the augmentation kernel's own per-pixel code, executed on the host, against data/transforms.
+TEST_CASE("GPU transform arithmetic (run on the host) is bit-identical to data/transforms") {
+  const data::Image frame = data::decode_jpeg_file(vbtest::fixture("frame_320x180.jpg"));
+  for (int S : {64, 224}) {
+    const data::Image resized = data::train_resize(frame, S);
+    std::vector<data::TrainDraw> draws;
+    for (int i = 0; i < 12; ++i) draws.push_back(data::draw_train_params(7, 1, i, resized.width, resized.height));
+    draws.push_back({data::CropBox{0, 0, resized.height, resized.width}, 0.0});
+    draws.push_back({data::CropBox{3, 5, 40, S}, 4.5});   // no horizontal pass
+    draws.push_back({data::CropBox{3, 5, S, 50}, -4.5});  // no vertical pass
+    draws.push_back({data::CropBox{10, 20, 30, 31}, 30.0});  // upscaling, a large angle
+    const int N = int(draws.size());
+    const size_t plane = size_t(S) * S;
+    std::vector<float> want(size_t(N) * 3 * plane), got(want.size());
+    vbtest::poison(got);
+    std::vector<cuda::AugSample> samples;
+    for (int i = 0; i < N; ++i) {
+      data::train_random_part(resized, S, draws[size_t(i)], want.data() + size_t(i) * 3 * plane);
+      const data::CropBox& b = draws[size_t(i)].box;
+      samples.push_back(cuda::make_aug_sample(0, resized.width, resized.height, b.top, b.left, b.height, b.width,
+                                              draws[size_t(i)].angle, S));
+    }
+    cuda::augment_frames_host(N, S, resized.pixels.data(), samples.data(), got.data());
+    expect_close("augment_frames_host S=" + std::to_string(S), got, want, 0.0, 0.0);
+  }
+  CHECK_THROWS_AS(cuda::make_aug_sample(0, 100, 50, 10, 10, 50, 20, 0.0, 32), Error);  // box outside the frame
+}
+
 TEST_CASE("GPU transforms are bit-identical to data/transforms (training augmentation and normalisation)") {
   if (!has_gpu()) return;
   const data::Image frame = data::decode_jpeg_file(vbtest::fixture("frame_320x180.jpg"));

@@ -7,6 +7,8 @@
 // - Rotation: 16.16 fixed-point coordinates; Pillow steps by adding the coefficients, which equals the
 //   closed form a2 + y*a1 + x*a0 exactly (integer arithmetic).
 // - Normalisation: float32 (u / 255 - mean) / std with IEEE division, as torchvision.
+// The per-pixel code is __host__ __device__: augment_frames_host runs it on the CPU, so that the arithmetic is
+// checked against data/transforms on machines without a GPU too.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -21,58 +23,113 @@ constexpr int kPrecisionBits = 22;  // Pillow's PRECISION_BITS for 8-bit images
 constexpr int kMaxTaps = 16;        // taps per axis: enough for a downscale of up to 7x
 constexpr int kMaxScale = 7;
 
-__constant__ float kMean[3] = {0.485f, 0.456f, 0.406f};
-__constant__ float kStd[3] = {0.229f, 0.224f, 0.225f};
-
-__device__ __forceinline__ float normalize_u8(int u, int c) {
-  return __fdiv_rn(__fsub_rn(__fdiv_rn(float(u), 255.0f), kMean[c]), kStd[c]);
+// One correctly rounded operation each, never fused: the _rn intrinsics on the device, a volatile result on
+// the host (where the same code runs for the no-GPU check of the arithmetic).
+__host__ __device__ __forceinline__ double d_add(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  volatile double r = a + b;
+  return r;
+#endif
+}
+__host__ __device__ __forceinline__ double d_sub(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dsub_rn(a, b);
+#else
+  volatile double r = a - b;
+  return r;
+#endif
+}
+__host__ __device__ __forceinline__ double d_mul(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  volatile double r = a * b;
+  return r;
+#endif
+}
+__host__ __device__ __forceinline__ double d_div(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __ddiv_rn(a, b);
+#else
+  volatile double r = a / b;
+  return r;
+#endif
+}
+__host__ __device__ __forceinline__ float f_sub(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  volatile float r = a - b;
+  return r;
+#endif
+}
+__host__ __device__ __forceinline__ float f_div(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  volatile float r = a / b;
+  return r;
+#endif
 }
 
-__device__ __forceinline__ int clip8(int v) {
+__host__ __device__ __forceinline__ float normalize_u8(int u, int c) {
+  const float mean = c == 0 ? 0.485f : (c == 1 ? 0.456f : 0.406f);
+  const float std = c == 0 ? 0.229f : (c == 1 ? 0.224f : 0.225f);
+  return f_div(f_sub(f_div(float(u), 255.0f), mean), std);
+}
+
+__host__ __device__ __forceinline__ int clip8(int v) {
   v >>= kPrecisionBits;
   return v < 0 ? 0 : (v > 255 ? 255 : v);
 }
 
 // Pillow's precompute_coeffs for output index i of an axis in_size -> out_size: first tap and the fixed-point
 // weights k[0..count). Returns count.
-__device__ int axis_taps(int in_size, int out_size, int i, int* first, int* k) {
-  const double scale = __ddiv_rn(double(in_size), double(out_size));
+__host__ __device__ int axis_taps(int in_size, int out_size, int i, int* first, int* k) {
+  const double scale = d_div(double(in_size), double(out_size));
   const double filterscale = scale < 1.0 ? 1.0 : scale;
   const double support = filterscale;  // bilinear support 1
-  const double center = __dmul_rn(double(i) + 0.5, scale);
-  const double ss = __ddiv_rn(1.0, filterscale);
-  int xmin = int(__dadd_rn(__dsub_rn(center, support), 0.5));
+  const double center = d_mul(double(i) + 0.5, scale);
+  const double ss = d_div(1.0, filterscale);
+  int xmin = int(d_add(d_sub(center, support), 0.5));
   if (xmin < 0) xmin = 0;
-  int xmax = int(__dadd_rn(__dadd_rn(center, support), 0.5));
+  int xmax = int(d_add(d_add(center, support), 0.5));
   if (xmax > in_size) xmax = in_size;
   xmax -= xmin;
   if (xmax > kMaxTaps) xmax = kMaxTaps;  // unreachable: make_aug_sample bounds the scale
   double w[kMaxTaps];
   double ww = 0.0;
   for (int x = 0; x < xmax; ++x) {
-    double t = __dmul_rn(__dadd_rn(__dsub_rn(double(x + xmin), center), 0.5), ss);
+    double t = d_mul(d_add(d_sub(double(x + xmin), center), 0.5), ss);
     if (t < 0.0) t = -t;
-    const double v = t < 1.0 ? __dsub_rn(1.0, t) : 0.0;
+    const double v = t < 1.0 ? d_sub(1.0, t) : 0.0;
     w[x] = v;
-    ww = __dadd_rn(ww, v);
+    ww = d_add(ww, v);
   }
   for (int x = 0; x < xmax; ++x) {
-    const double v = ww != 0.0 ? __ddiv_rn(w[x], ww) : w[x];
-    const double scaled = __dmul_rn(v, double(1 << kPrecisionBits));
-    k[x] = v < 0 ? int(__dadd_rn(-0.5, scaled)) : int(__dadd_rn(0.5, scaled));
+    const double v = ww != 0.0 ? d_div(w[x], ww) : w[x];
+    const double scaled = d_mul(v, double(1 << kPrecisionBits));
+    k[x] = v < 0 ? int(d_add(-0.5, scaled)) : int(d_add(0.5, scaled));
   }
   *first = xmin;
   return xmax;
 }
 
-// One output pixel per thread; blockIdx.y is the sample.
-__global__ void augment_kernel(int size, const uint8_t* __restrict__ frames, const AugSample* __restrict__ samples,
-                               float* __restrict__ out) {
-  const int b = blockIdx.y;
-  const int pix = blockIdx.x * blockDim.x + threadIdx.x;
-  if (pix >= size * size) return;
-  const int x = pix % size, y = pix / size;
-  const AugSample a = samples[b];
+// The horizontal pass's value at box row r, channel c (8 bits, as Pillow's intermediate image).
+__host__ __device__ __forceinline__ int hval(const uint8_t* img, size_t stride, const AugSample& a, bool need_h,
+                                             int xin, int hfirst, const int* hk, int hcount, int r, int c) {
+  const uint8_t* row = img + size_t(a.top + r) * stride + size_t(a.left) * 3;
+  if (!need_h) return row[size_t(xin) * 3 + c];
+  int s = 1 << (kPrecisionBits - 1);
+  for (int t = 0; t < hcount; ++t) s += int(row[size_t(hfirst + t) * 3 + c]) * hk[t];
+  return clip8(s);
+}
+
+// Output pixel (x, y) of sample a: rotation source, then the resized crop's value there, normalised.
+__host__ __device__ void augment_pixel(const uint8_t* frames, const AugSample& a, int size, int x, int y,
+                                       float* o /* channel c at o[c * plane] */, size_t plane) {
   const int xin = (a.r2 + y * a.r1 + x * a.r0) >> 16;
   const int yin = (a.r5 + y * a.r4 + x * a.r3) >> 16;
   int rgb[3] = {0, 0, 0};  // black fill outside the rotated image
@@ -82,29 +139,29 @@ __global__ void augment_kernel(int size, const uint8_t* __restrict__ frames, con
     const bool need_h = size != a.width, need_v = size != a.height;
     int hfirst = 0, hk[kMaxTaps], hcount = 0;
     if (need_h) hcount = axis_taps(a.width, size, xin, &hfirst, hk);
-    // The horizontal pass's value at box row r (8 bits, as Pillow's intermediate image).
-    auto hval = [&](int r, int c) -> int {
-      const uint8_t* row = img + size_t(a.top + r) * stride + size_t(a.left) * 3;
-      if (!need_h) return row[size_t(xin) * 3 + c];
-      int s = 1 << (kPrecisionBits - 1);
-      for (int t = 0; t < hcount; ++t) s += int(row[size_t(hfirst + t) * 3 + c]) * hk[t];
-      return clip8(s);
-    };
     if (!need_v) {
-      for (int c = 0; c < 3; ++c) rgb[c] = hval(yin, c);
+      for (int c = 0; c < 3; ++c) rgb[c] = hval(img, stride, a, need_h, xin, hfirst, hk, hcount, yin, c);
     } else {
       int vfirst = 0, vk[kMaxTaps];
       const int vcount = axis_taps(a.height, size, yin, &vfirst, vk);
       for (int c = 0; c < 3; ++c) {
         int s = 1 << (kPrecisionBits - 1);
-        for (int t = 0; t < vcount; ++t) s += hval(vfirst + t, c) * vk[t];
+        for (int t = 0; t < vcount; ++t) s += hval(img, stride, a, need_h, xin, hfirst, hk, hcount, vfirst + t, c) * vk[t];
         rgb[c] = clip8(s);
       }
     }
   }
-  const size_t plane = size_t(size) * size;
-  float* o = out + size_t(b) * 3 * plane + pix;
   for (int c = 0; c < 3; ++c) o[size_t(c) * plane] = normalize_u8(rgb[c], c);
+}
+
+// One output pixel per thread; blockIdx.y is the sample.
+__global__ void augment_kernel(int size, const uint8_t* __restrict__ frames, const AugSample* __restrict__ samples,
+                               float* __restrict__ out) {
+  const int b = blockIdx.y;
+  const int pix = blockIdx.x * blockDim.x + threadIdx.x;
+  if (pix >= size * size) return;
+  const size_t plane = size_t(size) * size;
+  augment_pixel(frames, samples[b], size, pix % size, pix / size, out + size_t(b) * 3 * plane + pix, plane);
 }
 
 __global__ void normalize_kernel(int64_t pixels_per_image, int64_t total, const uint8_t* __restrict__ src,
@@ -175,6 +232,14 @@ void augment_frames(cudaStream_t st, int N, int size, const uint8_t* frames, con
   const dim3 grid(unsigned((size * size + threads - 1) / threads), unsigned(N));
   augment_kernel<<<grid, threads, 0, st>>>(size, frames, samples, out);
   VB_CUDA_LAUNCH_CHECK();
+}
+
+void augment_frames_host(int N, int size, const uint8_t* frames, const AugSample* samples, float* out) {
+  const size_t plane = size_t(size) * size;
+  for (int b = 0; b < N; ++b)
+    for (int y = 0; y < size; ++y)
+      for (int x = 0; x < size; ++x)
+        augment_pixel(frames, samples[b], size, x, y, out + size_t(b) * 3 * plane + size_t(y) * size + x, plane);
 }
 
 void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out) {

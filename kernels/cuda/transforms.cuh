@@ -28,6 +28,10 @@ AugSample make_aug_sample(int64_t src_offset, int src_w, int src_h, int top, int
 // frames: the uint8 arena (device); samples: N AugSample (device).
 void augment_frames(cudaStream_t st, int N, int size, const uint8_t* frames, const AugSample* samples, float* out);
 
+// The same per-pixel code run on the host (frames and samples in host memory): checks the kernel's arithmetic
+// against data/transforms where there is no GPU. Slow; for tests.
+void augment_frames_host(int N, int size, const uint8_t* frames, const AugSample* samples, float* out);
+
 // out (N, 3, H, W) float32 = Normalize(ToTensor(src (N, H, W, 3) uint8)): the evaluation frames, which the
 // cache keeps already resized and centre-cropped.
 void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out);
