@@ -325,9 +325,11 @@ class CudaBackend final : public Backend {
 
   bool acceptable(const Candidate& c) const {
     if (c.status != CUDNN_STATUS_SUCCESS || c.memory > kMaxConvWorkspace) return false;
-    // Strict fp32: plain FMA only. TF32: anything but down-conversion to fp16/bf16.
-    if (precision_ == Precision::FP32) return c.math == CUDNN_FMA_MATH;
-    return c.math != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+    // Never down-conversion to fp16/bf16. Strict fp32 also refuses tensor-op results; cuDNN may label its
+    // plain-FMA results CUDNN_DEFAULT_MATH, so those stay, and the call runs with CUDNN_FMA_MATH (as PyTorch
+    // does with TF32 off).
+    if (c.math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) return false;
+    return precision_ == Precision::TF32 || c.math != CUDNN_TENSOR_OP_MATH;
   }
 
   // Heuristics first (to size the workspace for the plausible candidates), then cuDNN times every candidate
@@ -399,8 +401,21 @@ class CudaBackend final : public Backend {
       fail("conv: no cuDNN ", names[d], " algorithm for ", precision_name(precision_), " within the ",
            kMaxConvWorkspace >> 20, " MiB workspace limit");
     p.algo[d] = pick->algo;
-    p.math[d] = pick->math;
-    p.ws[d] = pick->memory;
+    p.math[d] = precision_ == Precision::FP32 ? CUDNN_FMA_MATH : pick->math;
+    // The workspace for exactly the (algorithm, math type) that will run.
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[d]));
+    size_t ws = 0;
+    if (dir == ConvDir::Fwd)
+      VB_CUDNN_CHECK(cudnnGetConvolutionForwardWorkspaceSize(dnn_, p.x, p.w, p.conv, p.y,
+                                                             cudnnConvolutionFwdAlgo_t(p.algo[d]), &ws));
+    else if (dir == ConvDir::BwdData)
+      VB_CUDNN_CHECK(cudnnGetConvolutionBackwardDataWorkspaceSize(dnn_, p.w, p.y, p.conv, p.x,
+                                                                  cudnnConvolutionBwdDataAlgo_t(p.algo[d]), &ws));
+    else
+      VB_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterWorkspaceSize(dnn_, p.x, p.y, p.conv, p.w,
+                                                                    cudnnConvolutionBwdFilterAlgo_t(p.algo[d]), &ws));
+    grow_workspace(ws);
+    p.ws[d] = ws;
     p.chosen[d] = true;
   }
 

@@ -64,8 +64,10 @@ struct GpuSkipNotice : doctest::IReporter {
 };
 DOCTEST_REGISTER_LISTENER("gpu_skip_notice", 1, GpuSkipNotice);
 
+// Never destroyed: tearing down cuDNN/cuBLAS handles from a static destructor, after the CUDA runtime has
+// begun its own exit, is not safe.
 Backend& dev() {
-  static std::unique_ptr<Backend> be = make_cuda_backend(0);
+  static Backend* be = make_cuda_backend(0).release();
   return *be;
 }
 Backend& ref() {

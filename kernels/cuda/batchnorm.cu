@@ -49,25 +49,38 @@ int plane_threads(int HW, int vec) {
 
 // Partial sums of (x - shift) and (x - shift)^2 over slice blockIdx.y of channel blockIdx.x. The shift (the
 // channel's first element) keeps E[x^2] - E[x]^2 from cancelling when the mean is large next to the spread.
+// VEC: HW % 4 == 0 and 16-byte alignment, the channel walked in float4 units (more bytes in flight per load).
+template <bool VEC>
 __global__ void bn_stats_partial_kernel(const float* __restrict__ x, int N, int C, int HW, int splits,
                                         float* __restrict__ partial) {
+  constexpr int V = VEC ? 4 : 1;
   const int c = blockIdx.x, s = blockIdx.y;
-  const int64_t M = int64_t(N) * HW;
+  const int HWv = HW / V;
+  const int64_t M = int64_t(N) * HWv;
   const int64_t j0 = M * s / splits, j1 = M * (s + 1) / splits;
   const float shift = x[int64_t(c) * HW];
   float sum = 0.f, sq = 0.f;
   int64_t j = j0 + threadIdx.x;
   if (j < j1) {
-    int n = int(j / HW), hw = int(j - int64_t(n) * HW);
-    const int step = blockDim.x, sn = step / HW, shw = step - sn * HW;
+    int n = int(j / HWv), hw = int(j - int64_t(n) * HWv);
+    const int step = blockDim.x, sn = step / HWv, shw = step - sn * HWv;
+#pragma unroll 4
     for (; j < j1; j += step) {
-      const float v = x[(int64_t(n) * C + c) * HW + hw] - shift;
-      sum += v;
-      sq = fmaf(v, v, sq);
+      const int64_t idx = (int64_t(n) * C + c) * HWv + hw;
+      if (VEC) {
+        const float4 q = reinterpret_cast<const float4*>(x)[idx];
+        const float a = q.x - shift, b = q.y - shift, d = q.z - shift, e = q.w - shift;
+        sum += (a + b) + (d + e);
+        sq = fmaf(a, a, fmaf(b, b, fmaf(d, d, fmaf(e, e, sq))));
+      } else {
+        const float v = x[idx] - shift;
+        sum += v;
+        sq = fmaf(v, v, sq);
+      }
       hw += shw;
       n += sn;
-      if (hw >= HW) {
-        hw -= HW;
+      if (hw >= HWv) {
+        hw -= HWv;
         ++n;
       }
     }
@@ -173,31 +186,52 @@ void launch_apply(cudaStream_t st, int N, int C, int HW, const float* x, const f
 }
 
 // Backward slice sums: g = relu ? (y > 0 ? dy : 0) : dy; sum g and sum g * (x - mean). g is written to out1 /
-// out2 when they are not null (the masked gradient for the second pass, dresidual).
-__global__ void bn_bwd_partial_kernel(const float* __restrict__ x, const float* __restrict__ y,
-                                      const float* dy, const float* __restrict__ save_mean, int N, int C, int HW,
-                                      int splits, bool relu, float* out1, float* out2, float* __restrict__ partial) {
+// out2 when they are not null (the masked gradient for the second pass, dresidual). VEC as above.
+__device__ __forceinline__ float relu_mask(bool relu, float y, float g) { return relu && !(y > 0.f) ? 0.f : g; }
+
+template <bool VEC>
+__global__ void bn_bwd_partial_kernel(const float* __restrict__ x, const float* __restrict__ y, const float* dy,
+                                      const float* __restrict__ save_mean, int N, int C, int HW, int splits,
+                                      bool relu, float* out1, float* out2, float* __restrict__ partial) {
+  constexpr int V = VEC ? 4 : 1;
   const int c = blockIdx.x, s = blockIdx.y;
-  const int64_t M = int64_t(N) * HW;
+  const int HWv = HW / V;
+  const int64_t M = int64_t(N) * HWv;
   const int64_t j0 = M * s / splits, j1 = M * (s + 1) / splits;
   const float m = save_mean[c];
   float sg = 0.f, sgx = 0.f;
   int64_t j = j0 + threadIdx.x;
   if (j < j1) {
-    int n = int(j / HW), hw = int(j - int64_t(n) * HW);
-    const int step = blockDim.x, sn = step / HW, shw = step - sn * HW;
+    int n = int(j / HWv), hw = int(j - int64_t(n) * HWv);
+    const int step = blockDim.x, sn = step / HWv, shw = step - sn * HWv;
+#pragma unroll 2
     for (; j < j1; j += step) {
-      const int64_t idx = (int64_t(n) * C + c) * HW + hw;
-      float g = dy[idx];
-      if (relu && !(y[idx] > 0.f)) g = 0.f;
-      if (out1) out1[idx] = g;
-      if (out2) out2[idx] = g;
-      sg += g;
-      sgx = fmaf(g, x[idx] - m, sgx);
+      const int64_t idx = (int64_t(n) * C + c) * HWv + hw;
+      if (VEC) {
+        float4 g = reinterpret_cast<const float4*>(dy)[idx];
+        if (relu) {
+          const float4 yv = reinterpret_cast<const float4*>(y)[idx];
+          g.x = relu_mask(true, yv.x, g.x);
+          g.y = relu_mask(true, yv.y, g.y);
+          g.z = relu_mask(true, yv.z, g.z);
+          g.w = relu_mask(true, yv.w, g.w);
+        }
+        if (out1) reinterpret_cast<float4*>(out1)[idx] = g;
+        if (out2) reinterpret_cast<float4*>(out2)[idx] = g;
+        const float4 xv = reinterpret_cast<const float4*>(x)[idx];
+        sg += (g.x + g.y) + (g.z + g.w);
+        sgx = fmaf(g.x, xv.x - m, fmaf(g.y, xv.y - m, fmaf(g.z, xv.z - m, fmaf(g.w, xv.w - m, sgx))));
+      } else {
+        const float g = relu ? relu_mask(true, y[idx], dy[idx]) : dy[idx];
+        if (out1) out1[idx] = g;
+        if (out2) out2[idx] = g;
+        sg += g;
+        sgx = fmaf(g, x[idx] - m, sgx);
+      }
       hw += shw;
       n += sn;
-      if (hw >= HW) {
-        hw -= HW;
+      if (hw >= HWv) {
+        hw -= HWv;
         ++n;
       }
     }
@@ -269,8 +303,11 @@ void bn_train_fwd(cudaStream_t st, int N, int C, int HW, const float* x, const f
   BnWork w(work, C);
   const int64_t M = int64_t(N) * HW;
   const int splits = choose_splits(C, M);
-  bn_stats_partial_kernel<<<dim3(unsigned(C), unsigned(splits)), kRedThreads, 0, st>>>(x, N, C, HW, splits,
-                                                                                       w.partial);
+  const dim3 grid{unsigned(C), unsigned(splits), 1u};
+  if (HW % 4 == 0 && detail::aligned16(x))
+    bn_stats_partial_kernel<true><<<grid, kRedThreads, 0, st>>>(x, N, C, HW, splits, w.partial);
+  else
+    bn_stats_partial_kernel<false><<<grid, kRedThreads, 0, st>>>(x, N, C, HW, splits, w.partial);
   VB_CUDA_LAUNCH_CHECK();
   bn_stats_finalize_kernel<<<unsigned((C + 127) / 128), 128, 0, st>>>(x, w.partial, C, HW, splits, M, momentum, eps,
                                                                       w.mean, w.invstd, save_mean, save_invstd,
@@ -309,8 +346,15 @@ void bn_bwd(cudaStream_t st, int N, int C, int HW, const float* x, const float* 
   } else if (dresidual && dresidual != dy) {
     out1 = dresidual;
   }
-  bn_bwd_partial_kernel<<<dim3(unsigned(C), unsigned(splits)), kRedThreads, 0, st>>>(
-      x, y, dy, save_mean, N, C, HW, splits, relu, out1, out2, w.partial);
+  const dim3 grid{unsigned(C), unsigned(splits), 1u};
+  const bool vec_red = HW % 4 == 0 && detail::aligned16(x) && detail::aligned16(dy) && (!relu || detail::aligned16(y)) &&
+                       (!out1 || detail::aligned16(out1)) && (!out2 || detail::aligned16(out2));
+  if (vec_red)
+    bn_bwd_partial_kernel<true><<<grid, kRedThreads, 0, st>>>(x, y, dy, save_mean, N, C, HW, splits, relu, out1,
+                                                             out2, w.partial);
+  else
+    bn_bwd_partial_kernel<false><<<grid, kRedThreads, 0, st>>>(x, y, dy, save_mean, N, C, HW, splits, relu, out1,
+                                                              out2, w.partial);
   VB_CUDA_LAUNCH_CHECK();
   bn_bwd_finalize_kernel<<<unsigned((C + 127) / 128), 128, 0, st>>>(w.partial, C, splits, M, gamma, save_invstd,
                                                                     dgamma, dbeta, w.k1, w.k2, w.k3);
