@@ -10,6 +10,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "engine/check.h"
 
 namespace vb::data {
@@ -67,8 +71,101 @@ inline uint8_t clip8(int32_t v) {
   return uint8_t(v < 0 ? 0 : v > 255 ? 255 : v);
 }
 
+// One row of the horizontal pass, plain loops: Pillow's ImagingResampleHorizontal_8bpc.
+void horizontal_row_scalar(const uint8_t* in, const AxisCoeffs& ch, int out_w, uint8_t* out) {
+  for (int xx = 0; xx < out_w; ++xx) {
+    const int32_t* k = &ch.k[size_t(xx) * size_t(ch.ksize)];
+    const uint8_t* p = in + size_t(ch.first[size_t(xx)]) * 3;
+    int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+    for (int x = 0, n = ch.count[size_t(xx)]; x < n; ++x) {
+      s0 += p[3 * x + 0] * k[x];
+      s1 += p[3 * x + 1] * k[x];
+      s2 += p[3 * x + 2] * k[x];
+    }
+    out[3 * xx + 0] = clip8(s0);
+    out[3 * xx + 1] = clip8(s1);
+    out[3 * xx + 2] = clip8(s2);
+  }
+}
+
+#ifdef __AVX2__
+// The horizontal pass with AVX2, bit-exact: each 22-bit weight k is split as k = kh * 2^11 + kl (both fit
+// int16), so sum(v * k) = 2^11 * sum(v * kh) + sum(v * kl) is computed exactly with 16-bit multiply-adds
+// (vpmaddwd) over pairs of taps. A 256-bit register holds two output pixels (one per 128-bit lane); each lane
+// holds one pair of taps as int16 (R0 R1 G0 G1 B0 B1 0 0). Taps are padded to an even count K with zero
+// weights; the loads read 8 bytes per pair, i.e. up to 3 * (first + K) + 2 bytes from the row start
+// (callers check that this stays inside the image).
+struct Lanes16 {
+  alignas(32) int16_t v[16];
+};
+struct SimdCoeffs {
+  int pairs = 0;                  // K / 2
+  std::vector<Lanes16> hi, lo;    // (ceil(out_w / 2), pairs)
+  std::vector<int> first;         // (out_w)
+};
+
+SimdCoeffs simd_coeffs(const AxisCoeffs& c, int out_w) {
+  SimdCoeffs s;
+  s.pairs = (c.ksize + 1) / 2;
+  const int groups = (out_w + 1) / 2;
+  s.hi.resize(size_t(groups) * size_t(s.pairs));
+  s.lo.resize(size_t(groups) * size_t(s.pairs));
+  s.first = c.first;
+  for (int g = 0; g < groups; ++g)
+    for (int j = 0; j < s.pairs; ++j) {
+      int16_t* h = s.hi[size_t(g) * size_t(s.pairs) + size_t(j)].v;
+      int16_t* l = s.lo[size_t(g) * size_t(s.pairs) + size_t(j)].v;
+      std::fill(h, h + 16, int16_t(0));
+      std::fill(l, l + 16, int16_t(0));
+      for (int lane = 0; lane < 2; ++lane) {
+        const int xx = std::min(2 * g + lane, out_w - 1);
+        const int32_t* k = &c.k[size_t(xx) * size_t(c.ksize)];
+        for (int t = 0; t < 2; ++t) {
+          const int tap = 2 * j + t;
+          const int32_t w = tap < c.count[size_t(xx)] ? k[tap] : 0;
+          for (int ch = 0; ch < 3; ++ch) {
+            h[lane * 8 + ch * 2 + t] = int16_t(w >> 11);
+            l[lane * 8 + ch * 2 + t] = int16_t(w & 2047);
+          }
+        }
+      }
+    }
+  return s;
+}
+
+void horizontal_row_avx2(const uint8_t* in, const SimdCoeffs& c, int out_w, uint8_t* out) {
+  const __m256i shuf = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,  //
+                                        0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1);
+  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+  const int groups = (out_w + 1) / 2;
+  for (int g = 0; g < groups; ++g) {
+    const int xa = 2 * g, xb = std::min(xa + 1, out_w - 1);
+    const uint8_t* pa = in + size_t(c.first[size_t(xa)]) * 3;
+    const uint8_t* pb = in + size_t(c.first[size_t(xb)]) * 3;
+    const Lanes16* kh = &c.hi[size_t(g) * size_t(c.pairs)];
+    const Lanes16* kl = &c.lo[size_t(g) * size_t(c.pairs)];
+    __m256i acc_h = _mm256_setzero_si256(), acc_l = _mm256_setzero_si256();
+    for (int j = 0; j < c.pairs; ++j) {
+      const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pa + 6 * j));
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 6 * j));
+      const __m256i v = _mm256_shuffle_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1), shuf);
+      acc_h = _mm256_add_epi32(acc_h, _mm256_madd_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kh[j].v))));
+      acc_l = _mm256_add_epi32(acc_l, _mm256_madd_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kl[j].v))));
+    }
+    __m256i acc = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(acc_h, 11), acc_l), half);
+    acc = _mm256_srai_epi32(acc, kPrecisionBits);
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    const __m128i w8 = _mm_packus_epi16(w16, w16);  // R G B 0 R G B 0 (clamped to 0..255 as clip8)
+    alignas(16) uint8_t px[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(px), w8);
+    std::memcpy(out + size_t(xa) * 3, px, 3);
+    if (xb != xa) std::memcpy(out + size_t(xb) * 3, px + 4, 3);
+  }
+}
+#endif
+
 // Pillow's two-pass resample of the box of `src` to (out_w, out_h), into `dst` (out_h, out_w, 3).
-void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, uint8_t* dst) {
+void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, uint8_t* dst, bool simd = true) {
   VB_CHECK(box.top >= 0 && box.left >= 0 && box.height > 0 && box.width > 0 &&
                box.top + box.height <= src.height && box.left + box.width <= src.width,
            "crop box (top ", box.top, ", left ", box.left, ", h ", box.height, ", w ", box.width,
@@ -90,22 +187,23 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
     AxisCoeffs ch = precompute_coeffs(box.width, out_w);
     const int nrows = y_last - y_first;
     tmp.resize(size_t(nrows) * size_t(out_w) * 3);
+#ifdef __AVX2__
+    SimdCoeffs sc;
+    // The farthest byte a vectorised row reads, from the row's start (see horizontal_row_avx2).
+    const size_t reach = (size_t(box.left) + size_t(ch.first[size_t(out_w) - 1]) + 2 * size_t((ch.ksize + 1) / 2)) * 3 + 2;
+    if (simd) sc = simd_coeffs(ch, out_w);
+#endif
     for (int r = 0; r < nrows; ++r) {
-      const uint8_t* in = src.pixels.data() + size_t(box.top + y_first + r) * src_stride + size_t(box.left) * 3;
+      const size_t row_start = size_t(box.top + y_first + r) * src_stride;
+      const uint8_t* in = src.pixels.data() + row_start + size_t(box.left) * 3;
       uint8_t* out = tmp.data() + size_t(r) * size_t(out_w) * 3;
-      for (int xx = 0; xx < out_w; ++xx) {
-        const int32_t* k = &ch.k[size_t(xx) * size_t(ch.ksize)];
-        const uint8_t* p = in + size_t(ch.first[size_t(xx)]) * 3;
-        int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
-        for (int x = 0, n = ch.count[size_t(xx)]; x < n; ++x) {
-          s0 += p[3 * x + 0] * k[x];
-          s1 += p[3 * x + 1] * k[x];
-          s2 += p[3 * x + 2] * k[x];
-        }
-        out[3 * xx + 0] = clip8(s0);
-        out[3 * xx + 1] = clip8(s1);
-        out[3 * xx + 2] = clip8(s2);
+#ifdef __AVX2__
+      if (simd && row_start + reach <= src.pixels.size()) {
+        horizontal_row_avx2(in, sc, out_w, out);
+        continue;
       }
+#endif
+      horizontal_row_scalar(in, ch, out_w, out);
     }
     rows = tmp.data();
     rows_stride = size_t(out_w) * 3;
@@ -223,6 +321,12 @@ int round_half_even(double x) { return int(std::nearbyint(x)); }
 Image resize_bilinear(const Image& src, int out_w, int out_h) {
   Image out(out_w, out_h);
   resample_box(src, CropBox{0, 0, src.height, src.width}, out_w, out_h, out.pixels.data());
+  return out;
+}
+
+Image resized_crop_reference(const Image& src, const CropBox& box, int out_w, int out_h) {
+  Image out(out_w, out_h);
+  resample_box(src, box, out_w, out_h, out.pixels.data(), false);
   return out;
 }
 

@@ -230,3 +230,29 @@ TEST_CASE("bad JPEG data is an error naming the file") {
   CHECK(message(png).find("not a JPEG") != std::string::npos);
   CHECK_THROWS_WITH_AS(decode_jpeg_file("/no/such/file.jpg"), doctest::Contains("/no/such/file.jpg"), Error);
 }
+
+TEST_CASE("the vectorised resample equals the plain loops on random images, boxes and sizes") {
+  CounterRng rng(99, RngStream::Augment, 1, 2);
+  int cases = 0;
+  for (int it = 0; it < 300; ++it) {
+    const int w = 1 + int(rng.below(1400)), h = 1 + int(rng.below(120));
+    Image img(w, h);
+    for (auto& p : img.pixels) p = uint8_t(rng.below(256));
+    CropBox b;
+    b.width = 1 + int(rng.below(uint64_t(w)));
+    b.height = 1 + int(rng.below(uint64_t(h)));
+    b.left = int(rng.below(uint64_t(w - b.width + 1)));
+    b.top = int(rng.below(uint64_t(h - b.height + 1)));
+    const int ow = 1 + int(rng.below(260)), oh = 1 + int(rng.below(100));
+    // Whole images (downscales and upscales on each axis), then square crops of random boxes.
+    Image whole = resize_bilinear(img, ow, oh);
+    Image whole_ref = resized_crop_reference(img, CropBox{0, 0, h, w}, ow, oh);
+    REQUIRE(whole.pixels == whole_ref.pixels);
+    const int S = 1 + int(rng.below(240));
+    Image sq = resized_crop(img, b, S);
+    Image sq_ref = resized_crop_reference(img, b, S, S);
+    REQUIRE(sq.pixels == sq_ref.pixels);
+    ++cases;
+  }
+  CHECK(cases == 300);
+}

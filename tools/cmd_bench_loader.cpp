@@ -11,6 +11,7 @@
 #include "data/dataset.h"
 #include "data/jpeg.h"
 #include "data/loader.h"
+#include "engine/check.h"
 #include "tools/commands.h"
 
 namespace {
