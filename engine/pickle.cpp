@@ -108,6 +108,11 @@ class Unpickler {
 
   ValuePtr run();
   size_t pos() const { return pos_; }
+  // A hostile pickle can make a container hold itself (DUP or a memo GET, then APPEND); shared pointers
+  // would leak such a cycle. Every value that passed through the stack is known here, so the cycle can be
+  // found and broken.
+  bool has_cycle(const ValuePtr& root) const;
+  void break_all();
 
  private:
   std::string_view data_;
@@ -118,6 +123,7 @@ class Unpickler {
   std::vector<ValuePtr> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, ValuePtr> memo_;
+  std::vector<std::weak_ptr<Value>> seen_;  // everything pushed, for break_all
 
   template <class... A>
   [[noreturn]] void bad(const A&... a) const {
@@ -147,7 +153,10 @@ class Unpickler {
     return s;
   }
 
-  void push(ValuePtr v) { stack_.push_back(std::move(v)); }
+  void push(ValuePtr v) {
+    seen_.push_back(v);
+    stack_.push_back(std::move(v));
+  }
   ValuePtr pop() {
     if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) bad("stack underflow (malformed pickle)");
     ValuePtr v = std::move(stack_.back());
@@ -425,12 +434,66 @@ ValuePtr Unpickler::run() {
   }
 }
 
+bool Unpickler::has_cycle(const ValuePtr& root) const {
+  // Depth-first with colours: reaching a value still on the path (grey) closes a cycle.
+  std::unordered_map<const Value*, int> colour;  // 1 grey, 2 black
+  auto children = [](const Value* v) {
+    std::vector<const Value*> c;
+    for (const auto& x : v->items) c.push_back(x.get());
+    for (const auto& [k, x] : v->dict) {
+      c.push_back(k.get());
+      c.push_back(x.get());
+    }
+    if (v->state) c.push_back(v->state.get());
+    return c;
+  };
+  std::vector<std::pair<const Value*, std::vector<const Value*>>> path;
+  colour[root.get()] = 1;
+  path.emplace_back(root.get(), children(root.get()));
+  while (!path.empty()) {
+    auto& [v, todo] = path.back();
+    if (todo.empty()) {
+      colour[v] = 2;
+      path.pop_back();
+      continue;
+    }
+    const Value* c = todo.back();
+    todo.pop_back();
+    int& col = colour[c];
+    if (col == 1) return true;
+    if (col == 0) {
+      col = 1;
+      path.emplace_back(c, children(c));
+    }
+  }
+  return false;
+}
+
+void Unpickler::break_all() {
+  for (const auto& w : seen_)
+    if (ValuePtr v = w.lock()) {
+      v->items.clear();
+      v->dict.clear();
+      v->state.reset();
+    }
+}
+
 }  // namespace
 
 ValuePtr unpickle(std::string_view data, size_t& pos, const Options& opt, const std::string& what) {
   if (pos > data.size()) fail(what, ": pickle start ", pos, " is past the end (", data.size(), " bytes)");
   Unpickler u(data, pos, opt, what);
-  ValuePtr v = u.run();
+  ValuePtr v;
+  try {
+    v = u.run();
+  } catch (...) {
+    u.break_all();
+    throw;
+  }
+  if (u.has_cycle(v)) {
+    u.break_all();
+    fail(what, ": the pickle holds a container that contains itself (no checkpoint does)");
+  }
   pos = u.pos();
   return v;
 }

@@ -197,17 +197,18 @@ class PthReader {
     if (p.size.size() != p.stride.size())
       fail("size ", shape_str(p.size), " and stride ", shape_str(p.stride), " differ in rank");
     if (p.offset < 0) fail("negative storage offset ", p.offset);
-    int64_t last = p.offset;
-    bool empty = false;
+    // 128-bit arithmetic: a hostile file must not overflow its way past the bounds check.
+    __int128 last = p.offset, n = 1;
     for (size_t d = 0; d < p.size.size(); ++d) {
       if (p.size[d] < 0 || p.stride[d] < 0) fail("negative size or stride: ", shape_str(p.size), " / ", shape_str(p.stride));
-      if (p.size[d] == 0) empty = true;
       if (p.size[d] > (int64_t(1) << 40) || p.stride[d] > (int64_t(1) << 40)) fail("size or stride out of range");
-      last += (p.size[d] - 1) * p.stride[d];
+      last += __int128(p.size[d] - 1) * p.stride[d];
+      n *= p.size[d];
+      if (n > (__int128(1) << 40)) fail("tensor of size ", shape_str(p.size), " is too large");
     }
-    if (!empty && last >= p.storage->numel)
+    if (n > 0 && last >= p.storage->numel)
       fail("tensor of size ", shape_str(p.size), ", stride ", shape_str(p.stride), " at offset ", p.offset,
-           " reaches element ", last, " of storage '", p.storage->key, "' which has ", p.storage->numel);
+           " reaches element ", int64_t(last), " of storage '", p.storage->key, "' which has ", p.storage->numel);
   }
 
   // ---- zip ----
@@ -296,11 +297,17 @@ class PthReader {
   void materialise(const ValuePtr& root) {
     std::vector<Value*> todo{root.get()};
     std::unordered_set<Value*> seen;
+    uint64_t total = 0;
     while (!todo.empty()) {
       Value* v = todo.back();
       todo.pop_back();
       if (!v || !seen.insert(v).second) continue;
       if (v->is(Type::Tensor) && !v->tensor) {
+        // Views may repeat elements (stride 0), but not enough to turn a small file into a huge allocation.
+        const auto& p = *std::static_pointer_cast<PendingTensor>(v->payload);
+        total += uint64_t(numel(p.size)) * dtype_size(p.storage->dtype);
+        if (total > 4 * uint64_t(buf_.size()) + (uint64_t(1) << 30))
+          fail(path_, ": malformed (its tensors would take ", total, " bytes, from a file of ", buf_.size(), ")");
         v->tensor = std::make_shared<HostTensor>(copy_out(*std::static_pointer_cast<PendingTensor>(v->payload)));
         v->payload.reset();
       }

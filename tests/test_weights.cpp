@@ -109,7 +109,16 @@ struct PickleWriter {
     s += x;
     return *this;
   }
-  PickleWriter& int1(int v) { s += 'K'; s += char(v); return *this; }
+  PickleWriter& int1(int v) {  // BININT1, or BININT for larger values
+    if (v >= 0 && v < 256) {
+      s += 'K';
+      s += char(v);
+    } else {
+      s += 'J';
+      for (int i = 0; i < 4; ++i) s += char((uint32_t(v) >> (8 * i)) & 0xff);
+    }
+    return *this;
+  }
   PickleWriter& global(const std::string& m, const std::string& n) { s += 'c' + m + "\n" + n + "\n"; return *this; }
   PickleWriter& ints(std::initializer_list<int> v) {  // a tuple of small integers
     op('(');
@@ -366,6 +375,11 @@ TEST_CASE("bad files: truncated, random bytes, text, unsafe or unsupported conte
   CHECK(contains(e, "evil.pth"));
   CHECK(contains(e, "global 'os.system' is not allowed"));
 
+  PickleWriter loop;  // a list appended to itself: refused, and nothing leaks
+  loop.op(']').op('2').op('a').op('.');
+  e = error_of([&] { parse_pth(header + loop.s, "loop.pth"); });
+  CHECK(contains(e, "loop.pth: the pickle holds a container that contains itself"));
+
   PickleWriter odd;  // BYTEARRAY8 (protocol 5): not something torch.save writes
   odd.op('\x96');
   e = error_of([&] { parse_pth(header + odd.s, "odd.pth"); });
@@ -420,6 +434,15 @@ TEST_CASE("views: storage offset, strides and shared storages are honoured") {
   const StateDict be = load_state_dict_bytes(
       make_zip({{"arch/data.pkl", p.s}, {"arch/byteorder", "big"}, {"arch/data/0", s0be}, {"arch/data/1", s1be}}), "be.pth");
   require_same(be, sd, "big-endian vs little-endian");
+
+  // Stride-0 views of a tiny storage may not ask for an absurd allocation.
+  PickleWriter huge, wide;
+  huge.op('}').str("x").tensor("FloatStorage", "0", 7, 0, {1 << 16, 1 << 16}, {0, 0}).op('s').op('.');
+  wide.op('}').str("x").tensor("FloatStorage", "0", 7, 0, {1 << 20, 1 << 20, 2}, {0, 0, 0}).op('s').op('.');
+  CHECK(contains(error_of([&] { load_state_dict_bytes(make_zip({{"a/data.pkl", huge.s}, {"a/data/0", s0}}), "huge.pth"); }),
+                 "huge.pth: malformed (its tensors would take 17179869184 bytes"));
+  CHECK(contains(error_of([&] { load_state_dict_bytes(make_zip({{"a/data.pkl", wide.s}, {"a/data/0", s0}}), "wide.pth"); }),
+                 "is too large"));
 
   // A view reaching past its storage is an error naming the file and the storage.
   PickleWriter bad;
