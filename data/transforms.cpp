@@ -92,8 +92,8 @@ void horizontal_row_scalar(const uint8_t* in, const AxisCoeffs& ch, int out_w, u
 // The horizontal pass with AVX2, bit-exact: each 22-bit weight k is split as k = kh * 2^11 + kl (both fit
 // int16), so sum(v * k) = 2^11 * sum(v * kh) + sum(v * kl) is computed exactly with 16-bit multiply-adds
 // (vpmaddwd) over pairs of taps. A 256-bit register holds two output pixels (one per 128-bit lane); each lane
-// holds one pair of taps as int16 (R0 R1 G0 G1 B0 B1 0 0). Taps are padded to an even count K with zero
-// weights; the loads read 8 bytes per pair, i.e. up to 3 * (first + K) + 2 bytes from the row start
+// holds one pair of taps as int16 (R0 R1 G0 G1 B0 B1 0 0). Taps are padded to an even count K (the largest
+// tap count, rounded up) with zero weights; the loads read 8 bytes per pair, i.e. up to 3 * (first + K) + 2 bytes from the row start
 // (callers check that this stays inside the image).
 struct Lanes16 {
   alignas(32) int16_t v[16];
@@ -106,7 +106,9 @@ struct SimdCoeffs {
 
 SimdCoeffs simd_coeffs(const AxisCoeffs& c, int out_w) {
   SimdCoeffs s;
-  s.pairs = (c.ksize + 1) / 2;
+  int max_count = 1;
+  for (int n : c.count) max_count = std::max(max_count, n);
+  s.pairs = (max_count + 1) / 2;
   const int groups = (out_w + 1) / 2;
   s.hi.resize(size_t(groups) * size_t(s.pairs));
   s.lo.resize(size_t(groups) * size_t(s.pairs));
@@ -133,33 +135,49 @@ SimdCoeffs simd_coeffs(const AxisCoeffs& c, int out_w) {
   return s;
 }
 
+// Two output pixels (group g: outputs 2g, 2g + 1), before rounding: lane 0 and lane 1 hold R G B 0 as int32.
+inline __m256i horizontal_pair(const uint8_t* in, const SimdCoeffs& c, int g, int out_w, __m256i shuf) {
+  const int xa = 2 * g, xb = std::min(xa + 1, out_w - 1);
+  const uint8_t* pa = in + size_t(c.first[size_t(xa)]) * 3;
+  const uint8_t* pb = in + size_t(c.first[size_t(xb)]) * 3;
+  const Lanes16* kh = &c.hi[size_t(g) * size_t(c.pairs)];
+  const Lanes16* kl = &c.lo[size_t(g) * size_t(c.pairs)];
+  __m256i acc_h = _mm256_setzero_si256(), acc_l = _mm256_setzero_si256();
+  for (int j = 0; j < c.pairs; ++j) {
+    const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pa + 6 * j));
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 6 * j));
+    const __m256i v = _mm256_shuffle_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1), shuf);
+    acc_h = _mm256_add_epi32(acc_h, _mm256_madd_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kh[j].v))));
+    acc_l = _mm256_add_epi32(acc_l, _mm256_madd_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kl[j].v))));
+  }
+  const __m256i acc = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(acc_h, 11), acc_l),
+                                       _mm256_set1_epi32(1 << (kPrecisionBits - 1)));
+  return _mm256_srai_epi32(acc, kPrecisionBits);
+}
+
+// Writes 16 bytes at out + 3 * (first output): the caller's buffer has 4 bytes of slack per row beyond the
+// last pixel written this way, and rows are written in increasing order, so the spill is overwritten.
 void horizontal_row_avx2(const uint8_t* in, const SimdCoeffs& c, int out_w, uint8_t* out) {
   const __m256i shuf = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,  //
                                         0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1);
-  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
-  const int groups = (out_w + 1) / 2;
-  for (int g = 0; g < groups; ++g) {
-    const int xa = 2 * g, xb = std::min(xa + 1, out_w - 1);
-    const uint8_t* pa = in + size_t(c.first[size_t(xa)]) * 3;
-    const uint8_t* pb = in + size_t(c.first[size_t(xb)]) * 3;
-    const Lanes16* kh = &c.hi[size_t(g) * size_t(c.pairs)];
-    const Lanes16* kl = &c.lo[size_t(g) * size_t(c.pairs)];
-    __m256i acc_h = _mm256_setzero_si256(), acc_l = _mm256_setzero_si256();
-    for (int j = 0; j < c.pairs; ++j) {
-      const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pa + 6 * j));
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 6 * j));
-      const __m256i v = _mm256_shuffle_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1), shuf);
-      acc_h = _mm256_add_epi32(acc_h, _mm256_madd_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kh[j].v))));
-      acc_l = _mm256_add_epi32(acc_l, _mm256_madd_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kl[j].v))));
-    }
-    __m256i acc = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(acc_h, 11), acc_l), half);
-    acc = _mm256_srai_epi32(acc, kPrecisionBits);
-    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    const __m128i w8 = _mm_packus_epi16(w16, w16);  // R G B 0 R G B 0 (clamped to 0..255 as clip8)
+  const __m128i compress = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+  int xa = 0;
+  for (; xa + 4 <= out_w; xa += 4) {
+    const __m256i r1 = horizontal_pair(in, c, xa / 2, out_w, shuf);      // outputs xa, xa + 1
+    const __m256i r2 = horizontal_pair(in, c, xa / 2 + 1, out_w, shuf);  // outputs xa + 2, xa + 3
+    // Saturating packs clamp to 0..255 exactly as Pillow's clip8.
+    const __m256i p8 = _mm256_packus_epi16(_mm256_packs_epi32(r1, r2), _mm256_setzero_si256());
+    const __m128i abcd = _mm_unpacklo_epi32(_mm256_castsi256_si128(p8), _mm256_extracti128_si256(p8, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + size_t(xa) * 3), _mm_shuffle_epi8(abcd, compress));
+  }
+  for (; xa < out_w; xa += 2) {
+    const __m256i r = horizontal_pair(in, c, xa / 2, out_w, shuf);
+    const __m128i w8 = _mm_packus_epi16(_mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)),
+                                        _mm_setzero_si128());
     alignas(16) uint8_t px[16];
     _mm_store_si128(reinterpret_cast<__m128i*>(px), w8);
     std::memcpy(out + size_t(xa) * 3, px, 3);
-    if (xb != xa) std::memcpy(out + size_t(xb) * 3, px + 4, 3);
+    if (xa + 1 < out_w) std::memcpy(out + size_t(xa + 1) * 3, px + 4, 3);
   }
 }
 #endif
@@ -186,12 +204,15 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
   if (need_h) {
     AxisCoeffs ch = precompute_coeffs(box.width, out_w);
     const int nrows = y_last - y_first;
-    tmp.resize(size_t(nrows) * size_t(out_w) * 3);
+    tmp.resize(size_t(nrows) * size_t(out_w) * 3 + 16);  // + slack for the vectorised stores
 #ifdef __AVX2__
     SimdCoeffs sc;
     // The farthest byte a vectorised row reads, from the row's start (see horizontal_row_avx2).
-    const size_t reach = (size_t(box.left) + size_t(ch.first[size_t(out_w) - 1]) + 2 * size_t((ch.ksize + 1) / 2)) * 3 + 2;
-    if (simd) sc = simd_coeffs(ch, out_w);
+    size_t reach = 0;
+    if (simd) {
+      sc = simd_coeffs(ch, out_w);
+      reach = (size_t(box.left) + size_t(ch.first[size_t(out_w) - 1]) + 2 * size_t(sc.pairs)) * 3 + 2;
+    }
 #endif
     for (int r = 0; r < nrows; ++r) {
       const size_t row_start = size_t(box.top + y_first + r) * src_stride;
