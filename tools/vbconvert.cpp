@@ -104,16 +104,13 @@ int run(const Args& a) {
   cfg.num_classes = a.num_classes;
   if (a.num_classes <= 0) fail("--num-classes must be positive");
   // Without --hidden-layers a notebook head with the requested class count keeps its hidden layers.
-  ModelConfig in_cfg;
-  bool in_has_head = false;
-  try {
-    in_cfg = infer_model_config(sd);
-    in_has_head = true;
-  } catch (const Error&) {
+  cfg.hidden.clear();
+  if (a.hidden_given) {
+    cfg.hidden = parse_int_list(a.hidden, "--hidden-layers");
+  } else if (sd.has("fc.0.weight") && !sd.has("fc.weight")) {
+    const ModelConfig in_cfg = infer_model_config(sd);
+    if (in_cfg.num_classes == cfg.num_classes) cfg.hidden = in_cfg.hidden;
   }
-  if (a.hidden_given) cfg.hidden = parse_int_list(a.hidden, "--hidden-layers");
-  else if (in_has_head && !sd.has("fc.weight") && in_cfg.num_classes == cfg.num_classes) cfg.hidden = in_cfg.hidden;
-  else cfg.hidden.clear();
   const std::vector<TensorSpec> specs = model_tensor_specs(cfg);
 
   // A single torchvision Linear already of the requested size is the notebook's head without hidden layers.
