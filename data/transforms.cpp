@@ -448,8 +448,6 @@ TrainDraw draw_train_params(uint64_t seed, int64_t epoch, int64_t sample, int wi
 
 Image eval_crop(const Image& decoded, int image_size) {
   const int r = resize_size(image_size);
-  // Only the centre S x S of the R x R resize is kept: resample the full square (the horizontal pass
-  // is per row, so computing only the kept rows changes nothing), then crop.
   return center_crop(resize_bilinear(decoded, r, r), image_size);
 }
 
