@@ -4,6 +4,7 @@
 #include "data/transforms.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +22,8 @@ namespace vb::data {
 namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;  // Pillow's PRECISION_BITS for 8-bit images
+
+std::atomic<int> g_simd_limit{2};
 
 // Per output pixel of one axis: first tap, tap count, and ksize fixed-point weights.
 struct AxisCoeffs {
@@ -72,8 +75,8 @@ inline uint8_t clip8(int32_t v) {
 }
 
 // One row of the horizontal pass, plain loops: Pillow's ImagingResampleHorizontal_8bpc.
-void horizontal_row_scalar(const uint8_t* in, const AxisCoeffs& ch, int out_w, uint8_t* out) {
-  for (int xx = 0; xx < out_w; ++xx) {
+void horizontal_row_scalar(const uint8_t* in, const AxisCoeffs& ch, int x_begin, int x_end, uint8_t* out) {
+  for (int xx = x_begin; xx < x_end; ++xx) {
     const int32_t* k = &ch.k[size_t(xx) * size_t(ch.ksize)];
     const uint8_t* p = in + size_t(ch.first[size_t(xx)]) * 3;
     int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
@@ -182,6 +185,98 @@ void horizontal_row_avx2(const uint8_t* in, const SimdCoeffs& c, int out_w, uint
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VB_AVX512_RESAMPLE 1
+// The horizontal pass with AVX-512 (VBMI byte permutes, VNNI dot products), same arithmetic as the AVX2
+// path: four consecutive outputs per 512-bit register (one per 128-bit lane, laid out as there), all their
+// taps gathered with one byte permute from a single 64-byte window starting at the group's first tap.
+// Used when every group's taps fit the window (true for the usual reductions up to about 3x) and the CPU
+// has the instructions; otherwise the AVX2 path runs.
+struct Lanes64 {
+  alignas(64) uint8_t b[64];
+};
+struct Lanes32x16 {
+  alignas(64) int16_t v[32];
+};
+struct Avx512Coeffs {
+  int pairs = 0, groups = 0;       // groups of four outputs
+  std::vector<int> base;           // (groups) first input pixel of each group's window
+  std::vector<Lanes64> idx;        // (groups, pairs) byte permutes
+  std::vector<Lanes32x16> hi, lo;  // (groups, pairs)
+};
+
+bool avx512_coeffs(const AxisCoeffs& c, int out_w, Avx512Coeffs& s) {
+  int max_count = 1;
+  for (int n : c.count) max_count = std::max(max_count, n);
+  s.pairs = (max_count + 1) / 2;
+  s.groups = out_w / 4;
+  const size_t n = size_t(s.groups) * size_t(s.pairs);
+  s.base.resize(size_t(s.groups));
+  s.idx.resize(n);
+  s.hi.resize(n);
+  s.lo.resize(n);
+  for (int g = 0; g < s.groups; ++g) {
+    const int base = c.first[size_t(4 * g)];
+    s.base[size_t(g)] = base;
+    for (int j = 0; j < s.pairs; ++j) {
+      const size_t e = size_t(g) * size_t(s.pairs) + size_t(j);
+      std::fill(std::begin(s.idx[e].b), std::end(s.idx[e].b), uint8_t(0));
+      std::fill(std::begin(s.hi[e].v), std::end(s.hi[e].v), int16_t(0));
+      std::fill(std::begin(s.lo[e].v), std::end(s.lo[e].v), int16_t(0));
+      for (int lane = 0; lane < 4; ++lane) {
+        const int xx = 4 * g + lane;
+        const int32_t* k = &c.k[size_t(xx) * size_t(c.ksize)];
+        for (int t = 0; t < 2; ++t) {
+          const int tap = 2 * j + t;
+          if (tap >= c.count[size_t(xx)]) continue;
+          const int off = (c.first[size_t(xx)] - base + tap) * 3;
+          if (off + 2 >= 64) return false;
+          for (int ch = 0; ch < 3; ++ch) {
+            s.idx[e].b[lane * 16 + 2 * (2 * ch + t)] = uint8_t(off + ch);
+            s.hi[e].v[lane * 8 + 2 * ch + t] = int16_t(k[tap] >> 11);
+            s.lo[e].v[lane * 8 + 2 * ch + t] = int16_t(k[tap] & 2047);
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
+// GCC 12 reports its own intrinsics' deliberately undefined registers as maybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) void horizontal_row_avx512(
+    const uint8_t* in, const Avx512Coeffs& c, const AxisCoeffs& ch, int out_w, uint8_t* out) {
+  const __mmask64 low_bytes = 0x0555055505550555ull;  // the low byte of int16 slots 0..5 of each lane
+  const __m512i half = _mm512_set1_epi32(1 << (kPrecisionBits - 1));
+  const __m128i compress = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+  for (int g = 0; g < c.groups; ++g) {
+    const __m512i win = _mm512_loadu_si512(in + size_t(c.base[size_t(g)]) * 3);
+    const size_t e0 = size_t(g) * size_t(c.pairs);
+    __m512i acc_h = _mm512_setzero_si512(), acc_l = _mm512_setzero_si512();
+    for (int j = 0; j < c.pairs; ++j) {
+      const __m512i v = _mm512_maskz_permutexvar_epi8(low_bytes, _mm512_load_si512(c.idx[e0 + size_t(j)].b), win);
+      acc_h = _mm512_dpwssd_epi32(acc_h, v, _mm512_load_si512(c.hi[e0 + size_t(j)].v));
+      acc_l = _mm512_dpwssd_epi32(acc_l, v, _mm512_load_si512(c.lo[e0 + size_t(j)].v));
+    }
+    __m512i acc = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc_h, 11), acc_l), half);
+    acc = _mm512_srai_epi32(acc, kPrecisionBits);
+    // Non-negative sums: unsigned saturation to 0..255 is Pillow's clip8.
+    const __m128i px = _mm512_cvtusepi32_epi8(acc);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + size_t(4 * g) * 3), _mm_shuffle_epi8(px, compress));
+  }
+  horizontal_row_scalar(in, ch, 4 * c.groups, out_w, out);
+}
+#pragma GCC diagnostic pop
+
+bool cpu_has_avx512_resample() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+#endif
+
 // Pillow's two-pass resample of the box of `src` to (out_w, out_h), into `dst` (out_h, out_w, 3).
 void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, uint8_t* dst, bool simd = true) {
   VB_CHECK(box.top >= 0 && box.left >= 0 && box.height > 0 && box.width > 0 &&
@@ -190,6 +285,7 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
            ") outside a ", src.width, "x", src.height, " image");
   VB_CHECK(out_w > 0 && out_h > 0, "resize to ", out_w, "x", out_h);
   const bool need_h = out_w != box.width, need_v = out_h != box.height;
+  const int simd_limit = g_simd_limit.load(std::memory_order_relaxed);
   AxisCoeffs cv = precompute_coeffs(box.height, out_h);
   // Rows of the box the vertical pass reads.
   const int y_first = cv.first[0];
@@ -205,11 +301,18 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
     AxisCoeffs ch = precompute_coeffs(box.width, out_w);
     const int nrows = y_last - y_first;
     tmp.resize(size_t(nrows) * size_t(out_w) * 3 + 16);  // + slack for the vectorised stores
+#ifdef VB_AVX512_RESAMPLE
+    Avx512Coeffs wc;
+    size_t reach512 = 0;
+    const bool use512 = simd && simd_limit >= 2 && cpu_has_avx512_resample() && avx512_coeffs(ch, out_w, wc);
+    if (use512 && wc.groups > 0)
+      reach512 = (size_t(box.left) + size_t(wc.base[size_t(wc.groups) - 1])) * 3 + 64;
+#endif
 #ifdef __AVX2__
     SimdCoeffs sc;
     // The farthest byte a vectorised row reads, from the row's start (see horizontal_row_avx2).
     size_t reach = 0;
-    if (simd) {
+    if (simd && simd_limit >= 1) {
       sc = simd_coeffs(ch, out_w);
       reach = (size_t(box.left) + size_t(ch.first[size_t(out_w) - 1]) + 2 * size_t(sc.pairs)) * 3 + 2;
     }
@@ -218,13 +321,19 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
       const size_t row_start = size_t(box.top + y_first + r) * src_stride;
       const uint8_t* in = src.pixels.data() + row_start + size_t(box.left) * 3;
       uint8_t* out = tmp.data() + size_t(r) * size_t(out_w) * 3;
+#ifdef VB_AVX512_RESAMPLE
+      if (use512 && row_start + reach512 <= src.pixels.size()) {
+        horizontal_row_avx512(in, wc, ch, out_w, out);
+        continue;
+      }
+#endif
 #ifdef __AVX2__
-      if (simd && row_start + reach <= src.pixels.size()) {
+      if (simd && simd_limit >= 1 && row_start + reach <= src.pixels.size()) {
         horizontal_row_avx2(in, sc, out_w, out);
         continue;
       }
 #endif
-      horizontal_row_scalar(in, ch, out_w, out);
+      horizontal_row_scalar(in, ch, 0, out_w, out);
     }
     rows = tmp.data();
     rows_stride = size_t(out_w) * 3;
@@ -344,6 +453,8 @@ Image resize_bilinear(const Image& src, int out_w, int out_h) {
   resample_box(src, CropBox{0, 0, src.height, src.width}, out_w, out_h, out.pixels.data());
   return out;
 }
+
+void set_resample_simd_limit(int level) { g_simd_limit.store(level); }
 
 Image resized_crop_reference(const Image& src, const CropBox& box, int out_w, int out_h) {
   Image out(out_w, out_h);

@@ -49,9 +49,12 @@ struct CropBox {
 
 // Pillow's antialiased bilinear resize of the whole image to (out_h, out_w).
 Image resize_bilinear(const Image& src, int out_w, int out_h);
-// The same resample of a crop box to (out_h, out_w) with the plain loops only (the other functions use a
-// bit-identical AVX2 horizontal pass when built with AVX2); for checking the vectorised path.
+// The same resample of a crop box to (out_h, out_w) with the plain loops only (the other functions use
+// bit-identical AVX2 / AVX-512 horizontal passes); for checking the vectorised paths.
 Image resized_crop_reference(const Image& src, const CropBox& box, int out_w, int out_h);
+// The widest instruction set the horizontal pass may use: 0 plain loops, 1 AVX2, 2 AVX-512 (VBMI + VNNI,
+// when the CPU has them; the default). All give identical pixels; for tests and benchmarks.
+void set_resample_simd_limit(int level);
 // torchvision's Resize(short_side) on a Pillow image: the shorter side to `short_side`, aspect kept.
 Image resize_shorter(const Image& src, int short_side);
 // Crop (copy) of a box inside the image.

@@ -231,8 +231,12 @@ TEST_CASE("bad JPEG data is an error naming the file") {
   CHECK_THROWS_WITH_AS(decode_jpeg_file("/no/such/file.jpg"), doctest::Contains("/no/such/file.jpg"), Error);
 }
 
-TEST_CASE("the vectorised resample equals the plain loops on random images, boxes and sizes") {
-  CounterRng rng(99, RngStream::Augment, 1, 2);
+TEST_CASE("the vectorised resamples (AVX2, AVX-512) equal the plain loops on random images, boxes and sizes") {
+  int level = 2;
+  SUBCASE("AVX-512 where the CPU has it") { level = 2; }
+  SUBCASE("AVX2") { level = 1; }
+  set_resample_simd_limit(level);
+  CounterRng rng(99, RngStream::Augment, 1, uint64_t(level));
   int cases = 0;
   for (int it = 0; it < 300; ++it) {
     const int w = 1 + int(rng.below(1400)), h = 1 + int(rng.below(120));
@@ -252,7 +256,14 @@ TEST_CASE("the vectorised resample equals the plain loops on random images, boxe
     Image sq = resized_crop(img, b, S);
     Image sq_ref = resized_crop_reference(img, b, S, S);
     REQUIRE(sq.pixels == sq_ref.pixels);
+    // The training geometry: 2.8x horizontal reduction of wide frames (the AVX-512 window path).
+    Image wide(w * 4 + 16, h);
+    for (auto& p : wide.pixels) p = uint8_t(rng.below(256));
+    Image fast = resize_shorter(wide, std::max(1, h / 3));
+    INFO("wide " << wide.width << "x" << wide.height << " -> " << fast.width << "x" << fast.height);
+    REQUIRE(fast.pixels == resized_crop_reference(wide, CropBox{0, 0, h, wide.width}, fast.width, fast.height).pixels);
     ++cases;
   }
+  set_resample_simd_limit(2);
   CHECK(cases == 300);
 }
