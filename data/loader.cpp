@@ -105,7 +105,8 @@ int Loader::batch_count(int64_t b) const {
 
 void Loader::start_epoch(int64_t epoch) {
   std::unique_lock<std::mutex> lk(m_);
-  ++generation_;  // stops claims of the old epoch
+  ++generation_;  // completions of the old epoch no longer count
+  n_tasks_ = 0;   // and no more of its samples are claimed
   idle_cv_.wait(lk, [&] { return in_flight_ == 0; });
   epoch_ = epoch;
   if (opt_.shuffle) {
