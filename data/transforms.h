@@ -11,8 +11,9 @@
 //   filterscale = max(scale, 1), support = filterscale (bilinear support 1). Output pixel i has centre
 //   c = (i + 0.5) * scale (input pixel j covers [j, j + 1)); taps j from xmin = int(c - support + 0.5)
 //   (clamped to >= 0) to xmax = int(c + support + 0.5) (clamped to <= n), exclusive; weight of tap j =
-//   max(0, 1 - |(j - c + 0.5) / filterscale|), normalised to sum 1 in double, then to fixed point:
-//   k = int(w * 2^22 + 0.5) (round half away from zero). A pixel = clamp((2^21 + sum v_j k_j) >> 22, 0, 255).
+//   max(0, 1 - |t|) with t = ((j - c) + 0.5) * (1.0 / filterscale), all in double (no fused multiply-add),
+//   divided by the sum of the tap weights, then to fixed point: k = int(w * 2^22 + 0.5).
+//   A pixel = clamp((2^21 + sum v_j k_j) >> 22, 0, 255), in int32 (exact).
 //   Only the input rows the vertical pass needs go through the horizontal pass (Pillow does the same).
 // - A crop is a sub-rectangle (top, left, height, width) that must lie inside the image; resized_crop
 //   resizes the crop as an image of its own (torchvision crops, then resizes), so taps never reach outside it.
@@ -21,10 +22,14 @@
 // - Rotation (Pillow's Image.rotate(angle), NEAREST, expand=False, black fill): about the centre
 //   (w / 2, h / 2) in pixel-edge coordinates; output pixel (x, y) takes input pixel
 //   (floor(xs), floor(ys)) with xs = a (x + 0.5) + b (y + 0.5) + c, ys = d (x + 0.5) + e (y + 0.5) + f,
-//   a = e = cos(-angle), b = sin(-angle), d = -sin(-angle) (each rounded to 15 decimals, as Pillow does),
-//   c, f placing the centre on itself; Pillow evaluates this in 16.16 fixed point, stepping by the
-//   rounded coefficients, and so does rotate_nearest. Outside the input: black (0, 0, 0).
-//   A positive angle turns the picture counter-clockwise.
+//   a = e = cos(-angle), b = sin(-angle), d = -sin(-angle) (angle in radians = degrees * (pi / 180); each
+//   rounded to 15 decimals, as Pillow does), c = a (-cx) + b (-cy) + cx, f = d (-cx) + e (-cy) + cy with
+//   (cx, cy) = (w / 2, h / 2). Pillow evaluates this in 16.16 fixed point, and so does rotate_nearest:
+//   fix(v) = floor(v * 65536 + 0.5); A0 = fix(a), A1 = fix(b), A3 = fix(d), A4 = fix(e),
+//   A2 = fix((c + a * 0.5) + b * 0.5), A5 = fix((f + d * 0.5) + e * 0.5); output row y starts at
+//   (X, Y) = (A2 + y A1, A5 + y A4) and each step in x adds (A0, A3); the source pixel is (X >> 16, Y >> 16)
+//   (arithmetic shifts), black (0, 0, 0) when outside the input. A positive angle turns the picture
+//   counter-clockwise.
 // - ToTensor + Normalize: v = (float(u) / 255.f - mean_c) / std_c in float32, mean (0.485, 0.456, 0.406),
 //   std (0.229, 0.224, 0.225) as float32: the same float operations as torchvision, bit for bit.
 // - The random draws of RandomResizedCrop and RandomRotation follow torchvision's algorithm (below) on a
