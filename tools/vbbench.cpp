@@ -108,23 +108,30 @@ class Bench {
   std::vector<Row> rows_;
 };
 
-// Device buffer on the backend, random-filled, released at scope end.
+// Device buffer on the backend, released at scope end: random in [lo, hi) (inputs) or zero (outputs, lo == hi).
+// The random values come from a fast xorshift so that filling hundreds of megabytes takes no time to speak of.
 struct Buf {
   vb::Backend& be;
   float* p;
   size_t n;
   Buf(vb::Backend& b, size_t count, uint32_t seed = 1, float lo = -1.f, float hi = 1.f)
       : be(b), p(static_cast<float*>(b.alloc(count * sizeof(float)))), n(count) {
+    if (lo == hi) return;  // alloc zero-fills
     std::vector<float> h(count);
-    std::mt19937 g(seed);
-    std::uniform_real_distribution<float> u(lo, hi);
-    for (auto& v : h) v = u(g);
+    uint64_t s = 0x9E3779B97F4A7C15ull * (seed + 1);
+    for (auto& v : h) {
+      s ^= s << 13;
+      s ^= s >> 7;
+      s ^= s << 17;
+      v = lo + (hi - lo) * float(s >> 40) * (1.0f / 16777216.0f);
+    }
     b.upload(p, h.data(), count * sizeof(float));
   }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
   ~Buf() { be.release(p); }
 };
+constexpr float kZero = 0.f;  // Buf(be, n, seed, kZero, kZero): an output buffer
 
 std::string conv_name(const vb::ConvShape& s) {
   char b[128];
@@ -198,7 +205,7 @@ int run(const Options& o) {
       const std::string base = "conv " + pn + " " + conv_name(s);
       if (!bench.wanted(base)) continue;
       Buf x(*be, size_t(s.N) * s.C * s.H * s.W, 1), w(*be, size_t(s.K) * s.C * s.R * s.S, 2, -0.05f, 0.05f),
-          y(*be, size_t(s.N) * s.K * s.P() * s.Q(), 3), dx(*be, x.n, 4), dw(*be, w.n, 5);
+          y(*be, size_t(s.N) * s.K * s.P() * s.Q(), 3), dx(*be, x.n, 4, kZero, kZero), dw(*be, w.n, 5, kZero, kZero);
       const double f = 2.0 * s.N * s.K * s.P() * s.Q() * double(s.C) * s.R * s.S;
       const double tf = bench.time_ms([&] { be->conv_fwd(s, x.p, w.p, y.p); });
       bench.flops("conv_" + pn, base + " fwd", f, tf);
@@ -220,7 +227,7 @@ int run(const Options& o) {
                   b.relu ? " relu" : "");
     if (!bench.wanted(nm)) continue;
     const size_t n = size_t(N) * b.C * b.H * b.W;
-    Buf x(*be, n, 1), r(*be, n, 2), y(*be, n, 3), dy(*be, n, 4), dx(*be, n, 5), scr(*be, n, 6);
+    Buf x(*be, n, 1), r(*be, n, 2), y(*be, n, 3), dy(*be, n, 4), dx(*be, n, 5, kZero, kZero), scr(*be, n, 6, kZero, kZero);
     Buf g(*be, size_t(b.C), 7, 0.5f, 1.5f), bt(*be, size_t(b.C), 8), sm(*be, size_t(b.C), 9),
         si(*be, size_t(b.C), 10, 0.5f, 1.5f), rm(*be, size_t(b.C), 11), rv(*be, size_t(b.C), 12, 0.5f, 1.5f),
         dg(*be, size_t(b.C), 13), db(*be, size_t(b.C), 14);
