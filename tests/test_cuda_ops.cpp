@@ -3,8 +3,9 @@
 // launch; then the GPU transforms against data/transforms (bit-exact) and the golden run on the GPU.
 //
 // Tolerances (per tensor: ||gpu - cpu|| / ||cpu||, and per element abs + rel * |cpu|):
-// - strict fp32: 2e-5 norm-relative for convolutions and linear layers (different summation orders), 1e-5
-//   for batch norm and the rest; per element 1e-4 of the tensor's largest magnitude.
+// - strict fp32: 5e-5 norm-relative for convolutions and linear layers (other summation orders; cuDNN's
+//   Winograd and FFT algorithms are fp32 too but round differently), per element 5e-4 of the tensor's
+//   largest magnitude; 1e-5 and 1e-4 for batch norm and the rest.
 // - tf32 (convolutions and linear layers only; everything else is fp32 in both modes): 1e-2 norm-relative,
 //   per element 3e-2 of the largest magnitude (10-bit mantissa products).
 //
@@ -135,7 +136,7 @@ void expect_close(const std::string& what, const std::vector<float>& got, const 
 struct Tol {
   double norm, elem;
 };
-Tol matmul_tol(Precision p) { return p == Precision::FP32 ? Tol{2e-5, 1e-4} : Tol{1e-2, 3e-2}; }
+Tol matmul_tol(Precision p) { return p == Precision::FP32 ? Tol{5e-5, 5e-4} : Tol{1e-2, 3e-2}; }
 constexpr Tol kFp32{1e-5, 1e-4};
 
 }  // namespace
