@@ -116,6 +116,8 @@ class CudaBackend final : public Backend {
   std::string description() const override { return desc_; }
 
   void set_precision(Precision p) override {
+    VB_CHECK(p == Precision::FP32 || p == Precision::TF32, "the CUDA backend computes in fp32 or tf32, not ",
+             precision_name(p));
     precision_ = p;
     // Strict fp32 keeps TF32 out of cuBLAS too; TF32 allows it there as in the convolutions.
     VB_CUBLAS_CHECK(cublasSetMathMode(blas_, p == Precision::TF32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
