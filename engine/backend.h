@@ -3,8 +3,8 @@
 // wired once, in engine/model.cpp, against this interface.
 //
 // Rules every backend keeps:
-// - Pointers are the backend's own memory (from alloc). Element type is float (fp32 storage); the CUDA
-//   backend may compute convolutions in TF32 (Precision::TF32). Activations are 4-D tensors whose memory
+// - Pointers are the backend's own memory (from alloc). Element type T is float for training (the CUDA
+//   backend may compute convolutions in TF32, Precision::TF32) and may be double on the CPU. Activations are 4-D tensors whose memory
 //   layout is activation_layout(); the model only passes logical shapes (N, C, H, W).
 // - Outputs are assigned, never accumulated. A null output means "not needed".
 // - Ops are asynchronous on the CUDA backend (one stream); nothing inside a training step allocates or
@@ -25,12 +25,17 @@ namespace vb {
 
 using ConvShape = cpu::ConvShape;
 
-enum class Precision : uint8_t { FP32, TF32 };
-inline const char* precision_name(Precision p) { return p == Precision::FP32 ? "fp32" : "tf32"; }
+enum class Precision : uint8_t { FP32, TF32, FP64 };
+inline const char* precision_name(Precision p) {
+  return p == Precision::FP32 ? "fp32" : p == Precision::TF32 ? "tf32" : "fp64";
+}
 
-class Backend {
+// T is the element type of parameters and activations: float for training (both devices); double on the CPU
+// for the reference path that the golden checks run (`vbtrain verify --precision fp64`).
+template <class T>
+class BackendT {
  public:
-  virtual ~Backend() = default;
+  virtual ~BackendT() = default;
   virtual Device device() const = 0;
   virtual std::string description() const = 0;  // e.g. "cpu (2 threads)" or "cuda: NVIDIA H200, cuDNN 9.19"
   virtual Layout activation_layout() const { return Layout::NCHW; }
@@ -47,53 +52,53 @@ class Backend {
   virtual size_t memory_in_use() const { return 0; }
   virtual size_t memory_peak() const { return 0; }
   // Activations: converts a host NCHW float batch to / from the backend's activation layout.
-  virtual void upload_activation(float* dst, const float* host_nchw, int N, int C, int H, int W) = 0;
-  virtual void download_activation(float* host_nchw, const float* src, int N, int C, int H, int W) = 0;
+  virtual void upload_activation(T* dst, const T* host_nchw, int N, int C, int H, int W) = 0;
+  virtual void download_activation(T* host_nchw, const T* src, int N, int C, int H, int W) = 0;
 
   // ---- convolution (no bias) ----
-  virtual void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) = 0;
-  virtual void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) = 0;
-  virtual void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) = 0;
+  virtual void conv_fwd(const ConvShape& s, const T* x, const T* w, T* y) = 0;
+  virtual void conv_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) = 0;
+  virtual void conv_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) = 0;
 
   // ---- batch norm, fused with an optional residual add and ReLU: y = act(bn(x) + residual) ----
   // Training: batch statistics; saves mean and 1/sqrt(var+eps) [C]; updates running statistics (unbiased
   // variance, momentum) when running_mean is not null.
-  virtual void bn_train_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
-                            const float* residual, bool relu, float* y, float* save_mean, float* save_invstd,
-                            float* running_mean, float* running_var, double momentum, double eps) = 0;
-  virtual void bn_eval_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
-                           const float* running_mean, const float* running_var, double eps,
-                           const float* residual, bool relu, float* y) = 0;
+  virtual void bn_train_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
+                            const T* residual, bool relu, T* y, T* save_mean, T* save_invstd,
+                            T* running_mean, T* running_var, double momentum, double eps) = 0;
+  virtual void bn_eval_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
+                           const T* running_mean, const T* running_var, double eps,
+                           const T* residual, bool relu, T* y) = 0;
   // dy: gradient of y. y: the fused output (used for the ReLU mask when relu). Writes dx, dresidual (the
   // gradient reaching the residual input, = dy masked by the ReLU), dgamma, dbeta; any may be null.
   // `scratch` holds N*C*H*W floats for the masked gradient; it may be dresidual.
-  virtual void bn_bwd(int N, int C, int H, int W, const float* x, const float* y, const float* dy,
-                      const float* gamma, const float* save_mean, const float* save_invstd, bool relu, float* dx,
-                      float* dresidual, float* dgamma, float* dbeta, float* scratch) = 0;
+  virtual void bn_bwd(int N, int C, int H, int W, const T* x, const T* y, const T* dy,
+                      const T* gamma, const T* save_mean, const T* save_invstd, bool relu, T* dx,
+                      T* dresidual, T* dgamma, T* dbeta, T* scratch) = 0;
 
   // ---- pooling ----
-  virtual void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const float* x, float* y) = 0;
-  virtual void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const float* x, const float* y,
-                           const float* dy, float* dx) = 0;
+  virtual void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const T* x, T* y) = 0;
+  virtual void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const T* x, const T* y,
+                           const T* dy, T* dx) = 0;
   // Global average: x [N,C,H,W] (activation layout) -> y [N,C] (row-major).
-  virtual void avgpool_fwd(int N, int C, int H, int W, const float* x, float* y) = 0;
-  virtual void avgpool_bwd(int N, int C, int H, int W, const float* dy, float* dx) = 0;
+  virtual void avgpool_fwd(int N, int C, int H, int W, const T* x, T* y) = 0;
+  virtual void avgpool_bwd(int N, int C, int H, int W, const T* dy, T* dx) = 0;
 
   // ---- the head (row-major matrices) ----
-  virtual void linear_fwd(int N, int IN, int OUT, const float* x, const float* w, const float* b, float* y) = 0;
-  virtual void linear_bwd(int N, int IN, int OUT, const float* x, const float* w, const float* dy, float* dx,
-                          float* dw, float* db) = 0;
-  virtual void relu_fwd(int64_t n, const float* x, float* y) = 0;
-  virtual void relu_bwd(int64_t n, const float* y, const float* dy, float* dx) = 0;
+  virtual void linear_fwd(int N, int IN, int OUT, const T* x, const T* w, const T* b, T* y) = 0;
+  virtual void linear_bwd(int N, int IN, int OUT, const T* x, const T* w, const T* dy, T* dx,
+                          T* dw, T* db) = 0;
+  virtual void relu_fwd(int64_t n, const T* x, T* y) = 0;
+  virtual void relu_bwd(int64_t n, const T* y, const T* dy, T* dx) = 0;
   // y = a + b (flat, any layout; y may alias a or b): joins the two gradient paths of a residual block.
-  virtual void add(int64_t n, const float* a, const float* b, float* y) = 0;
+  virtual void add(int64_t n, const T* a, const T* b, T* y) = 0;
 
   // ---- loss: softmax + weighted cross-entropy in one pass. loss: one float in backend memory. ----
-  virtual void softmax_wce(int N, int C, const float* logits, const int64_t* labels, const float* class_weights,
-                           float* probs, float* dlogits, float* loss) = 0;
+  virtual void softmax_wce(int N, int C, const T* logits, const int64_t* labels, const T* class_weights,
+                           T* probs, T* dlogits, T* loss) = 0;
 
   // ---- optimizer: one AdamW step over a flat range (torch.optim.AdamW semantics) ----
-  virtual void adamw(int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1,
+  virtual void adamw(int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
                      double beta2, double eps, double weight_decay, int64_t step) = 0;
 
   virtual void set_precision(Precision p) { precision_ = p; }
@@ -103,7 +108,11 @@ class Backend {
   Precision precision_ = Precision::TF32;
 };
 
+using Backend = BackendT<float>;
+
 std::unique_ptr<Backend> make_cpu_backend(int threads);
+// The CPU path in double: the reference that gradient checks and golden runs can use.
+std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads);
 // Throws vb::Error with one line ("no CUDA device: ...") when CUDA is not built in or no GPU is present.
 std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
 bool cuda_available();  // built with CUDA and at least one device is visible

@@ -1,4 +1,5 @@
-// The CPU backend: the reference ops of kernels/cpu in float, composed where the CUDA path fuses.
+// The CPU backend: the reference ops of kernels/cpu (in float, or in double for the reference path),
+// composed where the CUDA path fuses.
 #include <cstdlib>
 #include <thread>
 
@@ -9,11 +10,12 @@
 namespace vb {
 namespace {
 
-class CpuBackend final : public Backend {
+template <class T>
+class CpuBackend final : public BackendT<T> {
  public:
   explicit CpuBackend(int threads) {
     cpu::set_num_threads(threads);
-    precision_ = Precision::FP32;
+    this->precision_ = sizeof(T) == 8 ? Precision::FP64 : Precision::FP32;
   }
   Device device() const override { return Device::CPU; }
   std::string description() const override {
@@ -34,93 +36,96 @@ class CpuBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
   void fill_zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
   void sync() override {}
-  void upload_activation(float* dst, const float* src, int N, int C, int H, int W) override {
-    std::memcpy(dst, src, sizeof(float) * size_t(N) * C * H * W);
+  void upload_activation(T* dst, const T* src, int N, int C, int H, int W) override {
+    std::memcpy(dst, src, sizeof(T) * size_t(N) * C * H * W);
   }
-  void download_activation(float* dst, const float* src, int N, int C, int H, int W) override {
-    std::memcpy(dst, src, sizeof(float) * size_t(N) * C * H * W);
-  }
-
-  void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) override {
-    cpu::conv2d_fwd<float>(s, x, w, y);
-  }
-  void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) override {
-    cpu::conv2d_bwd_data<float>(s, dy, w, dx);
-  }
-  void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override {
-    cpu::conv2d_bwd_filter<float>(s, x, dy, dw);
+  void download_activation(T* dst, const T* src, int N, int C, int H, int W) override {
+    std::memcpy(dst, src, sizeof(T) * size_t(N) * C * H * W);
   }
 
-  void bn_train_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
-                    const float* residual, bool relu, float* y, float* save_mean, float* save_invstd,
-                    float* running_mean, float* running_var, double momentum, double eps) override {
-    cpu::batchnorm_train_fwd<float>(N, C, H * W, x, gamma, beta, y, save_mean, save_invstd, running_mean,
+  void conv_fwd(const ConvShape& s, const T* x, const T* w, T* y) override {
+    cpu::conv2d_fwd<T>(s, x, w, y);
+  }
+  void conv_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) override {
+    cpu::conv2d_bwd_data<T>(s, dy, w, dx);
+  }
+  void conv_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) override {
+    cpu::conv2d_bwd_filter<T>(s, x, dy, dw);
+  }
+
+  void bn_train_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
+                    const T* residual, bool relu, T* y, T* save_mean, T* save_invstd,
+                    T* running_mean, T* running_var, double momentum, double eps) override {
+    cpu::batchnorm_train_fwd<T>(N, C, H * W, x, gamma, beta, y, save_mean, save_invstd, running_mean,
                                     running_var, momentum, eps);
     epilogue(int64_t(N) * C * H * W, residual, relu, y);
   }
-  void bn_eval_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
-                   const float* running_mean, const float* running_var, double eps, const float* residual,
-                   bool relu, float* y) override {
-    cpu::batchnorm_eval_fwd<float>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, y);
+  void bn_eval_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
+                   const T* running_mean, const T* running_var, double eps, const T* residual,
+                   bool relu, T* y) override {
+    cpu::batchnorm_eval_fwd<T>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, y);
     epilogue(int64_t(N) * C * H * W, residual, relu, y);
   }
-  void bn_bwd(int N, int C, int H, int W, const float* x, const float* y, const float* dy, const float* gamma,
-              const float* save_mean, const float* save_invstd, bool relu, float* dx, float* dresidual,
-              float* dgamma, float* dbeta, float* scratch) override {
+  void bn_bwd(int N, int C, int H, int W, const T* x, const T* y, const T* dy, const T* gamma,
+              const T* save_mean, const T* save_invstd, bool relu, T* dx, T* dresidual,
+              T* dgamma, T* dbeta, T* scratch) override {
     const int64_t n = int64_t(N) * C * H * W;
-    const float* g = dy;  // gradient of bn's output, before the residual add
+    const T* g = dy;  // gradient of bn's output, before the residual add
     if (relu) {
-      cpu::relu_bwd<float>(n, y, dy, scratch);
+      cpu::relu_bwd<T>(n, y, dy, scratch);
       g = scratch;
     }
-    if (dresidual && dresidual != g) std::memcpy(dresidual, g, sizeof(float) * size_t(n));
-    cpu::batchnorm_bwd<float>(N, C, H * W, x, g, gamma, save_mean, save_invstd, dx, dgamma, dbeta);
+    if (dresidual && dresidual != g) std::memcpy(dresidual, g, sizeof(T) * size_t(n));
+    cpu::batchnorm_bwd<T>(N, C, H * W, x, g, gamma, save_mean, save_invstd, dx, dgamma, dbeta);
   }
 
-  void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const float* x, float* y) override {
-    cpu::maxpool_fwd<float>(N, C, H, W, k, s, p, x, y);
+  void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const T* x, T* y) override {
+    cpu::maxpool_fwd<T>(N, C, H, W, k, s, p, x, y);
   }
-  void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const float* x, const float*,
-                   const float* dy, float* dx) override {
-    cpu::maxpool_bwd<float>(N, C, H, W, k, s, p, x, dy, dx);
+  void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const T* x, const T*,
+                   const T* dy, T* dx) override {
+    cpu::maxpool_bwd<T>(N, C, H, W, k, s, p, x, dy, dx);
   }
-  void avgpool_fwd(int N, int C, int H, int W, const float* x, float* y) override {
-    cpu::avgpool_fwd<float>(N, C, H * W, x, y);
+  void avgpool_fwd(int N, int C, int H, int W, const T* x, T* y) override {
+    cpu::avgpool_fwd<T>(N, C, H * W, x, y);
   }
-  void avgpool_bwd(int N, int C, int H, int W, const float* dy, float* dx) override {
-    cpu::avgpool_bwd<float>(N, C, H * W, dy, dx);
+  void avgpool_bwd(int N, int C, int H, int W, const T* dy, T* dx) override {
+    cpu::avgpool_bwd<T>(N, C, H * W, dy, dx);
   }
-  void linear_fwd(int N, int IN, int OUT, const float* x, const float* w, const float* b, float* y) override {
-    cpu::linear_fwd<float>(N, IN, OUT, x, w, b, y);
+  void linear_fwd(int N, int IN, int OUT, const T* x, const T* w, const T* b, T* y) override {
+    cpu::linear_fwd<T>(N, IN, OUT, x, w, b, y);
   }
-  void linear_bwd(int N, int IN, int OUT, const float* x, const float* w, const float* dy, float* dx, float* dw,
-                  float* db) override {
-    cpu::linear_bwd<float>(N, IN, OUT, x, w, dy, dx, dw, db);
+  void linear_bwd(int N, int IN, int OUT, const T* x, const T* w, const T* dy, T* dx, T* dw,
+                  T* db) override {
+    cpu::linear_bwd<T>(N, IN, OUT, x, w, dy, dx, dw, db);
   }
-  void relu_fwd(int64_t n, const float* x, float* y) override { cpu::relu_fwd<float>(n, x, y); }
-  void relu_bwd(int64_t n, const float* y, const float* dy, float* dx) override {
-    cpu::relu_bwd<float>(n, y, dy, dx);
+  void relu_fwd(int64_t n, const T* x, T* y) override { cpu::relu_fwd<T>(n, x, y); }
+  void relu_bwd(int64_t n, const T* y, const T* dy, T* dx) override {
+    cpu::relu_bwd<T>(n, y, dy, dx);
   }
-  void add(int64_t n, const float* a, const float* b, float* y) override { cpu::add<float>(n, a, b, y); }
-  void softmax_wce(int N, int C, const float* logits, const int64_t* labels, const float* class_weights,
-                   float* probs, float* dlogits, float* loss) override {
-    *loss = cpu::softmax_wce<float>(N, C, logits, labels, class_weights, probs, dlogits);
+  void add(int64_t n, const T* a, const T* b, T* y) override { cpu::add<T>(n, a, b, y); }
+  void softmax_wce(int N, int C, const T* logits, const int64_t* labels, const T* class_weights,
+                   T* probs, T* dlogits, T* loss) override {
+    *loss = cpu::softmax_wce<T>(N, C, logits, labels, class_weights, probs, dlogits);
   }
-  void adamw(int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1, double beta2,
+  void adamw(int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
              double eps, double weight_decay, int64_t step) override {
-    cpu::adamw_step<float>(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+    cpu::adamw_step<T>(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
   }
 
  private:
-  static void epilogue(int64_t n, const float* residual, bool relu, float* y) {
-    if (residual) cpu::add<float>(n, y, residual, y);
-    if (relu) cpu::relu_fwd<float>(n, y, y);
+  static void epilogue(int64_t n, const T* residual, bool relu, T* y) {
+    if (residual) cpu::add<T>(n, y, residual, y);
+    if (relu) cpu::relu_fwd<T>(n, y, y);
   }
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend<float>>(threads); }
+std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads) {
+  return std::make_unique<CpuBackend<double>>(threads);
+}
 
 #ifndef VB_WITH_CUDA
 std::unique_ptr<Backend> make_cuda_backend(int) {

@@ -49,35 +49,37 @@ double golden_tolerance(const std::string& name, Device device, Precision precis
   return 1e-2;
 }
 
-std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const StateDict& ref,
-                                    const GoldenOptions& opt) {
+template <class T>
+std::vector<GoldenEntry> run_golden_t(BackendT<T>& be, const StateDict& weights, const StateDict& ref,
+                                      const GoldenOptions& opt) {
   const ModelConfig cfg = infer_model_config(weights);
-  Model model(be, cfg);
+  ModelT<T> model(be, cfg);
   model.load_state_dict(weights, "weights");
   const StateDict init = model.state_dict();
 
-  int T = 0;
-  while (ref.has("x" + std::to_string(T))) ++T;
-  if (T == 0 || !ref.has("eval_logits_init.x0")) fail("reference: not a golden-run file (no x0 / eval_logits_init.x0)");
+  int steps = 0;
+  while (ref.has("x" + std::to_string(steps))) ++steps;
+  if (steps == 0 || !ref.has("eval_logits_init.x0")) fail("reference: not a golden-run file (no x0 / eval_logits_init.x0)");
   const HostTensor& x0 = ref.at("x0");
   if (x0.shape.size() != 4 || x0.shape[1] != 3 || x0.shape[2] != x0.shape[3])
     fail("reference: x0 has shape ", shape_str(x0.shape), ", expected [N, 3, S, S]");
   int max_n = 0;
-  for (int t = 0; t < T; ++t) max_n = std::max<int>(max_n, int(ref.at("x" + std::to_string(t)).shape[0]));
+  for (int t = 0; t < steps; ++t) max_n = std::max<int>(max_n, int(ref.at("x" + std::to_string(t)).shape[0]));
   model.plan(max_n, int(x0.shape[2]));
 
   std::vector<GoldenEntry> out;
   auto add = [&](const std::string& name, const std::vector<double>& ours, const std::vector<double>& want) {
     out.push_back({name, rel_err(ours, want), golden_tolerance(name, be.device(), be.precision())});
   };
-  auto download = [&](const float* p, int64_t n) {
-    std::vector<float> h(static_cast<size_t>(n));
-    be.download(h.data(), p, sizeof(float) * h.size());
+  auto download = [&](const T* p, int64_t n) {
+    std::vector<T> h(static_cast<size_t>(n));
+    be.download(h.data(), p, sizeof(T) * h.size());
     return std::vector<double>(h.begin(), h.end());
   };
   const int C = cfg.num_classes;
   auto upload_x = [&](const HostTensor& x) {
-    std::vector<float> v = x.to_f32();
+    std::vector<double> xd = x.to_f64();
+    std::vector<T> v(xd.begin(), xd.end());
     be.upload_activation(model.input(), v.data(), int(x.shape[0]), 3, int(x.shape[2]), int(x.shape[3]));
     return int(x.shape[0]);
   };
@@ -96,16 +98,17 @@ std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const
     cpu::class_weights_from_labels(int64_t(li.size()), li.data(), C, cw.data());
     if (ref.has("class_weights")) add("class_weights", std::vector<double>(cw.begin(), cw.end()), ref.at("class_weights").to_f64());
   }
-  float* d_cw = static_cast<float*>(be.alloc(sizeof(float) * size_t(C)));
+  T* d_cw = static_cast<T*>(be.alloc(sizeof(T) * size_t(C)));
   int64_t* d_labels = static_cast<int64_t*>(be.alloc(sizeof(int64_t) * size_t(max_n)));
-  float* d_loss = static_cast<float*>(be.alloc(sizeof(float)));
-  be.upload(d_cw, cw.data(), sizeof(float) * cw.size());
+  T* d_loss = static_cast<T*>(be.alloc(sizeof(T)));
+  const std::vector<T> cwt(cw.begin(), cw.end());
+  be.upload(d_cw, cwt.data(), sizeof(T) * cwt.size());
 
   try {
     eval_logits("eval_logits_init.x0");
-    AdamW adamw(model, AdamWOptions{opt.lr});
+    AdamWT<T> adamw(model, AdamWOptions{opt.lr});
     StepLR sched(opt.lr, opt.step_size, opt.gamma);
-    for (int t = 0; t < T; ++t) {
+    for (int t = 0; t < steps; ++t) {
       const std::string ts = std::to_string(t);
       const int n = upload_x(ref.at("x" + ts));
       std::vector<double> yd = ref.at("y" + ts).to_f64();
@@ -131,7 +134,7 @@ std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const
       sched.step();
     }
     const StateDict after = model.state_dict();
-    const std::string ap = "after" + std::to_string(T) + ".";
+    const std::string ap = "after" + std::to_string(steps) + ".";
     for (const auto& k : ref.order) {
       if (!starts_with(k, ap)) continue;
       const std::string name = engine_name(k.substr(ap.size()));
@@ -144,7 +147,7 @@ std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const
       }
       add("update." + k, ours, want);
     }
-    const std::string final_key = "eval_logits_after" + std::to_string(T) + ".x0";
+    const std::string final_key = "eval_logits_after" + std::to_string(steps) + ".x0";
     if (ref.has(final_key)) eval_logits(final_key);
   } catch (...) {
     be.release(d_cw);
@@ -156,6 +159,15 @@ std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const
   be.release(d_labels);
   be.release(d_loss);
   return out;
+}
+
+std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const StateDict& reference,
+                                    const GoldenOptions& opt) {
+  return run_golden_t<float>(be, weights, reference, opt);
+}
+std::vector<GoldenEntry> run_golden(BackendT<double>& be, const StateDict& weights, const StateDict& reference,
+                                    const GoldenOptions& opt) {
+  return run_golden_t<double>(be, weights, reference, opt);
 }
 
 }  // namespace vb

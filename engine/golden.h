@@ -33,5 +33,8 @@ double golden_tolerance(const std::string& name, Device device, Precision precis
 // `weights`: the initial state dict (prefixes already stripped); `reference`: the golden file.
 std::vector<GoldenEntry> run_golden(Backend& backend, const StateDict& weights, const StateDict& reference,
                                     const GoldenOptions& opt = {});
+// The same on the double-precision CPU reference path.
+std::vector<GoldenEntry> run_golden(BackendT<double>& backend, const StateDict& weights, const StateDict& reference,
+                                    const GoldenOptions& opt = {});
 
 }  // namespace vb

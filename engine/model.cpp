@@ -9,40 +9,54 @@
 
 namespace vb {
 
+// State dicts carry float32, whatever the model computes in (a double model's values are float32 values).
+template <class T>
+HostTensor to_host_f32(const Shape& shape, const T* src) {
+  HostTensor t(shape, DType::F32);
+  float* d = t.as<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) d[i] = float(src[i]);
+  return t;
+}
+
 // PyTorch's BatchNorm2d defaults, which the notebook uses.
 constexpr double kBnMomentum = 0.1;
 constexpr double kBnEps = 1e-5;
 
-struct Model::Conv {
+template <class T>
+struct ModelT<T>::Conv {
   ConvShape s{};  // N is set per call
-  float* w = nullptr;   // (K, C, R, S)
-  float* dw = nullptr;  // (K, C, R, S)
+  T* w = nullptr;   // (K, C, R, S)
+  T* dw = nullptr;  // (K, C, R, S)
 };
 
-struct Model::Bn {
+template <class T>
+struct ModelT<T>::Bn {
   int C = 0, index = 0;
-  float *gamma = nullptr, *beta = nullptr, *dgamma = nullptr, *dbeta = nullptr;  // (C)
-  float *running_mean = nullptr, *running_var = nullptr;                          // (C)
-  float *save_mean = nullptr, *save_invstd = nullptr;                             // (C), from the last forward
+  T *gamma = nullptr, *beta = nullptr, *dgamma = nullptr, *dbeta = nullptr;  // (C)
+  T *running_mean = nullptr, *running_var = nullptr;                          // (C)
+  T *save_mean = nullptr, *save_invstd = nullptr;                             // (C), from the last forward
 };
 
-struct Model::Block {
+template <class T>
+struct ModelT<T>::Block {
   Conv *c1, *c2, *c3, *ds = nullptr;
   Bn *b1, *b2, *b3, *bds = nullptr;
   int in_c, in_h, in_w, planes, out_c, out_h, out_w;
-  float* x = nullptr;                                     // (N, in_c, in_h, in_w): the previous output
-  float *o1 = nullptr, *a1 = nullptr;                     // (N, planes, in_h, in_w): conv1, bn1+relu
-  float *o2 = nullptr, *a2 = nullptr;                     // (N, planes, out_h, out_w): conv2, bn2+relu
-  float *o3 = nullptr, *y = nullptr;                      // (N, out_c, out_h, out_w): conv3, bn3+res+relu
-  float *dso = nullptr, *dsa = nullptr;                   // (N, out_c, out_h, out_w): downsample conv, bn
+  T* x = nullptr;                                     // (N, in_c, in_h, in_w): the previous output
+  T *o1 = nullptr, *a1 = nullptr;                     // (N, planes, in_h, in_w): conv1, bn1+relu
+  T *o2 = nullptr, *a2 = nullptr;                     // (N, planes, out_h, out_w): conv2, bn2+relu
+  T *o3 = nullptr, *y = nullptr;                      // (N, out_c, out_h, out_w): conv3, bn3+res+relu
+  T *dso = nullptr, *dsa = nullptr;                   // (N, out_c, out_h, out_w): downsample conv, bn
 };
 
-struct Model::Linear {
+template <class T>
+struct ModelT<T>::Linear {
   int in = 0, out = 0;
-  float *w = nullptr, *b = nullptr, *dw = nullptr, *db = nullptr;  // (out, in), (out)
+  T *w = nullptr, *b = nullptr, *dw = nullptr, *db = nullptr;  // (out, in), (out)
 };
 
-Model::Model(Backend& backend, const ModelConfig& cfg) : be_(backend), cfg_(cfg) {
+template <class T>
+ModelT<T>::ModelT(BackendT<T>& backend, const ModelConfig& cfg) : be_(backend), cfg_(cfg) {
   VB_CHECK(!cfg.blocks.empty() && cfg.width > 0 && cfg.num_classes > 0, "invalid model configuration");
   int n_bn = 0;
   for (const TensorSpec& s : model_tensor_specs(cfg)) {
@@ -60,9 +74,9 @@ Model::Model(Backend& backend, const ModelConfig& cfg) : be_(backend), cfg_(cfg)
     slots_.push_back(slot);
   }
   num_batches_.assign(size_t(n_bn), 0);
-  params_ = static_cast<float*>(be_.alloc(sizeof(float) * size_t(n_params_)));
-  grads_ = static_cast<float*>(be_.alloc(sizeof(float) * size_t(n_params_)));
-  buffers_ = static_cast<float*>(be_.alloc(sizeof(float) * size_t(n_buffers_)));
+  params_ = static_cast<T*>(be_.alloc(sizeof(T) * size_t(n_params_)));
+  grads_ = static_cast<T*>(be_.alloc(sizeof(T) * size_t(n_params_)));
+  buffers_ = static_cast<T*>(be_.alloc(sizeof(T) * size_t(n_buffers_)));
 
   std::map<std::string, const TensorSlot*> by_name;
   for (const TensorSlot& s : slots_) by_name[s.spec.name] = &s;
@@ -129,30 +143,32 @@ Model::Model(Backend& backend, const ModelConfig& cfg) : be_(backend), cfg_(cfg)
   add_fc(cfg.num_classes);
 
   // Running variances start at 1, as in PyTorch.
-  std::vector<float> buf(size_t(n_buffers_), 0.f);
+  std::vector<T> buf(size_t(n_buffers_), 0.f);
   for (const TensorSlot& s : slots_)
     if (s.spec.role == TensorRole::BnRunningVar) std::fill_n(buf.begin() + s.offset, numel(s.spec.shape), 1.f);
-  be_.upload(buffers_, buf.data(), sizeof(float) * buf.size());
+  be_.upload(buffers_, buf.data(), sizeof(T) * buf.size());
 }
 
-Model::~Model() {
+template <class T>
+ModelT<T>::~ModelT() {
   release_activations();
   be_.release(params_);
   be_.release(grads_);
   be_.release(buffers_);
 }
 
-void Model::init_torchvision(uint64_t seed) {
+template <class T>
+void ModelT<T>::init_torchvision(uint64_t seed) {
   std::mt19937_64 rng(seed);
-  std::vector<float> p(static_cast<size_t>(n_params_));
-  std::vector<float> buf(size_t(n_buffers_), 0.f);
+  std::vector<T> p(static_cast<size_t>(n_params_));
+  std::vector<T> buf(size_t(n_buffers_), 0.f);
   for (const TensorSlot& s : slots_) {
     const int64_t n = numel(s.spec.shape);
     switch (s.spec.role) {
       case TensorRole::ConvWeight: {  // kaiming_normal_(mode="fan_out", nonlinearity="relu")
         const int64_t fan_out = s.spec.shape[0] * s.spec.shape[2] * s.spec.shape[3];
         std::normal_distribution<double> d(0.0, std::sqrt(2.0 / double(fan_out)));
-        for (int64_t i = 0; i < n; ++i) p[size_t(s.offset + i)] = float(d(rng));
+        for (int64_t i = 0; i < n; ++i) p[size_t(s.offset + i)] = T(float(d(rng)));
         break;
       }
       case TensorRole::BnWeight: std::fill_n(p.begin() + s.offset, n, 1.f); break;
@@ -161,7 +177,7 @@ void Model::init_torchvision(uint64_t seed) {
       case TensorRole::FcBias: {  // nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
         const double bound = 1.0 / std::sqrt(double(s.spec.fan_in));
         std::uniform_real_distribution<double> d(-bound, bound);
-        for (int64_t i = 0; i < n; ++i) p[size_t(s.offset + i)] = float(d(rng));
+        for (int64_t i = 0; i < n; ++i) p[size_t(s.offset + i)] = T(float(d(rng)));
         break;
       }
       case TensorRole::BnRunningVar: std::fill_n(buf.begin() + s.offset, n, 1.f); break;
@@ -169,33 +185,35 @@ void Model::init_torchvision(uint64_t seed) {
       case TensorRole::BnNumBatches: num_batches_[size_t(s.bn_index)] = 0; break;
     }
   }
-  be_.upload(params_, p.data(), sizeof(float) * p.size());
-  be_.upload(buffers_, buf.data(), sizeof(float) * buf.size());
+  be_.upload(params_, p.data(), sizeof(T) * p.size());
+  be_.upload(buffers_, buf.data(), sizeof(T) * buf.size());
 }
 
-void Model::load_state_dict(const StateDict& sd, const std::string& source) {
+template <class T>
+void ModelT<T>::load_state_dict(const StateDict& sd, const std::string& source) {
   std::vector<TensorSpec> specs;
   for (const TensorSlot& s : slots_) specs.push_back(s.spec);
   check_against_specs(sd, specs, source);
-  std::vector<float> p(static_cast<size_t>(n_params_)), buf(static_cast<size_t>(n_buffers_));
+  std::vector<T> p(static_cast<size_t>(n_params_)), buf(static_cast<size_t>(n_buffers_));
   for (const TensorSlot& s : slots_) {
     const HostTensor& t = sd.at(s.spec.name);
     if (s.spec.role == TensorRole::BnNumBatches) {
       num_batches_[size_t(s.bn_index)] = int64_t(t.to_f64()[0]);
       continue;
     }
-    std::vector<float> v = t.to_f32();
-    float* dst = (s.spec.kind == TensorKind::Parameter ? p.data() : buf.data()) + s.offset;
+    std::vector<double> v = t.to_f64();
+    T* dst = (s.spec.kind == TensorKind::Parameter ? p.data() : buf.data()) + s.offset;
     std::copy(v.begin(), v.end(), dst);
   }
-  be_.upload(params_, p.data(), sizeof(float) * p.size());
-  be_.upload(buffers_, buf.data(), sizeof(float) * buf.size());
+  be_.upload(params_, p.data(), sizeof(T) * p.size());
+  be_.upload(buffers_, buf.data(), sizeof(T) * buf.size());
 }
 
-StateDict Model::state_dict() {
-  std::vector<float> p(static_cast<size_t>(n_params_)), buf(static_cast<size_t>(n_buffers_));
-  be_.download(p.data(), params_, sizeof(float) * p.size());
-  be_.download(buf.data(), buffers_, sizeof(float) * buf.size());
+template <class T>
+StateDict ModelT<T>::state_dict() {
+  std::vector<T> p(static_cast<size_t>(n_params_)), buf(static_cast<size_t>(n_buffers_));
+  be_.download(p.data(), params_, sizeof(T) * p.size());
+  be_.download(buf.data(), buffers_, sizeof(T) * buf.size());
   StateDict sd;
   for (const TensorSlot& s : slots_) {
     if (s.spec.role == TensorRole::BnNumBatches) {
@@ -203,24 +221,27 @@ StateDict Model::state_dict() {
       sd.set(s.spec.name, HostTensor::from_i64(s.spec.shape, &v));
       continue;
     }
-    const float* src = (s.spec.kind == TensorKind::Parameter ? p.data() : buf.data()) + s.offset;
-    sd.set(s.spec.name, HostTensor::from_f32(s.spec.shape, src));
+    const T* src = (s.spec.kind == TensorKind::Parameter ? p.data() : buf.data()) + s.offset;
+    sd.set(s.spec.name, to_host_f32(s.spec.shape, src));
   }
   return sd;
 }
 
-void Model::release_activations() {
+template <class T>
+void ModelT<T>::release_activations() {
   for (void* p : act_allocs_) be_.release(p);
   act_allocs_.clear();
 }
 
-float* Model::act_alloc(int64_t floats) {
-  void* p = be_.alloc(sizeof(float) * size_t(std::max<int64_t>(floats, 1)));
+template <class T>
+T* ModelT<T>::act_alloc(int64_t floats) {
+  void* p = be_.alloc(sizeof(T) * size_t(std::max<int64_t>(floats, 1)));
   act_allocs_.push_back(p);
-  return static_cast<float*>(p);
+  return static_cast<T*>(p);
 }
 
-void Model::plan(int max_batch, int image_size) {
+template <class T>
+void ModelT<T>::plan(int max_batch, int image_size) {
   VB_CHECK(max_batch > 0 && image_size >= 32, "bad plan: batch ", max_batch, ", image size ", image_size);
   release_activations();
   max_batch_ = max_batch;
@@ -239,7 +260,7 @@ void Model::plan(int max_batch, int image_size) {
   stem_a_ = act(cfg_.width, sh, sw);
   const int ph = (sh + 2 - 3) / 2 + 1, pw = (sw + 2 - 3) / 2 + 1;
   pool_ = act(cfg_.width, ph, pw);
-  float* x = pool_;
+  T* x = pool_;
   int h = ph, w = pw;
   for (Block& b : blocks_) {
     b.x = x;
@@ -279,8 +300,8 @@ void Model::plan(int max_batch, int image_size) {
   }
   logits_ = fc_out_.back();
   dlogits_ = act_alloc(N * cfg_.num_classes);
-  for (float*& g : g_) g = act_alloc(largest);
-  for (float*& g : gfc_) g = act_alloc(N * widest);
+  for (T*& g : g_) g = act_alloc(largest);
+  for (T*& g : gfc_) g = act_alloc(N * widest);
 }
 
 namespace {
@@ -290,10 +311,11 @@ ConvShape with_batch(ConvShape s, int n) {
 }
 }  // namespace
 
-void Model::forward(int n, bool train) {
+template <class T>
+void ModelT<T>::forward(int n, bool train) {
   VB_CHECK(n > 0 && n <= max_batch_, "batch of ", n, " images; the model is planned for ", max_batch_);
-  Backend& be = be_;
-  auto bn_fwd = [&](Bn& b, int H, int W, const float* x, const float* residual, bool relu, float* y) {
+  BackendT<T>& be = be_;
+  auto bn_fwd = [&](Bn& b, int H, int W, const T* x, const T* residual, bool relu, T* y) {
     if (train) {
       be.bn_train_fwd(n, b.C, H, W, x, b.gamma, b.beta, residual, relu, y, b.save_mean, b.save_invstd,
                       b.running_mean, b.running_var, kBnMomentum, kBnEps);
@@ -312,7 +334,7 @@ void Model::forward(int n, bool train) {
     be.conv_fwd(with_batch(b.c2->s, n), b.a1, b.c2->w, b.o2);
     bn_fwd(*b.b2, b.out_h, b.out_w, b.o2, nullptr, true, b.a2);
     be.conv_fwd(with_batch(b.c3->s, n), b.a2, b.c3->w, b.o3);
-    const float* residual = b.x;
+    const T* residual = b.x;
     if (b.ds) {
       be.conv_fwd(with_batch(b.ds->s, n), b.x, b.ds->w, b.dso);
       bn_fwd(*b.bds, b.out_h, b.out_w, b.dso, nullptr, false, b.dsa);
@@ -322,7 +344,7 @@ void Model::forward(int n, bool train) {
   }
   const Block& last = blocks_.back();
   be.avgpool_fwd(n, last.out_c, last.out_h, last.out_w, last.y, feat_);
-  const float* h = feat_;
+  const T* h = feat_;
   for (size_t i = 0; i < fcs_.size(); ++i) {
     const Linear& l = fcs_[i];
     be.linear_fwd(n, l.in, l.out, h, l.w, l.b, fc_out_[i]);
@@ -331,16 +353,17 @@ void Model::forward(int n, bool train) {
   }
 }
 
-void Model::backward(int n) {
+template <class T>
+void ModelT<T>::backward(int n) {
   VB_CHECK(n > 0 && n <= max_batch_, "batch of ", n, " images; the model is planned for ", max_batch_);
-  Backend& be = be_;
+  BackendT<T>& be = be_;
   // The head, last layer first. dx of the first linear is the gradient of the pooled features.
-  const float* dy = dlogits_;
+  const T* dy = dlogits_;
   int k = 0;
   for (size_t i = fcs_.size(); i-- > 0;) {
     const Linear& l = fcs_[i];
-    const float* x = i == 0 ? feat_ : fc_out_[i - 1];
-    float* dx = (i == 0 && frozen_) ? nullptr : gfc_[k];
+    const T* x = i == 0 ? feat_ : fc_out_[i - 1];
+    T* dx = (i == 0 && frozen_) ? nullptr : gfc_[k];
     be.linear_bwd(n, l.in, l.out, x, l.w, dy, dx, l.dw, l.db);
     if (i > 0) be.relu_bwd(int64_t(n) * l.in, fc_out_[i - 1], dx, dx);
     dy = dx;
@@ -348,7 +371,7 @@ void Model::backward(int n) {
   }
   if (frozen_) return;
 
-  float *A = g_[0], *B = g_[1], *C = g_[2], *D = g_[3], *E = g_[4];
+  T *A = g_[0], *B = g_[1], *C = g_[2], *D = g_[3], *E = g_[4];
   const Block& last = blocks_.back();
   be.avgpool_bwd(n, last.out_c, last.out_h, last.out_w, dy, A);
   // A holds the gradient of the current block's output throughout.
@@ -387,5 +410,8 @@ void Model::backward(int n) {
             stem_bn_->save_invstd, true, D, nullptr, stem_bn_->dgamma, stem_bn_->dbeta, C);
   be.conv_bwd_filter(s0, input_, D, stem_conv_->dw);
 }
+
+template class ModelT<float>;
+template class ModelT<double>;
 
 }  // namespace vb

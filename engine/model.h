@@ -22,23 +22,25 @@ struct TensorSlot {
   int bn_index = -1;   // num_batches_tracked: which batch norm
 };
 
-class Model {
+// T: the element type (float to train; double for the CPU reference path of the golden checks).
+template <class T>
+class ModelT {
  public:
-  Model(Backend& backend, const ModelConfig& cfg);
-  ~Model();
-  Model(const Model&) = delete;
-  Model& operator=(const Model&) = delete;
+  ModelT(BackendT<T>& backend, const ModelConfig& cfg);
+  ~ModelT();
+  ModelT(const ModelT&) = delete;
+  ModelT& operator=(const ModelT&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
-  Backend& backend() { return be_; }
+  BackendT<T>& backend() { return be_; }
   const std::vector<TensorSlot>& slots() const { return slots_; }
 
   // ---- parameters (flat, spec order of the Parameter entries; the head comes last) ----
   int64_t num_params() const { return n_params_; }
   int64_t num_head_params() const { return n_params_ - head_offset_; }
-  int64_t head_offset() const { return head_offset_; }  // first float of the head in params()/grads()
-  float* params() { return params_; }
-  float* grads() { return grads_; }
+  int64_t head_offset() const { return head_offset_; }  // first T of the head in params()/grads()
+  T* params() { return params_; }
+  T* grads() { return grads_; }
 
   // torchvision's initialisation: conv kaiming_normal(fan_out, relu), BN weight 1 bias 0, running stats 0/1,
   // Linear as nn.Linear (uniform +-1/sqrt(fan_in) for weight and bias). Seeded, reproducible.
@@ -53,9 +55,9 @@ class Model {
   void plan(int max_batch, int image_size);
   int max_batch() const { return max_batch_; }
   int image_size() const { return image_size_; }
-  float* input() { return input_; }    // (max_batch, 3, S, S) in the backend's activation layout
-  float* logits() { return logits_; }  // (max_batch, classes) row-major
-  float* dlogits() { return dlogits_; }
+  T* input() { return input_; }    // (max_batch, 3, S, S) in the backend's activation layout
+  T* logits() { return logits_; }  // (max_batch, classes) row-major
+  T* dlogits() { return dlogits_; }
 
   // Forward of the first n images of input(). train: batch statistics (and running-statistics update);
   // otherwise running statistics.
@@ -73,15 +75,15 @@ class Model {
   struct Linear;
 
   void release_activations();
-  float* act_alloc(int64_t floats);
+  T* act_alloc(int64_t floats);
 
-  Backend& be_;
+  BackendT<T>& be_;
   ModelConfig cfg_;
   std::vector<TensorSlot> slots_;
   int64_t n_params_ = 0, n_buffers_ = 0, head_offset_ = 0;
-  float* params_ = nullptr;   // (n_params)
-  float* grads_ = nullptr;    // (n_params)
-  float* buffers_ = nullptr;  // (n_buffers) running means and variances
+  T* params_ = nullptr;   // (n_params)
+  T* grads_ = nullptr;    // (n_params)
+  T* buffers_ = nullptr;  // (n_buffers) running means and variances
   std::vector<int64_t> num_batches_;  // one per batch norm, host side
 
   std::vector<std::unique_ptr<Conv>> convs_;
@@ -93,14 +95,16 @@ class Model {
 
   int max_batch_ = 0, image_size_ = 0;
   std::vector<void*> act_allocs_;
-  float* input_ = nullptr;
-  float *stem_c_ = nullptr, *stem_a_ = nullptr, *pool_ = nullptr;  // stem conv out, bn+relu out, maxpool out
-  float* feat_ = nullptr;                                          // (N, F) after the average pool
-  std::vector<float*> fc_out_;                                      // per linear: its output (after ReLU)
-  float *logits_ = nullptr, *dlogits_ = nullptr;
-  float *g_[5] = {};  // gradient scratch, each the largest activation
-  float *gfc_[2] = {};  // head gradient scratch, each (N, max head width)
+  T* input_ = nullptr;
+  T *stem_c_ = nullptr, *stem_a_ = nullptr, *pool_ = nullptr;  // stem conv out, bn+relu out, maxpool out
+  T* feat_ = nullptr;                                          // (N, F) after the average pool
+  std::vector<T*> fc_out_;                                      // per linear: its output (after ReLU)
+  T *logits_ = nullptr, *dlogits_ = nullptr;
+  T *g_[5] = {};  // gradient scratch, each the largest activation
+  T *gfc_[2] = {};  // head gradient scratch, each (N, max head width)
   bool frozen_ = false;
 };
+
+using Model = ModelT<float>;
 
 }  // namespace vb

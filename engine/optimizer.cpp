@@ -2,7 +2,8 @@
 
 namespace vb {
 
-AdamW::AdamW(Model& model, AdamWOptions opt) : model_(model), opt_(opt) {
+template <class T>
+AdamWT<T>::AdamWT(ModelT<T>& model, AdamWOptions opt) : model_(model), opt_(opt) {
   for (const TensorSlot& s : model.slots()) {
     if (s.spec.kind != TensorKind::Parameter) continue;
     offsets_.push_back(s.offset);
@@ -10,20 +11,22 @@ AdamW::AdamW(Model& model, AdamWOptions opt) : model_(model), opt_(opt) {
     head_.push_back(s.spec.head);
   }
   steps_.assign(offsets_.size(), 0);
-  const size_t bytes = sizeof(float) * size_t(model.num_params());
-  m_ = static_cast<float*>(model.backend().alloc(bytes));
-  v_ = static_cast<float*>(model.backend().alloc(bytes));
+  const size_t bytes = sizeof(T) * size_t(model.num_params());
+  m_ = static_cast<T*>(model.backend().alloc(bytes));
+  v_ = static_cast<T*>(model.backend().alloc(bytes));
 }
 
-AdamW::~AdamW() {
+template <class T>
+AdamWT<T>::~AdamWT() {
   model_.backend().release(m_);
   model_.backend().release(v_);
 }
 
-void AdamW::step(double lr) {
+template <class T>
+void AdamWT<T>::step(double lr) {
   const bool frozen = model_.backbone_frozen();
-  Backend& be = model_.backend();
-  float *p = model_.params(), *g = model_.grads();
+  BackendT<T>& be = model_.backend();
+  T *p = model_.params(), *g = model_.grads();
   // Runs of consecutive tensors with the same step count are one launch (usually the whole buffer).
   size_t i = 0;
   while (i < offsets_.size()) {
@@ -38,11 +41,15 @@ void AdamW::step(double lr) {
   }
 }
 
-StateDict AdamW::state_dict() {
+template <class T>
+StateDict AdamWT<T>::state_dict() {
   const int64_t n = model_.num_params();
+  std::vector<T> hm(static_cast<size_t>(n)), hv(hm.size());
+  model_.backend().download(hm.data(), m_, sizeof(T) * hm.size());
+  model_.backend().download(hv.data(), v_, sizeof(T) * hv.size());
   HostTensor m({n}, DType::F32), v({n}, DType::F32);
-  model_.backend().download(m.bytes.data(), m_, m.bytes.size());
-  model_.backend().download(v.bytes.data(), v_, v.bytes.size());
+  std::copy(hm.begin(), hm.end(), m.template as<float>());
+  std::copy(hv.begin(), hv.end(), v.template as<float>());
   StateDict sd;
   sd.set("exp_avg", std::move(m));
   sd.set("exp_avg_sq", std::move(v));
@@ -50,7 +57,8 @@ StateDict AdamW::state_dict() {
   return sd;
 }
 
-void AdamW::load_state_dict(const StateDict& sd, const std::string& source) {
+template <class T>
+void AdamWT<T>::load_state_dict(const StateDict& sd, const std::string& source) {
   const int64_t n = model_.num_params();
   for (const char* k : {"exp_avg", "exp_avg_sq"}) {
     if (!sd.has(k)) fail(source, ": optimizer state has no '", k, "'");
@@ -59,29 +67,37 @@ void AdamW::load_state_dict(const StateDict& sd, const std::string& source) {
   }
   if (!sd.has("step") || sd.at("step").numel() != int64_t(steps_.size()))
     fail(source, ": optimizer state has no per-tensor 'step' for ", steps_.size(), " tensors");
-  model_.backend().upload(m_, sd.at("exp_avg").bytes.data(), sizeof(float) * size_t(n));
-  model_.backend().upload(v_, sd.at("exp_avg_sq").bytes.data(), sizeof(float) * size_t(n));
+  for (auto [key, dst] : {std::pair{"exp_avg", m_}, std::pair{"exp_avg_sq", v_}}) {
+    std::vector<T> h(static_cast<size_t>(n));
+    const float* src = sd.at(key).template as<float>();
+    std::copy(src, src + n, h.begin());
+    model_.backend().upload(dst, h.data(), sizeof(T) * h.size());
+  }
   std::vector<double> st = sd.at("step").to_f64();
   for (size_t i = 0; i < steps_.size(); ++i) steps_[i] = int64_t(st[i]);
 }
 
-void AdamW::load_torch_state(const std::vector<HostTensor>& exp_avg, const std::vector<HostTensor>& exp_avg_sq,
+template <class T>
+void AdamWT<T>::load_torch_state(const std::vector<HostTensor>& exp_avg, const std::vector<HostTensor>& exp_avg_sq,
                              const std::vector<int64_t>& steps, const std::string& source) {
-  const size_t T = offsets_.size();
-  if (exp_avg.size() != T || exp_avg_sq.size() != T || steps.size() != T)
-    fail(source, ": optimizer state has ", exp_avg.size(), " parameters, the model has ", T);
-  std::vector<float> m(static_cast<size_t>(model_.num_params())), v(m.size());
-  for (size_t i = 0; i < T; ++i) {
+  const size_t count = offsets_.size();
+  if (exp_avg.size() != count || exp_avg_sq.size() != count || steps.size() != count)
+    fail(source, ": optimizer state has ", exp_avg.size(), " parameters, the model has ", count);
+  std::vector<T> m(static_cast<size_t>(model_.num_params())), v(m.size());
+  for (size_t i = 0; i < count; ++i) {
     if (exp_avg[i].numel() != sizes_[i] || exp_avg_sq[i].numel() != sizes_[i])
       fail(source, ": optimizer state of parameter ", i, " has ", exp_avg[i].numel(), " values, expected ", sizes_[i]);
-    std::vector<float> a = exp_avg[i].to_f32(), b = exp_avg_sq[i].to_f32();
+    std::vector<double> a = exp_avg[i].to_f64(), b = exp_avg_sq[i].to_f64();
     std::copy(a.begin(), a.end(), m.begin() + offsets_[i]);
     std::copy(b.begin(), b.end(), v.begin() + offsets_[i]);
     steps_[i] = steps[i];
   }
-  model_.backend().upload(m_, m.data(), sizeof(float) * m.size());
-  model_.backend().upload(v_, v.data(), sizeof(float) * v.size());
+  model_.backend().upload(m_, m.data(), sizeof(T) * m.size());
+  model_.backend().upload(v_, v.data(), sizeof(T) * v.size());
 }
+
+template class AdamWT<float>;
+template class AdamWT<double>;
 
 StepLR::StepLR(double base_lr, int step_size, double gamma)
     : base_lr_(base_lr), gamma_(gamma), lr_(base_lr), step_size_(step_size) {

@@ -15,12 +15,13 @@ struct AdamWOptions {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
 };
 
-class AdamW {
+template <class T>
+class AdamWT {
  public:
-  AdamW(Model& model, AdamWOptions opt);
-  ~AdamW();
-  AdamW(const AdamW&) = delete;
-  AdamW& operator=(const AdamW&) = delete;
+  AdamWT(ModelT<T>& model, AdamWOptions opt);
+  ~AdamWT();
+  AdamWT(const AdamWT&) = delete;
+  AdamWT& operator=(const AdamWT&) = delete;
 
   // One update of every parameter that has a gradient this step (only the head while the backbone is
   // frozen: PyTorch skips parameters whose grad is None, their step counts included).
@@ -37,15 +38,17 @@ class AdamW {
                         const std::vector<int64_t>& steps, const std::string& source);
 
  private:
-  Model& model_;
+  ModelT<T>& model_;
   AdamWOptions opt_;
-  float* m_ = nullptr;  // (n_params)
-  float* v_ = nullptr;  // (n_params)
+  T* m_ = nullptr;  // (n_params)
+  T* v_ = nullptr;  // (n_params)
   std::vector<int64_t> steps_;      // per parameter tensor
   std::vector<int64_t> offsets_;    // per parameter tensor: first float
   std::vector<int64_t> sizes_;      // per parameter tensor: floats
   std::vector<bool> head_;          // per parameter tensor
 };
+
+using AdamW = AdamWT<float>;
 
 class StepLR {
  public:

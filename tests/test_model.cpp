@@ -18,8 +18,9 @@ vb::ModelConfig mini(std::vector<int> hidden = {16}) {
 }  // namespace
 
 TEST_CASE("tensor table: torchvision's names, shapes and state_dict order") {
-  // mini_imagenet_style.safetensors is a torchvision ResNet-50 layout (width 8) written by PyTorch.
-  vb::StateDict sd = vb::load_safetensors(vbtest::fixture("mini_imagenet_style.safetensors"));
+  // mini_imagenet_style.pth is a torchvision ResNet-50 state dict (width 8) as torch.save wrote it, in
+  // state_dict order (the .safetensors copy has its keys sorted by the safetensors library).
+  vb::StateDict sd = vb::load_state_dict_file(vbtest::fixture("mini_imagenet_style.pth"));
   vb::ModelConfig cfg = vb::infer_model_config(sd);
   CHECK(cfg.blocks == std::vector<int>{3, 4, 6, 3});
   CHECK(cfg.width == 8);
