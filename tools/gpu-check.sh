@@ -62,8 +62,12 @@ if [[ -n "$SRC_AT_BUILD" && "$SRC_AT_BUILD" != "$ROOT" && ! -e "$SRC_AT_BUILD" ]
 fi
 VBTRAIN=$BUILD/tools/vbtrain
 VBBENCH=$BUILD/tools/vbbench
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
-GPU=$(head -1 "$LOGS/gpu.txt")
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
+  GPU=$(head -1 "$LOGS/gpu.txt")
+else
+  GPU="none seen (no nvidia-smi)"
+fi
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]] && COMMIT="$COMMIT (with local changes)"
 
@@ -81,7 +85,7 @@ for t in "$BUILD"/tests/test_*; do
   elif [[ $rc -eq 0 ]]; then res="passed"
   else res="FAILED (exit $rc)"; status=1; tail -25 "$LOGS/$name.log"
   fi
-  summary=$(grep -E "^\[doctest\] (test cases|assertions):" "$LOGS/$name.log" | tr '\n' ' ' | sed 's/\[doctest\] //g')
+  summary=$(grep -E "^\[doctest\] (test cases|assertions):" "$LOGS/$name.log" | sed 's/\[doctest\] //; s/ *| */, /g; s/, *$//' | tr '\n' ' ')
   echo "| $name | $res | ${secs} s | $summary |" >>"$WORK/tests.md"
 done
 
