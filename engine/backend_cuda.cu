@@ -12,10 +12,11 @@
 // buffer shared by every convolution; it grows only while an algorithm is being chosen (the first time a
 // (shape, direction, precision) is seen, i.e. during the first training step), never afterwards. Batch norm's
 // reduction scratch and cuBLAS's workspace are allocated once up front, so a steady-state step neither
-// allocates nor waits for the device.
+// allocates nor waits for the device. VB_CUDNN_LOG=1 prints each choice (algorithm, math type, workspace).
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -41,6 +42,7 @@ constexpr size_t kCublasWorkspace = size_t(32) << 20;
 constexpr int kBnChannels = 4096;
 
 enum class ConvDir { Fwd = 0, BwdData = 1, BwdFilter = 2 };
+const char* const kDirNames[] = {"forward", "backward-data", "backward-filter"};
 
 // Descriptors and chosen algorithms of one (shape, precision); created once, reused by every call.
 struct ConvPlan {
@@ -172,7 +174,7 @@ class CudaBackend final : public Backend {
   // ---- convolution ----
   void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) override {
     ConvPlan& p = plan(s);
-    if (!p.chosen[0]) choose(p, ConvDir::Fwd, x, w, y);
+    if (!p.chosen[0]) choose(s, p, ConvDir::Fwd, x, w, y);
     const float one = 1.f, zero = 0.f;
     VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[0]));
     VB_CUDNN_CHECK(cudnnConvolutionForward(dnn_, &one, p.x, x, p.w, w, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[0]),
@@ -180,7 +182,7 @@ class CudaBackend final : public Backend {
   }
   void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) override {
     ConvPlan& p = plan(s);
-    if (!p.chosen[1]) choose(p, ConvDir::BwdData, dx, w, dy);
+    if (!p.chosen[1]) choose(s, p, ConvDir::BwdData, dx, w, dy);
     const float one = 1.f, zero = 0.f;
     VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[1]));
     VB_CUDNN_CHECK(cudnnConvolutionBackwardData(dnn_, &one, p.w, w, p.y, dy, p.conv,
@@ -189,7 +191,7 @@ class CudaBackend final : public Backend {
   }
   void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override {
     ConvPlan& p = plan(s);
-    if (!p.chosen[2]) choose(p, ConvDir::BwdFilter, x, dw, dy);
+    if (!p.chosen[2]) choose(s, p, ConvDir::BwdFilter, x, dw, dy);
     const float one = 1.f, zero = 0.f;
     VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[2]));
     VB_CUDNN_CHECK(cudnnConvolutionBackwardFilter(dnn_, &one, p.x, x, p.y, dy, p.conv,
@@ -338,7 +340,7 @@ class CudaBackend final : public Backend {
   // once on the real buffers; the fastest acceptable one is kept for this (shape, direction, precision).
   // a, b, c: the direction's buffers (fwd: x, w, y; bwd-data: dx, w, dy; bwd-filter: x, dw, dy); the
   // direction's output is overwritten by the timing runs and then written by the real call.
-  void choose(ConvPlan& p, ConvDir dir, const void* a, const void* b, const void* c) {
+  void choose(const ConvShape& s, ConvPlan& p, ConvDir dir, const void* a, const void* b, const void* c) {
     const int d = int(dir);
     VB_CUDNN_CHECK(cudnnSetConvolutionMathType(
         p.conv, precision_ == Precision::FP32 ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH));
@@ -385,40 +387,40 @@ class CudaBackend final : public Backend {
                                                                    ws_size_));
       timed = candidates(r.data(), got);
     }
-    // Timed results come fastest first; fall back to the heuristics' order if none ran.
-    const Candidate* pick = nullptr;
-    for (const Candidate& t : timed)
-      if (acceptable(t) && t.memory <= ws_size_) {
-        pick = &t;
-        break;
-      }
-    if (!pick)
-      for (const Candidate& h : heur)
-        if (acceptable(h) && h.memory <= ws_size_) {
-          pick = &h;
-          break;
-        }
-    static const char* names[] = {"forward", "backward-data", "backward-filter"};
-    if (!pick)
-      fail("conv: no cuDNN ", names[d], " algorithm for ", precision_name(precision_), " within the ",
-           kMaxConvWorkspace >> 20, " MiB workspace limit");
-    p.algo[d] = pick->algo;
-    p.math[d] = precision_ == Precision::FP32 ? CUDNN_FMA_MATH : pick->math;
-    // The workspace for exactly the (algorithm, math type) that will run.
-    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[d]));
-    size_t ws = 0;
-    if (dir == ConvDir::Fwd)
-      VB_CUDNN_CHECK(cudnnGetConvolutionForwardWorkspaceSize(dnn_, p.x, p.w, p.conv, p.y,
-                                                             cudnnConvolutionFwdAlgo_t(p.algo[d]), &ws));
-    else if (dir == ConvDir::BwdData)
-      VB_CUDNN_CHECK(cudnnGetConvolutionBackwardDataWorkspaceSize(dnn_, p.w, p.y, p.conv, p.x,
-                                                                  cudnnConvolutionBwdDataAlgo_t(p.algo[d]), &ws));
-    else
-      VB_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterWorkspaceSize(dnn_, p.x, p.y, p.conv, p.w,
-                                                                    cudnnConvolutionBwdFilterAlgo_t(p.algo[d]), &ws));
-    grow_workspace(ws);
-    p.ws[d] = ws;
-    p.chosen[d] = true;
+    // Timed results come fastest first, then the heuristics' order as a fallback. The first candidate whose
+    // (algorithm, math type) cuDNN accepts as it will run wins; its exact workspace is then reserved.
+    std::vector<Candidate> order = timed;
+    order.insert(order.end(), heur.begin(), heur.end());
+    for (const Candidate& c : order) {
+      if (!acceptable(c) || c.memory > ws_size_) continue;
+      const cudnnMathType_t math = precision_ == Precision::FP32 ? CUDNN_FMA_MATH : c.math;
+      VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, math));
+      size_t ws = 0;
+      cudnnStatus_t st;
+      if (dir == ConvDir::Fwd)
+        st = cudnnGetConvolutionForwardWorkspaceSize(dnn_, p.x, p.w, p.conv, p.y, cudnnConvolutionFwdAlgo_t(c.algo),
+                                                     &ws);
+      else if (dir == ConvDir::BwdData)
+        st = cudnnGetConvolutionBackwardDataWorkspaceSize(dnn_, p.w, p.y, p.conv, p.x,
+                                                          cudnnConvolutionBwdDataAlgo_t(c.algo), &ws);
+      else
+        st = cudnnGetConvolutionBackwardFilterWorkspaceSize(dnn_, p.x, p.y, p.conv, p.w,
+                                                            cudnnConvolutionBwdFilterAlgo_t(c.algo), &ws);
+      if (st != CUDNN_STATUS_SUCCESS || ws > kMaxConvWorkspace) continue;
+      grow_workspace(ws);
+      p.algo[d] = c.algo;
+      p.math[d] = math;
+      p.ws[d] = ws;
+      p.chosen[d] = true;
+      if (std::getenv("VB_CUDNN_LOG"))  // which algorithm each layer got, for performance work
+        std::fprintf(stderr, "cudnn %s %s N%d C%d %dx%d K%d %dx%d/%d: algo %d math %d workspace %.1f MiB, %.3f ms\n",
+                     precision_name(precision_), kDirNames[d], s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, c.algo,
+                     int(math), double(ws) / (1 << 20), double(c.time));
+      return;
+    }
+    fail("conv: no cuDNN ", kDirNames[d], " algorithm for ", precision_name(precision_), " N=", s.N, " C=", s.C,
+         " ", s.H, "x", s.W, " K=", s.K, " ", s.R, "x", s.S, "/", s.stride, " within the ", kMaxConvWorkspace >> 20,
+         " MiB workspace limit");
   }
 
   int dev_;
