@@ -110,7 +110,7 @@ done
 
 # ---- 5. vbbench ----
 note "vbbench"
-timeout 300 "$VBBENCH" --json "$WORK/vbbench.json" >"$LOGS/vbbench.log" 2>&1 || { status=1; tail -15 "$LOGS/vbbench.log"; }
+timeout 300 "$VBBENCH" --warmup 1 --iters 5 --json "$WORK/vbbench.json" >"$LOGS/vbbench.log" 2>&1 || { status=1; tail -15 "$LOGS/vbbench.log"; }
 
 # ---- 6. PyTorch ----
 note "torch_bench.py"
