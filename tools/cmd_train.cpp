@@ -33,7 +33,7 @@ void apply_default_run(TrainArgs& a) {
     so.clips_per_video = 40;
   } else {
     so.scale = 0.25;
-    so.clips_per_video = 16;
+    so.clips_per_video = 24;
   }
   if (!fs::exists(fs::path(a.synth_dir) / "videos")) {
     std::printf("no --data: generating the synthetic Volleyball dataset in %s/ (once)\n", a.synth_dir.c_str());
@@ -47,14 +47,14 @@ void apply_default_run(TrainArgs& a) {
     a.o.preset = "gpu-synthetic: full ResNet-50 at 224, 10 epochs";
     if (!a.epochs_opt->count()) a.o.epochs = 10;
   } else {
-    a.o.preset = "cpu-synthetic: a reduced ResNet (blocks 1,1,1,1, width 16) at 64x64, batch 32, 12 epochs, lr 2e-3, StepLR(4, 0.6)";
+    a.o.preset = "cpu-synthetic: a reduced ResNet (blocks 1,1,1,1, width 16) at 64x64, batch 32, 30 epochs, lr 2e-3, StepLR(8, 0.6)";
     if (!a.blocks_opt->count()) a.o.blocks = {1, 1, 1, 1};
     if (!a.width_opt->count()) a.o.width = 16;
     if (!a.size_opt->count()) a.o.image_size = 64;
     if (!a.batch_opt->count()) a.o.batch_size = 32;
-    if (!a.epochs_opt->count()) a.o.epochs = 12;
+    if (!a.epochs_opt->count()) a.o.epochs = 30;
     a.o.lr = 2e-3;
-    a.o.step_size = 4;
+    a.o.step_size = 8;
   }
   if (!a.out_opt->count()) a.o.out = "runs/default";
   std::printf("preset %s\n", a.o.preset.c_str());
