@@ -277,8 +277,21 @@ bool cpu_has_avx512_resample() {
 }
 #endif
 
-// Pillow's two-pass resample of the box of `src` to (out_w, out_h), into `dst` (out_h, out_w, 3).
-void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, uint8_t* dst, bool simd = true) {
+// The outputs [begin, begin + n) of an axis: each output's taps and weights do not depend on the others.
+AxisCoeffs slice(const AxisCoeffs& c, int begin, int n) {
+  AxisCoeffs s;
+  s.ksize = c.ksize;
+  s.first.assign(c.first.begin() + begin, c.first.begin() + begin + n);
+  s.count.assign(c.count.begin() + begin, c.count.begin() + begin + n);
+  s.k.assign(c.k.begin() + long(begin) * c.ksize, c.k.begin() + long(begin + n) * c.ksize);
+  return s;
+}
+
+// Pillow's two-pass resample of the box of `src` to (out_w, out_h), into `dst`. With `window`, only that
+// part of the output is computed (same values: the horizontal pass is per output column and the vertical
+// per output row), and dst is (window.height, window.width, 3); otherwise dst is (out_h, out_w, 3).
+void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, uint8_t* dst, bool simd = true,
+                  const CropBox* window = nullptr) {
   VB_CHECK(box.top >= 0 && box.left >= 0 && box.height > 0 && box.width > 0 &&
                box.top + box.height <= src.height && box.left + box.width <= src.width,
            "crop box (top ", box.top, ", left ", box.left, ", h ", box.height, ", w ", box.width,
@@ -286,7 +299,15 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
   VB_CHECK(out_w > 0 && out_h > 0, "resize to ", out_w, "x", out_h);
   const bool need_h = out_w != box.width, need_v = out_h != box.height;
   const int simd_limit = g_simd_limit.load(std::memory_order_relaxed);
-  AxisCoeffs cv = precompute_coeffs(box.height, out_h);
+  const CropBox win = window ? *window : CropBox{0, 0, out_h, out_w};
+  VB_CHECK(win.top >= 0 && win.left >= 0 && win.height > 0 && win.width > 0 && win.top + win.height <= out_h &&
+               win.left + win.width <= out_w,
+           "output window outside a ", out_w, "x", out_h, " resize");
+  const int full_w = out_w, full_h = out_h;
+  out_w = win.width;
+  out_h = win.height;
+  // Identity axes keep Pillow's identity coefficients (first = output index), which map window rows too.
+  AxisCoeffs cv = slice(precompute_coeffs(box.height, full_h), win.top, win.height);
   // Rows of the box the vertical pass reads.
   const int y_first = cv.first[0];
   const int y_last = cv.first[size_t(out_h) - 1] + cv.count[size_t(out_h) - 1];
@@ -298,7 +319,7 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
   size_t rows_stride;
   int row_offset;  // box row index of rows[0]
   if (need_h) {
-    AxisCoeffs ch = precompute_coeffs(box.width, out_w);
+    AxisCoeffs ch = slice(precompute_coeffs(box.width, full_w), win.left, win.width);
     const int nrows = y_last - y_first;
     tmp.resize(size_t(nrows) * size_t(out_w) * 3 + 16);  // + slack for the vectorised stores
 #ifdef VB_AVX512_RESAMPLE
@@ -339,14 +360,15 @@ void resample_box(const Image& src, const CropBox& box, int out_w, int out_h, ui
     rows_stride = size_t(out_w) * 3;
     row_offset = y_first;
   } else {
-    rows = src.pixels.data() + size_t(box.top) * src_stride + size_t(box.left) * 3;
+    rows = src.pixels.data() + size_t(box.top) * src_stride + size_t(box.left + win.left) * 3;
     rows_stride = src_stride;
     row_offset = 0;
   }
 
   const size_t n = size_t(out_w) * 3;
   if (!need_v) {
-    for (int yy = 0; yy < out_h; ++yy) std::memcpy(dst + size_t(yy) * n, rows + size_t(yy - row_offset) * rows_stride, n);
+    for (int yy = 0; yy < out_h; ++yy)
+      std::memcpy(dst + size_t(yy) * n, rows + size_t(cv.first[size_t(yy)] - row_offset) * rows_stride, n);
     return;
   }
   // Vertical pass: accumulate whole rows (contiguous, vectorisable).
@@ -559,7 +581,13 @@ TrainDraw draw_train_params(uint64_t seed, int64_t epoch, int64_t sample, int wi
 
 Image eval_crop(const Image& decoded, int image_size) {
   const int r = resize_size(image_size);
-  return center_crop(resize_bilinear(decoded, r, r), image_size);
+  // Only the central S x S of the R x R resize is computed (CenterCrop's offsets, as center_crop).
+  const int off = round_half_even((r - image_size) / 2.0);
+  VB_CHECK(r >= image_size, "resize size ", r, " below the crop ", image_size);
+  const CropBox window{off, off, image_size, image_size};
+  Image out(image_size, image_size);
+  resample_box(decoded, CropBox{0, 0, decoded.height, decoded.width}, r, r, out.pixels.data(), true, &window);
+  return out;
 }
 
 void eval_transform(const Image& decoded, int image_size, float* out) {

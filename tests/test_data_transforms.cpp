@@ -267,3 +267,22 @@ TEST_CASE("the vectorised resamples (AVX2, AVX-512) equal the plain loops on ran
   set_resample_simd_limit(2);
   CHECK(cases == 300);
 }
+
+TEST_CASE("eval_crop (only the central window computed) equals CenterCrop of the full Resize((R,R))") {
+  CounterRng rng(5, RngStream::Augment, 9, 9);
+  for (int it = 0; it < 60; ++it) {
+    const int S = 32 + int(rng.below(200)), R = resize_size(S);
+    // Random sizes, plus the identity cases: already R wide, R tall, or R x R.
+    int w = 1 + int(rng.below(700)), h = 1 + int(rng.below(400));
+    if (it % 6 == 1) w = R;
+    if (it % 6 == 2) h = R;
+    if (it % 6 == 3) w = h = R;
+    Image img(w, h);
+    for (auto& p : img.pixels) p = uint8_t(rng.below(256));
+    Image want = center_crop(resize_bilinear(img, R, R), S);
+    Image got = eval_crop(img, S);
+    REQUIRE(got.width == S);
+    REQUIRE(got.height == S);
+    CHECK(got.pixels == want.pixels);
+  }
+}
