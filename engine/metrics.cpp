@@ -107,7 +107,7 @@ std::string html_escape(const std::string& s) {
 }
 
 std::string Confusion::to_svg(const std::vector<std::string>& names, const std::string& title) const {
-  const int cell = 46, left = 110, top = 60, size = cell * k_;
+  const int cell = 64, left = 110, top = 60, size = cell * k_;
   std::ostringstream os;
   os << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << left + size + 20 << "\" height=\"" << top + size + 90
      << "\" font-family=\"sans-serif\" font-size=\"11\">\n";
