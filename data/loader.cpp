@@ -161,9 +161,11 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
   slot.view.labels[pos] = s.label;
   slot.view.sample_indices[pos] = k;
   slot.ok[size_t(pos)] = 0;
+  bool may_cache;  // whether the cache has room (a hint: the budget is checked again on insertion)
   {
     std::lock_guard<std::mutex> g(m_);
     if (bad_[size_t(k)]) return;
+    may_cache = cache_enabled_ && cache_bytes_ < cache_budget_;
   }
   try {
     const Image* frame = &cache_[size_t(k)];
@@ -172,6 +174,18 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
     if (!hit) {
       int min_side = opt_.dct_scaling ? R : 0;
       Image decoded = decode_jpeg_file(s.path, min_side, min_side);
+      if (opt_.train && !may_cache) {
+        // Nothing to keep: resize only the window the random crop reads (the same pixels, less work).
+        const CropBox rs = resize_shorter_size(decoded.width, decoded.height, R);
+        TrainDraw d = draw_train_params(opt_.seed, epoch, k, rs.width, rs.height);
+        Image part = train_resize_crop(decoded, S, d.box);
+        d.box = CropBox{0, 0, part.height, part.width};
+        train_random_part(part, S, d, out);
+        slot.ok[size_t(pos)] = 1;
+        std::lock_guard<std::mutex> g(m_);
+        ++decoded_;
+        return;
+      }
       fresh = opt_.train ? train_resize(decoded, S) : eval_crop(decoded, S);
       frame = &fresh;
     }

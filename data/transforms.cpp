@@ -484,14 +484,26 @@ Image resized_crop_reference(const Image& src, const CropBox& box, int out_w, in
   return out;
 }
 
+CropBox resize_shorter_size(int width, int height, int short_side) {
+  VB_CHECK(width > 0 && height > 0 && short_side > 0, "resize of a ", width, "x", height, " image to ", short_side);
+  const int short_ = std::min(width, height), long_ = std::max(width, height);
+  const int new_long = int(double(int64_t(short_side) * long_) / short_);
+  return width <= height ? CropBox{0, 0, new_long, short_side} : CropBox{0, 0, short_side, new_long};
+}
+
 Image resize_shorter(const Image& src, int short_side) {
-  VB_CHECK(!src.empty() && short_side > 0, "resize_shorter of an empty image or to ", short_side);
-  int w = src.width, h = src.height;
-  int short_ = std::min(w, h), long_ = std::max(w, h);
-  int new_long = int(double(int64_t(short_side) * long_) / short_);
-  int nw = w <= h ? short_side : new_long, nh = w <= h ? new_long : short_side;
-  if (nw == w && nh == h) return src;
-  return resize_bilinear(src, nw, nh);
+  VB_CHECK(!src.empty(), "resize_shorter of an empty image");
+  const CropBox s = resize_shorter_size(src.width, src.height, short_side);
+  if (s.width == src.width && s.height == src.height) return src;
+  return resize_bilinear(src, s.width, s.height);
+}
+
+Image train_resize_crop(const Image& decoded, int image_size, const CropBox& box) {
+  VB_CHECK(!decoded.empty(), "train_resize_crop of an empty image");
+  const CropBox s = resize_shorter_size(decoded.width, decoded.height, resize_size(image_size));
+  Image out(box.width, box.height);
+  resample_box(decoded, CropBox{0, 0, decoded.height, decoded.width}, s.width, s.height, out.pixels.data(), true, &box);
+  return out;
 }
 
 Image crop(const Image& src, const CropBox& b) {

@@ -98,6 +98,11 @@ Image eval_crop(const Image& decoded, int image_size);
 void eval_transform(const Image& decoded, int image_size, float* out);
 // Training, deterministic part: Resize(R) on the shorter side. What the cache keeps.
 Image train_resize(const Image& decoded, int image_size);
+// The size train_resize gives a (width, height) frame: {width, height} of Resize(R) on the shorter side.
+CropBox resize_shorter_size(int width, int height, int short_side);  // top = left = 0
+// The part `box` of train_resize(decoded, S) computed alone: equal to crop(train_resize(decoded, S), box), at
+// the cost of the box only (the uncached training path: the crop's window is all the random part reads).
+Image train_resize_crop(const Image& decoded, int image_size, const CropBox& box);
 // Training, random part on a train_resize'd frame: resized_crop(box, S) -> rotate(angle) -> ToTensor +
 // Normalize into `out` (3, S, S). The rotation and normalisation are fused (same values as the two steps).
 void train_random_part(const Image& resized, int image_size, const TrainDraw& draw, float* out);

@@ -286,3 +286,19 @@ TEST_CASE("eval_crop (only the central window computed) equals CenterCrop of the
     CHECK(got.pixels == want.pixels);
   }
 }
+
+TEST_CASE("train_resize_crop equals the crop of the full train_resize") {
+  CounterRng rng(8, RngStream::Augment, 3, 3);
+  for (int it = 0; it < 60; ++it) {
+    const int S = 32 + int(rng.below(200));
+    const int w = 1 + int(rng.below(700)), h = 1 + int(rng.below(400));
+    Image img(w, h);
+    for (auto& p : img.pixels) p = uint8_t(rng.below(256));
+    Image full = train_resize(img, S);
+    const CropBox rs = resize_shorter_size(w, h, resize_size(S));
+    REQUIRE(full.width == rs.width);
+    REQUIRE(full.height == rs.height);
+    TrainDraw d = draw_train_params(1, it, 0, full.width, full.height);
+    CHECK(train_resize_crop(img, S, d.box).pixels == crop(full, d.box).pixels);
+  }
+}
