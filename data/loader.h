@@ -12,6 +12,8 @@
 // The decoded-frame cache (CachePolicy::Auto: on when the estimate fits the budget): a training frame is kept
 // after Resize(R) as uint8 and an evaluation frame after Resize((R,R)) + CenterCrop(S) as uint8, so only the
 // random part (and the exact, table-driven normalisation) runs again; cached and uncached batches are equal.
+// Without room in the cache, a training frame is resized only over the window its random crop reads
+// (train_resize_crop: the same pixels at about half the cost).
 #pragma once
 #include <condition_variable>
 #include <cstdint>
