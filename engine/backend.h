@@ -15,6 +15,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -48,6 +49,13 @@ class BackendT {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;           // device to device
   virtual void fill_zero(void* p, size_t bytes) = 0;
   virtual void sync() = 0;
+  // Host memory for data headed to the device (page-locked on CUDA, so copies run at full speed).
+  virtual void* host_alloc(size_t bytes) {
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+    if (!p) fail("out of host memory allocating ", bytes, " bytes");
+    return p;
+  }
+  virtual void host_free(void* p) { std::free(p); }
   // Bytes of device memory this backend holds now and at most so far (0 where not tracked, e.g. the CPU).
   virtual size_t memory_in_use() const { return 0; }
   virtual size_t memory_peak() const { return 0; }

@@ -150,6 +150,14 @@ class CudaBackend final : public Backend {
     sizes_.erase(it);
     VB_CUDA_CHECK(cudaFree(p));
   }
+  void* host_alloc(size_t bytes) override {
+    void* p = nullptr;
+    VB_CUDA_CHECK(cudaMallocHost(&p, bytes == 0 ? 64 : bytes));
+    return p;
+  }
+  void host_free(void* p) override {
+    if (p) VB_CUDA_CHECK(cudaFreeHost(p));
+  }
   size_t memory_in_use() const override { return in_use_; }
   size_t memory_peak() const override { return peak_; }
   void upload(void* dst, const void* src, size_t bytes) override {

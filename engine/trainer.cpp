@@ -48,6 +48,7 @@ nlohmann::json TrainOptions::to_json() const {
           {"image_size", image_size},
           {"on_bad_image", on_bad_image},
           {"cache", cache},
+          {"dct_scaling", dct_scaling},
           {"evaluate_test", evaluate_test},
           {"preset", preset}};
 }
@@ -78,6 +79,7 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   get("image_size", o.image_size);
   get("on_bad_image", o.on_bad_image);
   get("cache", o.cache);
+  get("dct_scaling", o.dct_scaling);
   get("evaluate_test", o.evaluate_test);
   get("preset", o.preset);
   return o;
@@ -237,7 +239,10 @@ data::LoaderOptions loader_options(const TrainOptions& o, bool train, Backend& b
   lo.seed = o.seed;
   lo.on_bad = data::parse_bad_image_policy(o.on_bad_image);
   lo.cache = data::parse_cache_policy(o.cache);
-  (void)be;
+  lo.dct_scaling = o.dct_scaling;
+  Backend* b = &be;  // outlives the loaders (declared before them in run_training)
+  lo.alloc = [b](size_t n) { return b->host_alloc(n); };
+  lo.free = [b](void* p) { b->host_free(p); };
   return lo;
 }
 

@@ -38,6 +38,7 @@ struct TrainOptions {
   int image_size = 224;
   std::string on_bad_image = "skip";
   std::string cache = "auto";   // auto | on | off: the decoded-frame cache
+  bool dct_scaling = false;     // decode large frames at a DCT-scaled size first (faster, not Pillow's pixels)
   bool evaluate_test = true;    // after the last epoch, evaluate the test split
   std::string preset;           // informational: which built-in preset filled the options
   // For tests of interruption: stop (as Ctrl-C would) after this many training steps in total; 0 = never.

@@ -96,6 +96,7 @@ VB_COMMAND("train", "Train the B1 classifier (the notebook's defaults; no --data
              a->size_opt = app.add_option("--image-size", o.image_size, "input size (default 224)")->check(CLI::Range(32, 4096));
              app.add_option("--on-bad-image", o.on_bad_image, "skip (default) or fail")->check(CLI::IsMember({"skip", "fail"}));
              app.add_option("--cache", o.cache, "decoded-frame cache: auto, on or off")->check(CLI::IsMember({"auto", "on", "off"}));
+             app.add_flag("--dct-scaling", o.dct_scaling, "decode at a DCT-scaled size first (faster; not Pillow's exact pixels)");
              app.add_option("--synth-dir", a->synth_dir, "where the default run keeps its synthetic dataset");
              app.add_option("--stop-after-steps", o.stop_after_steps, "stop as Ctrl-C would after N steps (testing)");
              app.add_option("--step-delay-ms", o.step_delay_ms, "sleep after each step (testing interruptions)");
