@@ -3,7 +3,7 @@
 namespace vb {
 
 nlohmann::json model_config_json(const ModelConfig& cfg, int image_size) {
-  return {{"blocks", cfg.blocks}, {"width", cfg.width}, {"hidden", cfg.hidden}, {"num_classes", cfg.num_classes},
+  return {{"arch", "resnet_bottleneck"}, {"blocks", cfg.blocks}, {"width", cfg.width}, {"hidden", cfg.hidden}, {"num_classes", cfg.num_classes},
           {"image_size", image_size}};
 }
 

@@ -145,7 +145,7 @@ std::vector<GoldenEntry> run_golden_t(BackendT<T>& be, const StateDict& weights,
         ours[i] -= before[i];
         want[i] -= before[i];
       }
-      add("update." + k, ours, want);
+      add("update." + k.substr(ap.size()), ours, want);
     }
     const std::string final_key = "eval_logits_after" + std::to_string(steps) + ".x0";
     if (ref.has(final_key)) eval_logits(final_key);

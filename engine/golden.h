@@ -14,7 +14,8 @@ namespace vb {
 
 struct GoldenEntry {
   std::string name;  // the reference file's own tensor name (`logits0`, `grad0.model.conv1.weight`, ...)
-                     // or `update.<after key>` for the change of a tensor over the steps
+                     // or `update.<key>` (`update.model.conv1.weight`) for the change of the state-dict entry
+                     // `after<T>.<key>` over the T steps
   double rel_err = 0;  // ||ours - ref|| / ||ref||
   double tol = 0;
   bool ok() const { return rel_err <= tol; }  // false on NaN

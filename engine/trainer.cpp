@@ -336,6 +336,7 @@ LoadedModel load_model_file(Backend& be, const std::string& path, int image_size
 int run_training(TrainOptions opt, const std::string& resume, bool epochs_given) {
   const auto names = class_names();
   bool resume_run = false, resume_notebook = false;
+  std::unique_ptr<NotebookCheckpoint> notebook;
   if (!resume.empty()) {
     if (fs::is_directory(resume)) {
       resume_run = true;
@@ -357,6 +358,13 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
         fail(resume, ": no checkpoint-last.safetensors to resume from (the run stopped before its first checkpoint)");
     } else if (fs::is_regular_file(resume)) {
       resume_notebook = true;
+      notebook = std::make_unique<NotebookCheckpoint>(read_notebook_checkpoint(resume));
+      const ModelConfig nc = infer_model_config(notebook->model);  // the checkpoint decides the model
+      opt.blocks = nc.blocks;
+      opt.width = nc.width;
+      opt.hidden = nc.hidden;
+      if (nc.num_classes != data::kNumClasses)
+        fail(resume, ": the checkpoint's model has ", nc.num_classes, " outputs, B1 has ", data::kNumClasses);
     } else {
       fail(resume, ": no such run folder or checkpoint file");
     }
@@ -384,7 +392,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   if (opt.precision != "tf32" && opt.precision != "fp32") fail("--precision must be tf32 or fp32, got '", opt.precision, "'");
   be->set_precision(opt.precision == "fp32" || be->device() == Device::CPU ? Precision::FP32 : Precision::TF32);
   StateDict init;
-  if (!opt.weights.empty() && !resume_run) {
+  if (!opt.weights.empty() && !resume_run && !resume_notebook) {
     init = load_state_dict_file(opt.weights);
     ModelConfig wc = infer_model_config(init);
     if (wc.num_classes != data::kNumClasses)
@@ -416,7 +424,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     std::printf("resuming %s at epoch %lld%s\n", out.string().c_str(), (long long)pos.epoch + 1,
                 pos.step_in_epoch ? (", step " + std::to_string(pos.step_in_epoch + 1)).c_str() : "");
   } else if (resume_notebook) {
-    NotebookCheckpoint nb = read_notebook_checkpoint(resume);
+    NotebookCheckpoint& nb = *notebook;
     model.load_state_dict(nb.model, resume);
     std::vector<HostTensor> m, v;
     std::vector<int64_t> steps;

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "engine/state_dict.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;
@@ -239,4 +240,28 @@ TEST_CASE("learning works: a small model beats chance by a wide margin in a few 
   double best = 0;
   for (auto& s : rows) best = std::max(best, nlohmann::json::parse(s).at("val_accuracy").get<double>());
   CHECK(best > 0.45);  // chance is 1/8
+}
+
+TEST_CASE("continuing the notebook's own checkpoint (its resume is broken; ours starts the next epoch)") {
+  const fs::path out = work() / "from_notebook";
+  Result r = run("train --device cpu --threads 2 --data " + dataset() + " --out " + out.string() +
+                 " --resume " + vbtest::fixture("mini_seed_checkpoint_epoch2.pth") +
+                 " --epochs 4 --image-size 32 --batch-size 16 --seed 11");
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  // The checkpoint says epoch 2 (0-based) is done: training continues with epoch index 3, printed as 4.
+  CHECK(r.out.find("next epoch 4") != std::string::npos);
+  auto rows = learning_rows(out);
+  REQUIRE(rows.size() == 1);
+  auto row = nlohmann::json::parse(rows[0]);
+  CHECK(row.at("epoch") == 4);
+  CHECK(row.at("lr").get<double>() == doctest::Approx(6e-4).epsilon(1e-7));  // the scheduler's _last_lr
+  // AdamW's state continued: 3 steps in the checkpoint + 3 steps of this epoch (48 clips, batch 16).
+  auto ck = vb::load_safetensors((out / "checkpoint-last.safetensors").string());
+  const auto steps = ck.at("optimizer.step").to_f64();
+  REQUIRE(steps.size() == 163);
+  for (double s : steps) CHECK(s == 6);
+  // The model is the notebook's (width 8, hidden layer 16), read from the checkpoint itself.
+  CHECK(ck.at("fc.0.weight").shape == vb::Shape{16, 256});
+  CHECK(ck.at("layer4.2.bn3.num_batches_tracked").as<int64_t>()[0] == 8 + 3);
 }
