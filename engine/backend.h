@@ -110,6 +110,8 @@ class BackendT {
                      double beta2, double eps, double weight_decay, int64_t step) = 0;
 
   virtual void set_precision(Precision p) { precision_ = p; }
+  // Bit-reproducible results from run to run (cuDNN: deterministic algorithms only). The CPU path always is.
+  virtual void set_deterministic(bool) {}
   Precision precision() const { return precision_; }
 
  protected:

@@ -71,11 +71,14 @@ struct Candidate {
   float time;
   size_t memory;
   cudnnMathType_t math;
+  bool deterministic;
 };
 template <class Perf>
 std::vector<Candidate> candidates(const Perf* p, int n) {
   std::vector<Candidate> r;
-  for (int i = 0; i < n; ++i) r.push_back({int(p[i].algo), p[i].status, p[i].time, p[i].memory, p[i].mathType});
+  for (int i = 0; i < n; ++i)
+    r.push_back({int(p[i].algo), p[i].status, p[i].time, p[i].memory, p[i].mathType,
+                 p[i].determinism == CUDNN_DETERMINISTIC});
   return r;
 }
 
@@ -158,6 +161,7 @@ class CudaBackend final : public Backend {
   void host_free(void* p) override {
     if (p) VB_CUDA_CHECK(cudaFreeHost(p));
   }
+  void set_deterministic(bool on) override { deterministic_ = on; }
   size_t memory_in_use() const override { return in_use_; }
   size_t memory_peak() const override { return peak_; }
   void upload(void* dst, const void* src, size_t bytes) override {
@@ -337,6 +341,7 @@ class CudaBackend final : public Backend {
 
   bool acceptable(const Candidate& c) const {
     if (c.status != CUDNN_STATUS_SUCCESS || c.memory > kMaxConvWorkspace) return false;
+    if (deterministic_ && !c.deterministic) return false;  // --deterministic: bit-reproducible algorithms only
     // Never down-conversion to fp16/bf16. Strict fp32 also refuses tensor-op results; cuDNN may label its
     // plain-FMA results CUDNN_DEFAULT_MATH, so those stay, and the call runs with CUDNN_FMA_MATH (as PyTorch
     // does with TF32 off).
@@ -432,6 +437,7 @@ class CudaBackend final : public Backend {
   }
 
   int dev_;
+  bool deterministic_ = false;
   cudaStream_t st_ = nullptr;
   cudnnHandle_t dnn_ = nullptr;
   cublasHandle_t blas_ = nullptr;

@@ -391,6 +391,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   std::unique_ptr<Backend> be = make_backend(opt.device, opt.threads);
   if (opt.precision != "tf32" && opt.precision != "fp32") fail("--precision must be tf32 or fp32, got '", opt.precision, "'");
   be->set_precision(opt.precision == "fp32" || be->device() == Device::CPU ? Precision::FP32 : Precision::TF32);
+  be->set_deterministic(opt.deterministic);
   StateDict init;
   if (!opt.weights.empty() && !resume_run && !resume_notebook) {
     init = load_state_dict_file(opt.weights);
