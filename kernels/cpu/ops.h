@@ -86,6 +86,8 @@ void softmax(int N, int C, const T* logits, T* probs);
 // Weighted cross-entropy exactly as torch.nn.CrossEntropyLoss(weight=w, reduction='mean'):
 // loss = sum_i w[y_i] * (-log softmax(x_i)[y_i]) / sum_i w[y_i]. Writes dlogits (of that mean loss; may be
 // null) and probs (may be null); returns the loss. When sum_i w[y_i] == 0 the loss is NaN, as in PyTorch.
+// Also as PyTorch: a label of -100 (its default ignore_index) adds to neither sum and gets a zero gradient row;
+// any other label outside [0, C) throws. class_weights may be null (every weight 1).
 template <class T>
 T softmax_wce(int N, int C, const T* logits, const int64_t* labels, const T* class_weights, T* probs, T* dlogits);
 

@@ -1,0 +1,208 @@
+// Convolution as GEMM. Per sample n, with CRS = C*R*S and PQ = P*Q:
+//   forward      y_n [K, PQ]   = w [K, CRS] * col_n [CRS, PQ]           col_n = im2col(x_n)
+//   backward dx  dcol [CRS, PQ] = w^T * dy_n [K, PQ];  dx_n = col2im(dcol)
+//   backward dw  dw [K, CRS]  += dy_n * col_n^T                          (samples in order 0..N-1)
+// A 1x1 stride-1 unpadded convolution is a GEMM on x_n itself (col_n == x_n), so it skips im2col.
+//
+// Threads: the forward and data-backward pass split the batch over threads when that balances
+// (N a multiple of the thread count, or N large), each sample then running serially on one thread with that
+// thread's own scratch; otherwise samples go one by one and the GEMM and im2col/col2im split the work. Both
+// give the same bits. The filter gradient always goes sample by sample (a fixed reduction order over n) with
+// the GEMM splitting the output channels and columns, never the reduction.
+//
+// Scratch (the im2col matrix) is grow-only and thread_local: no allocation in steady state.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "engine/check.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
+
+namespace vb::cpu {
+namespace {
+
+template <class T>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+bool is_pointwise(const ConvShape& s) { return s.R == 1 && s.S == 1 && s.stride == 1 && s.pad == 0; }
+
+// Valid output columns [q0, q1) for kernel column `s_`: those whose input column q*stride - pad + s_ is in
+// [0, W).
+inline void valid_q(int Q, int W, int stride, int pad, int s_, int& q0, int& q1) {
+  const int off = s_ - pad;                                         // iw = q*stride + off
+  q0 = off >= 0 ? 0 : std::min(Q, (-off + stride - 1) / stride);    // first q with iw >= 0
+  q1 = W - off <= 0 ? 0 : std::min(Q, (W - off - 1) / stride + 1);  // first q with iw >= W
+  if (q1 < q0) q1 = q0;
+}
+
+// Rows [row_begin, row_end) of col [CRS, PQ] from one sample x [C, H, W].
+template <class T>
+void im2col_rows(const ConvShape& s, const T* x, T* col, int64_t row_begin, int64_t row_end) {
+  const int P = s.P(), Q = s.Q();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int c = int(row / (s.R * s.S)), r = int(row / s.S % s.R), s_ = int(row % s.S);
+    int q0, q1;
+    valid_q(Q, s.W, s.stride, s.pad, s_, q0, q1);
+    const int off = s_ - s.pad;
+    const T* xc = x + int64_t(c) * s.H * s.W;
+    T* dst = col + row * P * Q;
+    for (int p = 0; p < P; ++p, dst += Q) {
+      const int ih = p * s.stride - s.pad + r;
+      if (ih < 0 || ih >= s.H) {
+        std::fill(dst, dst + Q, T(0));
+        continue;
+      }
+      const T* xrow = xc + int64_t(ih) * s.W;  // column q reads xrow[q*stride + off]
+      std::fill(dst, dst + q0, T(0));
+      if (s.stride == 1) {
+        if (q1 > q0) std::memcpy(dst + q0, xrow + q0 + off, sizeof(T) * size_t(q1 - q0));
+      } else {
+        for (int q = q0; q < q1; ++q) dst[q] = xrow[q * s.stride + off];
+      }
+      std::fill(dst + q1, dst + Q, T(0));
+    }
+  }
+}
+
+// Channels [c_begin, c_end) of dx [C, H, W] = col2im(dcol [CRS, PQ]): assigned, then summed over (r, s, p, q)
+// in that order.
+template <class T>
+void col2im_channels(const ConvShape& s, const T* col, T* dx, int64_t c_begin, int64_t c_end) {
+  const int P = s.P(), Q = s.Q();
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    T* xc = dx + c * s.H * s.W;
+    std::fill(xc, xc + int64_t(s.H) * s.W, T(0));
+    for (int r = 0; r < s.R; ++r)
+      for (int s_ = 0; s_ < s.S; ++s_) {
+        int q0, q1;
+        valid_q(Q, s.W, s.stride, s.pad, s_, q0, q1);
+        const int off = s_ - s.pad;
+        const T* src = col + ((c * s.R + r) * s.S + s_) * P * Q;
+        for (int p = 0; p < P; ++p, src += Q) {
+          const int ih = p * s.stride - s.pad + r;
+          if (ih < 0 || ih >= s.H) continue;
+          T* xrow = xc + int64_t(ih) * s.W;
+          if (s.stride == 1) {
+            for (int q = q0; q < q1; ++q) xrow[q + off] += src[q];
+          } else {
+            for (int q = q0; q < q1; ++q) xrow[q * s.stride + off] += src[q];
+          }
+        }
+      }
+  }
+}
+
+template <class T>
+void im2col(const ConvShape& s, const T* x, T* col) {
+  const int64_t rows = int64_t(s.C) * s.R * s.S, pq = int64_t(s.P()) * s.Q();
+  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(pq, 1)),
+               [&](int64_t b, int64_t e) { im2col_rows(s, x, col, b, e); });
+}
+
+template <class T>
+void col2im(const ConvShape& s, const T* col, T* dx) {
+  const int64_t per_channel = int64_t(s.R) * s.S * s.P() * s.Q();
+  parallel_for(s.C, std::max<int64_t>(1, 16384 / std::max<int64_t>(per_channel, 1)),
+               [&](int64_t b, int64_t e) { col2im_channels(s, col, dx, b, e); });
+}
+
+// Whether to split the batch over threads (see the top of the file).
+bool split_batch(int N) {
+  const int t = num_threads();
+  return t > 1 && N >= t && (N % t == 0 || N >= 4 * t);
+}
+
+void check_shape(const ConvShape& s) {
+  VB_CHECK(s.N >= 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 && s.pad >= 0 &&
+               s.P() > 0 && s.Q() > 0,
+           "conv2d: bad shape N=", s.N, " C=", s.C, " H=", s.H, " W=", s.W, " K=", s.K, " R=", s.R, " S=", s.S,
+           " stride=", s.stride, " pad=", s.pad);
+}
+
+// Runs fn(n) for every sample: split over threads, or one after the other (fn's inner work then splits).
+template <class F>
+void for_each_sample(int N, F&& fn) {
+  if (split_batch(N)) {
+    parallel_for(N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) fn(int(n));
+    });
+  } else {
+    for (int n = 0; n < N; ++n) fn(n);
+  }
+}
+
+}  // namespace
+
+template <class T>
+void conv2d_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
+  check_shape(s);
+  const int P = s.P(), Q = s.Q(), CRS = s.C * s.R * s.S, PQ = P * Q;
+  const int64_t x_stride = int64_t(s.C) * s.H * s.W, y_stride = int64_t(s.K) * PQ;
+  for_each_sample(s.N, [&](int n) {
+    const T* xn = x + n * x_stride;
+    T* yn = y + n * y_stride;
+    if (is_pointwise(s)) {
+      gemm<T>(false, false, s.K, PQ, s.C, T(1), w, s.C, xn, PQ, T(0), yn, PQ);
+      return;
+    }
+    T* col = scratch<T>(size_t(CRS) * PQ);
+    im2col(s, xn, col);
+    gemm<T>(false, false, s.K, PQ, CRS, T(1), w, CRS, col, PQ, T(0), yn, PQ);
+  });
+}
+
+template <class T>
+void conv2d_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
+  check_shape(s);
+  const int P = s.P(), Q = s.Q(), CRS = s.C * s.R * s.S, PQ = P * Q;
+  const int64_t x_stride = int64_t(s.C) * s.H * s.W, y_stride = int64_t(s.K) * PQ;
+  for_each_sample(s.N, [&](int n) {
+    const T* dyn = dy + n * y_stride;
+    T* dxn = dx + n * x_stride;
+    if (is_pointwise(s)) {
+      gemm<T>(true, false, s.C, PQ, s.K, T(1), w, s.C, dyn, PQ, T(0), dxn, PQ);
+      return;
+    }
+    T* dcol = scratch<T>(size_t(CRS) * PQ);
+    gemm<T>(true, false, CRS, PQ, s.K, T(1), w, CRS, dyn, PQ, T(0), dcol, PQ);
+    col2im(s, dcol, dxn);
+  });
+}
+
+template <class T>
+void conv2d_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
+  check_shape(s);
+  const int P = s.P(), Q = s.Q(), CRS = s.C * s.R * s.S, PQ = P * Q;
+  const int64_t x_stride = int64_t(s.C) * s.H * s.W, y_stride = int64_t(s.K) * PQ;
+  if (s.N == 0) {
+    std::fill(dw, dw + int64_t(s.K) * CRS, T(0));
+    return;
+  }
+  for (int n = 0; n < s.N; ++n) {
+    const T* xn = x + n * x_stride;
+    const T* dyn = dy + n * y_stride;
+    const T beta = n == 0 ? T(0) : T(1);
+    if (is_pointwise(s)) {
+      gemm<T>(false, true, s.K, s.C, PQ, T(1), dyn, PQ, xn, PQ, beta, dw, s.C);
+      continue;
+    }
+    T* col = scratch<T>(size_t(CRS) * PQ);
+    im2col(s, xn, col);
+    gemm<T>(false, true, s.K, CRS, PQ, T(1), dyn, PQ, col, PQ, beta, dw, CRS);
+  }
+}
+
+#define VB_INSTANTIATE_CONV(T)                                                \
+  template void conv2d_fwd<T>(const ConvShape&, const T*, const T*, T*);      \
+  template void conv2d_bwd_data<T>(const ConvShape&, const T*, const T*, T*); \
+  template void conv2d_bwd_filter<T>(const ConvShape&, const T*, const T*, T*);
+VB_INSTANTIATE_CONV(float)
+VB_INSTANTIATE_CONV(double)
+#undef VB_INSTANTIATE_CONV
+
+}  // namespace vb::cpu

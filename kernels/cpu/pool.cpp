@@ -1,0 +1,109 @@
+// Max pooling (k x k, stride s, padding p; padding never wins) and global average pooling. Every op splits
+// over (n, c) planes, so each output element is computed by one thread in a fixed order.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "engine/check.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
+
+namespace vb::cpu {
+namespace {
+
+int64_t plane_grain(int64_t per_plane) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(per_plane, 1)); }
+
+struct PoolGeom {
+  int H, W, k, s, p, P, Q;
+  PoolGeom(int H_, int W_, int k_, int s_, int p_) : H(H_), W(W_), k(k_), s(s_), p(p_) {
+    VB_CHECK(k > 0 && s > 0 && p >= 0 && 2 * p <= k, "max pool: bad kernel ", k, " stride ", s, " padding ", p);
+    P = (H + 2 * p - k) / s + 1;
+    Q = (W + 2 * p - k) / s + 1;
+    VB_CHECK(P > 0 && Q > 0, "max pool: ", H, "x", W, " input too small for kernel ", k);
+  }
+};
+
+// Index (in the plane) of the maximum of window (op, oq), as PyTorch's CPU kernel picks it: scan rows then
+// columns of the clipped window, take a strictly greater value or a NaN; start from the first element.
+template <class T>
+inline int64_t window_argmax(const PoolGeom& g, const T* x, int op, int oq) {
+  const int h0 = std::max(op * g.s - g.p, 0), h1 = std::min(op * g.s - g.p + g.k, g.H);
+  const int w0 = std::max(oq * g.s - g.p, 0), w1 = std::min(oq * g.s - g.p + g.k, g.W);
+  int64_t best = int64_t(h0) * g.W + w0;
+  T best_v = -std::numeric_limits<T>::infinity();
+  for (int h = h0; h < h1; ++h)
+    for (int w = w0; w < w1; ++w) {
+      const int64_t i = int64_t(h) * g.W + w;
+      const T v = x[i];
+      if (v > best_v || std::isnan(v)) {
+        best_v = v;
+        best = i;
+      }
+    }
+  return best;
+}
+
+}  // namespace
+
+template <class T>
+void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const T* x, T* y) {
+  const PoolGeom g(H, W, k, s, p);
+  const int64_t in_plane = int64_t(H) * W, out_plane = int64_t(g.P) * g.Q;
+  parallel_for(int64_t(N) * C, plane_grain(out_plane * k * k), [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl) {
+      const T* xp = x + pl * in_plane;
+      T* yp = y + pl * out_plane;
+      for (int op = 0; op < g.P; ++op)
+        for (int oq = 0; oq < g.Q; ++oq) yp[op * g.Q + oq] = xp[window_argmax(g, xp, op, oq)];
+    }
+  });
+}
+
+template <class T>
+void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const T* x, const T* dy, T* dx) {
+  const PoolGeom g(H, W, k, s, p);
+  const int64_t in_plane = int64_t(H) * W, out_plane = int64_t(g.P) * g.Q;
+  parallel_for(int64_t(N) * C, plane_grain(out_plane * k * k), [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl) {
+      const T* xp = x + pl * in_plane;
+      const T* gp = dy + pl * out_plane;
+      T* dp = dx + pl * in_plane;
+      std::fill(dp, dp + in_plane, T(0));
+      for (int op = 0; op < g.P; ++op)
+        for (int oq = 0; oq < g.Q; ++oq) dp[window_argmax(g, xp, op, oq)] += gp[op * g.Q + oq];
+    }
+  });
+}
+
+template <class T>
+void avgpool_fwd(int N, int C, int HW, const T* x, T* y) {
+  parallel_for(int64_t(N) * C, plane_grain(HW), [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl) {
+      const T* xp = x + pl * HW;
+      double sum = 0;
+      for (int i = 0; i < HW; ++i) sum += double(xp[i]);
+      y[pl] = T(sum / double(HW));
+    }
+  });
+}
+
+template <class T>
+void avgpool_bwd(int N, int C, int HW, const T* dy, T* dx) {
+  parallel_for(int64_t(N) * C, plane_grain(HW), [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl) {
+      const T g = dy[pl] / T(HW);
+      std::fill(dx + pl * HW, dx + (pl + 1) * HW, g);
+    }
+  });
+}
+
+#define VB_INSTANTIATE_POOL(T)                                                             \
+  template void maxpool_fwd<T>(int, int, int, int, int, int, int, const T*, T*);           \
+  template void maxpool_bwd<T>(int, int, int, int, int, int, int, const T*, const T*, T*); \
+  template void avgpool_fwd<T>(int, int, int, const T*, T*);                               \
+  template void avgpool_bwd<T>(int, int, int, const T*, T*);
+VB_INSTANTIATE_POOL(float)
+VB_INSTANTIATE_POOL(double)
+#undef VB_INSTANTIATE_POOL
+
+}  // namespace vb::cpu

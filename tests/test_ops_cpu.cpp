@@ -1,0 +1,394 @@
+// The CPU reference ops (float) against PyTorch (tests/fixtures/ops.safetensors, computed in float64 from
+// float32 inputs and stored as float32; see /work/shared/fixtures/pytorch/README.md), and the ops' results
+// being bit-identical for 1, 2 and 3 threads.
+//
+// Tolerances: every tensor within rel_err = ||got - want|| / ||want|| <= 1e-5 (kRel), and every element
+// within 1e-5 + 1e-4 * |want| (kAbs, kElemRel). fp32 lands near 1e-7 relative on these sizes, so these fail on
+// any wrong index, stride or formula while leaving room for float rounding. AdamW is held to a few ulps.
+// steplr.lr_per_epoch_50 belongs to the optimizer's tests.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/state_dict.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
+#include "tests/test_util.h"
+
+using namespace vb;
+
+namespace {
+
+constexpr double kRel = 1e-5, kAbs = 1e-5, kElemRel = 1e-4;
+
+const StateDict& ops() {
+  static StateDict sd = load_safetensors(vbtest::fixture("ops.safetensors"));
+  return sd;
+}
+std::vector<float> f32(const std::string& key) { return ops().at(key).to_f32(); }
+std::vector<int64_t> i64(const std::string& key) {
+  const HostTensor& t = ops().at(key);
+  REQUIRE(t.dtype == DType::I64);
+  return std::vector<int64_t>(t.as<int64_t>(), t.as<int64_t>() + t.numel());
+}
+template <class T>
+std::vector<T> poisoned(size_t n) {
+  std::vector<T> v(n);
+  vbtest::poison(v);
+  return v;
+}
+
+// Both the whole-tensor and the element-wise check.
+void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<float>& want) {
+  REQUIRE_MESSAGE(got.size() == want.size(), what);
+  const double r = vbtest::rel_err(got, want);
+  INFO(what << ": rel_err " << r);
+  CHECK(r <= kRel);
+  vbtest::check_close(what, got, want, kAbs, kElemRel);
+}
+
+cpu::ConvShape conv_shape(const std::string& tag) {
+  const auto p = i64(tag + ".params");  // [N, C, H, W, K, k, stride, pad]
+  return cpu::ConvShape{int(p[0]), int(p[1]), int(p[2]), int(p[3]), int(p[4]),
+                        int(p[5]), int(p[5]), int(p[6]), int(p[7])};
+}
+
+}  // namespace
+
+TEST_CASE("conv2d forward, data and filter gradients match PyTorch") {
+  for (const char* tag : {"conv7x7s2p3", "conv3x3s1p1", "conv3x3s2p1", "conv1x1s1p0", "conv1x1s2p0"}) {
+    const std::string t = tag;
+    INFO(t);
+    const cpu::ConvShape s = conv_shape(t);
+    const auto x = f32(t + ".x"), w = f32(t + ".w"), dy = f32(t + ".dy");
+    const auto want_y = f32(t + ".y"), want_dx = f32(t + ".dx"), want_dw = f32(t + ".dw");
+    REQUIRE(want_y.size() == size_t(s.N) * s.K * s.P() * s.Q());
+    auto y = poisoned<float>(want_y.size()), dx = poisoned<float>(x.size()), dw = poisoned<float>(w.size());
+    cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
+    cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data());
+    cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data());
+    expect_close(t + ".y", y, want_y);
+    expect_close(t + ".dx", dx, want_dx);
+    expect_close(t + ".dw", dw, want_dw);
+  }
+}
+
+TEST_CASE("batch norm training forward, running statistics and backward match PyTorch") {
+  const auto x = f32("bn_train.x"), gamma = f32("bn_train.gamma"), beta = f32("bn_train.beta");
+  const auto dy = f32("bn_train.dy");
+  const auto& shape = ops().at("bn_train.x").shape;
+  const int N = int(shape[0]), C = int(shape[1]), HW = int(shape[2] * shape[3]);
+  auto rm = f32("bn_train.running_mean_in"), rv = f32("bn_train.running_var_in");
+  auto y = poisoned<float>(x.size()), mean = poisoned<float>(size_t(C)), invstd = poisoned<float>(size_t(C));
+  cpu::batchnorm_train_fwd<float>(N, C, HW, x.data(), gamma.data(), beta.data(), y.data(), mean.data(), invstd.data(),
+                                  rm.data(), rv.data(), 0.1, 1e-5);
+  expect_close("bn_train.y", y, f32("bn_train.y"));
+  expect_close("bn_train.running_mean_out", rm, f32("bn_train.running_mean_out"));
+  expect_close("bn_train.running_var_out", rv, f32("bn_train.running_var_out"));
+
+  // The saved statistics, from the definition (biased variance) in double.
+  for (int c = 0; c < C; ++c) {
+    double s = 0, q = 0;
+    for (int n = 0; n < N; ++n)
+      for (int i = 0; i < HW; ++i) s += x[(size_t(n) * C + c) * HW + i];
+    const double m = s / (N * HW);
+    for (int n = 0; n < N; ++n)
+      for (int i = 0; i < HW; ++i) q += std::pow(x[(size_t(n) * C + c) * HW + i] - m, 2);
+    CHECK(mean[c] == doctest::Approx(m).epsilon(1e-6));
+    CHECK(invstd[c] == doctest::Approx(1 / std::sqrt(q / (N * HW) + 1e-5)).epsilon(1e-6));
+  }
+
+  auto dx = poisoned<float>(x.size()), dgamma = poisoned<float>(size_t(C)), dbeta = poisoned<float>(size_t(C));
+  cpu::batchnorm_bwd<float>(N, C, HW, x.data(), dy.data(), gamma.data(), mean.data(), invstd.data(), dx.data(),
+                            dgamma.data(), dbeta.data());
+  expect_close("bn_train.dx", dx, f32("bn_train.dx"));
+  expect_close("bn_train.dgamma", dgamma, f32("bn_train.dgamma"));
+  expect_close("bn_train.dbeta", dbeta, f32("bn_train.dbeta"));
+
+  SUBCASE("dx may alias dy") {
+    auto inplace = dy;
+    cpu::batchnorm_bwd<float>(N, C, HW, x.data(), inplace.data(), gamma.data(), mean.data(), invstd.data(),
+                              inplace.data(), nullptr, nullptr);
+    CHECK(std::memcmp(inplace.data(), dx.data(), dx.size() * sizeof(float)) == 0);
+  }
+  SUBCASE("null running statistics and null outputs are skipped") {
+    auto y2 = poisoned<float>(x.size());
+    cpu::batchnorm_train_fwd<float>(N, C, HW, x.data(), gamma.data(), beta.data(), y2.data(), nullptr, nullptr, nullptr,
+                                    nullptr, 0.1, 1e-5);
+    CHECK(std::memcmp(y2.data(), y.data(), y.size() * sizeof(float)) == 0);
+    auto dg = poisoned<float>(size_t(C));
+    cpu::batchnorm_bwd<float>(N, C, HW, x.data(), dy.data(), gamma.data(), mean.data(), invstd.data(), nullptr,
+                              dg.data(), nullptr);
+    CHECK(std::memcmp(dg.data(), dgamma.data(), dg.size() * sizeof(float)) == 0);
+  }
+}
+
+TEST_CASE("batch norm in evaluation mode matches PyTorch") {
+  const auto x = f32("bn_train.x");
+  const auto& shape = ops().at("bn_train.x").shape;
+  const int N = int(shape[0]), C = int(shape[1]), HW = int(shape[2] * shape[3]);
+  auto y = poisoned<float>(x.size());
+  cpu::batchnorm_eval_fwd<float>(N, C, HW, x.data(), f32("bn_train.gamma").data(), f32("bn_train.beta").data(),
+                                 f32("bn_train.running_mean_in").data(), f32("bn_train.running_var_in").data(), 1e-5,
+                                 y.data());
+  expect_close("bn_eval.y", y, f32("bn_eval.y"));
+}
+
+TEST_CASE("max pool 3x3 stride 2 padding 1 matches PyTorch") {
+  const auto x = f32("maxpool3x3s2p1.x"), dy = f32("maxpool3x3s2p1.dy");
+  const auto& sh = ops().at("maxpool3x3s2p1.x").shape;
+  const int N = int(sh[0]), C = int(sh[1]), H = int(sh[2]), W = int(sh[3]);
+  auto y = poisoned<float>(f32("maxpool3x3s2p1.y").size()), dx = poisoned<float>(x.size());
+  cpu::maxpool_fwd<float>(N, C, H, W, 3, 2, 1, x.data(), y.data());
+  cpu::maxpool_bwd<float>(N, C, H, W, 3, 2, 1, x.data(), dy.data(), dx.data());
+  // Max pooling selects values: the forward is exact.
+  CHECK(y == f32("maxpool3x3s2p1.y"));
+  expect_close("maxpool.dx", dx, f32("maxpool3x3s2p1.dx"));
+}
+
+TEST_CASE("max pool: ties go to the first maximum, NaN wins, padding never wins") {
+  // One 3x4 plane; 2x2 windows, stride 2, padding 1 -> 2x3 outputs.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> x = {-5, -5,  1, 1,  //
+                                -5, -9,  1, 2,  //
+                                -7, nan, 3, 3};
+  std::vector<float> y(6), dy = {1, 2, 3, 4, 5, 6}, dx(12);
+  cpu::maxpool_fwd<float>(1, 1, 3, 4, 2, 2, 1, x.data(), y.data());
+  cpu::maxpool_bwd<float>(1, 1, 3, 4, 2, 2, 1, x.data(), dy.data(), dx.data());
+  // Windows (rows x cols, clipped): {0}x{0} | {0}x{1,2} | {0}x{3} / {1,2}x{0} | {1,2}x{1,2} | {1,2}x{3}
+  CHECK(y[0] == -5);
+  CHECK(y[1] == 1);
+  CHECK(y[2] == 1);
+  CHECK(y[3] == -5);
+  CHECK(std::isnan(y[4]));
+  CHECK(y[5] == 3);
+  const std::vector<float> want_dx = {1, 0, 2, 3,  //
+                                      4, 0, 0, 0,  //
+                                      0, 5, 0, 6};
+  CHECK(dx == want_dx);
+  // Ties: all equal, the first of each window takes the gradient.
+  const std::vector<float> flat(16, 2.0f);
+  std::vector<float> fdy = {1, 1, 1, 1}, fdx(16);
+  cpu::maxpool_bwd<float>(1, 1, 4, 4, 3, 2, 1, flat.data(), fdy.data(), fdx.data());
+  // Windows start at rows/cols {0, 1}: first elements (0,0), (0,1), (1,0), (1,1).
+  const std::vector<float> want_fdx = {1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  CHECK(fdx == want_fdx);
+}
+
+TEST_CASE("global average pool matches PyTorch") {
+  const auto x = f32("avgpool.x"), dy = f32("avgpool.dy");
+  const auto& sh = ops().at("avgpool.x").shape;
+  const int N = int(sh[0]), C = int(sh[1]), HW = int(sh[2] * sh[3]);
+  auto y = poisoned<float>(size_t(N) * C), dx = poisoned<float>(x.size());
+  cpu::avgpool_fwd<float>(N, C, HW, x.data(), y.data());
+  cpu::avgpool_bwd<float>(N, C, HW, dy.data(), dx.data());
+  expect_close("avgpool.y", y, f32("avgpool.y"));
+  expect_close("avgpool.dx", dx, f32("avgpool.dx"));
+}
+
+TEST_CASE("linear forward and backward match PyTorch") {
+  const auto x = f32("linear.x"), w = f32("linear.w"), b = f32("linear.b"), dy = f32("linear.dy");
+  const int N = int(ops().at("linear.x").shape[0]), IN = int(ops().at("linear.x").shape[1]);
+  const int OUT = int(ops().at("linear.w").shape[0]);
+  auto y = poisoned<float>(size_t(N) * OUT), dx = poisoned<float>(x.size()), dw = poisoned<float>(w.size()),
+       db = poisoned<float>(b.size());
+  cpu::linear_fwd<float>(N, IN, OUT, x.data(), w.data(), b.data(), y.data());
+  cpu::linear_bwd<float>(N, IN, OUT, x.data(), w.data(), dy.data(), dx.data(), dw.data(), db.data());
+  expect_close("linear.y", y, f32("linear.y"));
+  expect_close("linear.dx", dx, f32("linear.dx"));
+  expect_close("linear.dw", dw, f32("linear.dw"));
+  expect_close("linear.db", db, f32("linear.db"));
+}
+
+TEST_CASE("weighted cross-entropy, softmax and class weights match PyTorch") {
+  const auto train_labels = i64("wce.train_labels");
+  std::vector<float> cw(8);
+  cpu::class_weights_from_labels(int64_t(train_labels.size()), train_labels.data(), 8, cw.data());
+  expect_close("wce.class_weights", cw, f32("wce.class_weights"));
+  CHECK(cw[6] == 0.0f);  // class 6 never appears
+
+  const auto logits = f32("wce.logits");
+  const auto labels = i64("wce.labels");
+  const int N = int(labels.size()), C = 8;
+  const auto weights = f32("wce.class_weights");
+  auto probs = poisoned<float>(logits.size()), dlogits = poisoned<float>(logits.size());
+  const float loss =
+      cpu::softmax_wce<float>(N, C, logits.data(), labels.data(), weights.data(), probs.data(), dlogits.data());
+  const std::vector<float> got_loss = {loss};
+  expect_close("wce.loss", got_loss, f32("wce.loss"));
+  expect_close("wce.dlogits", dlogits, f32("wce.dlogits"));
+  expect_close("wce.softmax (softmax_wce)", probs, f32("wce.softmax"));
+  auto probs2 = poisoned<float>(logits.size());
+  cpu::softmax<float>(N, C, logits.data(), probs2.data());
+  expect_close("wce.softmax (softmax)", probs2, f32("wce.softmax"));
+  // Outputs not asked for are not needed.
+  CHECK(cpu::softmax_wce<float>(N, C, logits.data(), labels.data(), weights.data(), nullptr, nullptr) == loss);
+}
+
+TEST_CASE("cross-entropy edge cases: all target weights zero gives NaN, ignore_index -100, large logits") {
+  const std::vector<float> logits = {1000, 0, -1000, 3, 2, 1};
+  const std::vector<float> w = {0, 1, 1};
+  const std::vector<int64_t> zero_weight = {0, 0};
+  std::vector<float> d(6);
+  CHECK(std::isnan(cpu::softmax_wce<float>(2, 3, logits.data(), zero_weight.data(), w.data(), nullptr, d.data())));
+  // Row 0 ignored: the loss is row 1's alone and row 0's gradient is zero.
+  const std::vector<int64_t> ignore = {-100, 1};
+  const float loss = cpu::softmax_wce<float>(2, 3, logits.data(), ignore.data(), w.data(), nullptr, d.data());
+  const double lse = 3 + std::log(1 + std::exp(-1.0) + std::exp(-2.0));
+  CHECK(loss == doctest::Approx(lse - 2).epsilon(1e-6));
+  CHECK(d[0] == 0);
+  CHECK(d[1] == 0);
+  CHECK(d[2] == 0);
+  // Huge logits stay finite (log-sum-exp is shifted by the maximum).
+  const std::vector<int64_t> big = {2, 1};
+  CHECK(cpu::softmax_wce<float>(2, 3, logits.data(), big.data(), nullptr, nullptr, d.data()) ==
+        doctest::Approx((2000 + (lse - 2)) / 2).epsilon(1e-6));
+  CHECK_THROWS(
+      cpu::softmax_wce<float>(2, 3, logits.data(), std::vector<int64_t>{0, 3}.data(), nullptr, nullptr, nullptr));
+}
+
+TEST_CASE("AdamW steps match torch.optim.AdamW") {
+  const auto lr = f32("adamw.lr_used");
+  const auto p0 = f32("adamw.p0");
+  const size_t n = p0.size();
+  // float: within a few ulps of PyTorch's float64 trajectory (rounded to float32).
+  {
+    std::vector<float> p = p0, m(n, 0.0f), v(n, 0.0f);
+    for (int t = 1; t <= 5; ++t) {
+      const auto g = f32("adamw.g" + std::to_string(t));
+      cpu::adamw_step<float>(int64_t(n), p.data(), g.data(), m.data(), v.data(), double(lr[t - 1]), 0.9, 0.999, 1e-8,
+                             0.01, t);
+      const auto want = f32("adamw.p" + std::to_string(t));
+      vbtest::check_close("adamw float p" + std::to_string(t), p, want, 1e-7, 1e-6);
+      // The update itself (tiny next to p) to 0.1%.
+      std::vector<double> du, dw;
+      for (size_t i = 0; i < n; ++i) {
+        du.push_back(double(p[i]) - p0[i]);
+        dw.push_back(double(want[i]) - p0[i]);
+      }
+      INFO("adamw float update after step " << t << ": rel_err " << vbtest::rel_err(du, dw));
+      CHECK(vbtest::rel_err(du, dw) <= 1e-3);
+    }
+  }
+  // double: PyTorch's own arithmetic, so within float32 rounding of the stored values.
+  {
+    std::vector<double> p(p0.begin(), p0.end()), m(n, 0.0), v(n, 0.0);
+    for (int t = 1; t <= 5; ++t) {
+      const auto g32 = f32("adamw.g" + std::to_string(t));
+      const std::vector<double> g(g32.begin(), g32.end());
+      cpu::adamw_step<double>(int64_t(n), p.data(), g.data(), m.data(), v.data(), double(lr[t - 1]), 0.9, 0.999, 1e-8,
+                              0.01, t);
+      vbtest::check_close("adamw double p" + std::to_string(t), p, f32("adamw.p" + std::to_string(t)), 0, 6e-8);
+    }
+  }
+}
+
+// ---- thread-count determinism --------------------------------------------------------------------------
+
+namespace {
+
+std::vector<float> random_floats(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0, 1);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+// Runs fn with 1, 2 and 3 threads and checks the outputs are the same bits.
+template <class F>
+void same_bits_for_1_2_3_threads(const std::string& what, F&& fn) {
+  const int saved = cpu::num_threads();
+  std::vector<std::vector<float>> outs;
+  for (int threads : {1, 2, 3}) {
+    cpu::set_num_threads(threads);
+    outs.push_back(fn());
+  }
+  cpu::set_num_threads(saved);
+  INFO(what);
+  REQUIRE(outs[0].size() == outs[1].size());
+  CHECK(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(outs[0].data(), outs[2].data(), outs[0].size() * sizeof(float)) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("conv and batch norm results are bit-identical for 1, 2 and 3 threads") {
+  // Batches of 1, 3 and 4 take both paths (batch split or not) depending on the thread count; C*R*S = 576
+  // spans two K blocks of the GEMM.
+  const cpu::ConvShape shapes[] = {{1, 64, 20, 19, 48, 3, 3, 1, 1},
+                                   {3, 64, 20, 19, 48, 3, 3, 1, 1},
+                                   {4, 32, 15, 15, 40, 3, 3, 2, 1},
+                                   {4, 96, 9, 9, 80, 1, 1, 1, 0},
+                                   {2, 3, 41, 37, 16, 7, 7, 2, 3}};
+  for (const auto& s : shapes) {
+    const auto x = random_floats(size_t(s.N) * s.C * s.H * s.W, 1);
+    const auto w = random_floats(size_t(s.K) * s.C * s.R * s.S, 2);
+    const auto dy = random_floats(size_t(s.N) * s.K * s.P() * s.Q(), 3);
+    const std::string tag = "N=" + std::to_string(s.N) + " C=" + std::to_string(s.C) + " K=" + std::to_string(s.K) +
+                            " R=" + std::to_string(s.R) + " stride=" + std::to_string(s.stride);
+    same_bits_for_1_2_3_threads("conv fwd " + tag, [&] {
+      std::vector<float> y(dy.size());
+      cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
+      return y;
+    });
+    same_bits_for_1_2_3_threads("conv bwd data " + tag, [&] {
+      std::vector<float> dx(x.size());
+      cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data());
+      return dx;
+    });
+    same_bits_for_1_2_3_threads("conv bwd filter " + tag, [&] {
+      std::vector<float> dw(w.size());
+      cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data());
+      return dw;
+    });
+  }
+  const int N = 3, C = 40, HW = 33 * 31;
+  const auto x = random_floats(size_t(N) * C * HW, 4), dy = random_floats(size_t(N) * C * HW, 5);
+  const auto gamma = random_floats(size_t(C), 6), beta = random_floats(size_t(C), 7);
+  same_bits_for_1_2_3_threads("batch norm", [&] {
+    const size_t nc = C;
+    std::vector<float> y(x.size()), mean(nc), invstd(nc), rm(nc, 0.0f), rv(nc, 1.0f), dx(x.size()), dg(nc), db(nc);
+    cpu::batchnorm_train_fwd<float>(N, C, HW, x.data(), gamma.data(), beta.data(), y.data(), mean.data(), invstd.data(),
+                                    rm.data(), rv.data(), 0.1, 1e-5);
+    cpu::batchnorm_bwd<float>(N, C, HW, x.data(), dy.data(), gamma.data(), mean.data(), invstd.data(), dx.data(),
+                              dg.data(), db.data());
+    std::vector<float> all = y;
+    for (const auto* v : {&mean, &invstd, &rm, &rv, &dx, &dg, &db}) all.insert(all.end(), v->begin(), v->end());
+    return all;
+  });
+}
+
+TEST_CASE("relu and add: values, NaN propagation as torch, in-place use") {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> x = {-2, -0.0f, 0, 3, nan, 1e-30f};
+  std::vector<float> y(x.size());
+  cpu::relu_fwd<float>(int64_t(x.size()), x.data(), y.data());
+  CHECK(y[0] == 0);
+  CHECK(y[2] == 0);
+  CHECK(y[3] == 3);
+  CHECK(std::isnan(y[4]));  // torch.relu(nan) is nan
+  CHECK(y[5] == 1e-30f);
+  std::vector<float> dy = {1, 2, 3, 4, 5, 6}, dx(6);
+  cpu::relu_bwd<float>(6, y.data(), dy.data(), dx.data());
+  CHECK(dx == std::vector<float>{0, 0, 0, 4, 5, 6});        // zero where y <= 0; a NaN output passes the gradient
+  cpu::relu_bwd<float>(6, y.data(), dy.data(), dy.data());  // dx may alias dy
+  CHECK(dy == dx);
+  // Large enough to be split over threads; y aliases x.
+  const int64_t n = 1 << 20;
+  std::vector<float> a(n), b(n);
+  for (int64_t i = 0; i < n; ++i) {
+    a[size_t(i)] = float(i % 7) - 3;
+    b[size_t(i)] = float(i % 5);
+  }
+  auto a0 = a;
+  cpu::add<float>(n, a.data(), b.data(), a.data());
+  cpu::relu_fwd<float>(n, a.data(), a.data());
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += a[size_t(i)] != std::max(0.0f, a0[size_t(i)] + b[size_t(i)]);
+  CHECK(bad == 0);
+}

@@ -1,0 +1,163 @@
+// vbtrain bench-ops: throughput of the CPU reference kernels. Prints GEMM GFLOP/s at a few sizes, then the
+// time of every distinct convolution of ResNet-50 (forward, data gradient, filter gradient) at the given batch
+// and image size, and the whole network's convolution time for one forward and backward pass. Times are
+// medians over repetitions; nothing is asserted.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
+#include "tools/commands.h"
+
+namespace vb::tools {
+namespace {
+
+struct BenchOpsOptions {
+  int threads = 0;
+  int batch = 1;
+  int image = 224;
+  double min_seconds = 0.3;
+  bool skip_gemm = false;
+};
+
+// Median seconds per call of fn: one warm-up call, then repetitions until min_seconds have passed (at least 3).
+double time_median(const std::function<void()>& fn, double min_seconds) {
+  fn();
+  std::vector<double> t;
+  double total = 0;
+  while (t.size() < 3 || total < min_seconds) {
+    const auto a = std::chrono::steady_clock::now();
+    fn();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+    t.push_back(s);
+    total += s;
+    if (t.size() >= 1000) break;
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+std::vector<float> random_floats(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> d(-1, 1);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+// Every convolution of torchvision's ResNet-50 (stride on the 3x3, 1x1 downsample on each stage's first block).
+std::vector<cpu::ConvShape> resnet50_convs(int N, int image) {
+  std::vector<cpu::ConvShape> convs;
+  auto add = [&](int C, int H, int K, int k, int stride, int pad) {
+    convs.push_back(cpu::ConvShape{N, C, H, H, K, k, k, stride, pad});
+    return convs.back().P();
+  };
+  int H = add(3, image, 64, 7, 2, 3);
+  H = (H + 2 - 3) / 2 + 1;  // max pool 3x3 s2 p1
+  int in = 64;
+  const int blocks[4] = {3, 4, 6, 3};
+  for (int stage = 0; stage < 4; ++stage) {
+    const int planes = 64 << stage;
+    for (int b = 0; b < blocks[stage]; ++b) {
+      const int stride = (stage > 0 && b == 0) ? 2 : 1;
+      add(in, H, planes, 1, 1, 0);
+      const int H2 = add(planes, H, planes, 3, stride, 1);
+      add(planes, H2, planes * 4, 1, 1, 0);
+      if (b == 0) add(in, H, planes * 4, 1, stride, 0);
+      in = planes * 4;
+      H = H2;
+    }
+  }
+  return convs;
+}
+
+int run_bench_ops(const BenchOpsOptions& o) {
+  cpu::set_num_threads(o.threads);
+  std::printf("CPU kernels: %d threads\n", cpu::num_threads());
+
+  if (!o.skip_gemm) {
+    std::printf("\nGEMM (float, C = A * B, row-major, no transposes)\n");
+    std::printf("%6s %6s %6s %10s %10s\n", "M", "N", "K", "ms", "GFLOP/s");
+    const int sizes[][3] = {{256, 256, 256},    {512, 512, 512}, {1024, 1024, 1024},
+                            {2048, 2048, 2048}, {64, 3136, 576}, {512, 49, 4608}};
+    for (const auto& s : sizes) {
+      const int M = s[0], N = s[1], K = s[2];
+      const auto A = random_floats(size_t(M) * K, 1), B = random_floats(size_t(K) * N, 2);
+      std::vector<float> C(size_t(M) * N);
+      const double t = time_median(
+          [&] { cpu::gemm<float>(false, false, M, N, K, 1.0f, A.data(), K, B.data(), N, 0.0f, C.data(), N); },
+          o.min_seconds);
+      std::printf("%6d %6d %6d %10.3f %10.1f\n", M, N, K, t * 1e3, 2.0 * M * N * K / t / 1e9);
+    }
+  }
+
+  // Distinct shapes with their number of occurrences, in network order.
+  const auto all = resnet50_convs(o.batch, o.image);
+  std::vector<std::pair<cpu::ConvShape, int>> shapes;
+  for (const auto& s : all) {
+    auto key = [](const cpu::ConvShape& c) { return std::tie(c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad); };
+    auto it = std::find_if(shapes.begin(), shapes.end(), [&](const auto& p) { return key(p.first) == key(s); });
+    if (it == shapes.end())
+      shapes.emplace_back(s, 1);
+    else
+      ++it->second;
+  }
+  std::printf("\nResNet-50 convolutions, batch %d, %dx%d input (%zu convolutions, %zu distinct)\n", o.batch, o.image,
+              o.image, all.size(), shapes.size());
+  std::printf("%5s %5s %5s %5s %6s %2s %9s %9s %9s %9s %8s\n", "C", "HxW", "K", "RxS", "stride", "n", "fwd ms", "dx ms",
+              "dw ms", "GFLOP", "GFLOP/s");
+  double total_fwd = 0, total_dx = 0, total_dw = 0, total_flop = 0;
+  for (const auto& [s, count] : shapes) {
+    const size_t nx = size_t(s.N) * s.C * s.H * s.W, nw = size_t(s.K) * s.C * s.R * s.S,
+                 ny = size_t(s.N) * s.K * s.P() * s.Q();
+    const auto x = random_floats(nx, 3), w = random_floats(nw, 4), dy = random_floats(ny, 5);
+    std::vector<float> y(ny), dx(nx), dw(nw);
+    const double tf = time_median([&] { cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data()); }, o.min_seconds);
+    const double td =
+        time_median([&] { cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data()); }, o.min_seconds);
+    const double tw =
+        time_median([&] { cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data()); }, o.min_seconds);
+    const double flop = 2.0 * double(ny) * s.C * s.R * s.S;  // one pass
+    std::printf("%5d %5d %5d %3dx%d %6d %2d %9.3f %9.3f %9.3f %9.3f %8.1f\n", s.C, s.H, s.K, s.R, s.S, s.stride, count,
+                tf * 1e3, td * 1e3, tw * 1e3, flop / 1e9, 3 * flop / (tf + td + tw) / 1e9);
+    total_fwd += count * tf;
+    total_dx += count * td;
+    total_dw += count * tw;
+    total_flop += count * flop;
+  }
+  std::printf(
+      "\nwhole network, convolutions only: forward %.1f ms, backward %.1f ms (data %.1f + filter %.1f), "
+      "%.1f GFLOP per pass, %.1f GFLOP/s overall\n",
+      total_fwd * 1e3, (total_dx + total_dw) * 1e3, total_dx * 1e3, total_dw * 1e3, total_flop / 1e9,
+      3 * total_flop / (total_fwd + total_dx + total_dw) / 1e9);
+  return 0;
+}
+
+}  // namespace
+
+VB_COMMAND(
+    "bench-ops", "Benchmark the CPU kernels: GEMM GFLOP/s and every ResNet-50 convolution (forward, backward)",
+    [](CLI::App& app) -> std::function<int()> {
+      auto o = std::make_shared<BenchOpsOptions>();
+      app.add_option("--threads", o->threads, "CPU threads (0 = all cores)")
+          ->check(CLI::NonNegativeNumber)
+          ->capture_default_str();
+      app.add_option("--batch", o->batch, "batch size of the convolutions")
+          ->check(CLI::PositiveNumber)
+          ->capture_default_str();
+      app.add_option("--image", o->image, "input image side")->check(CLI::Range(32, 1024))->capture_default_str();
+      app.add_option("--min-seconds", o->min_seconds, "time spent per measurement (median of the repetitions)")
+          ->check(CLI::PositiveNumber)
+          ->capture_default_str();
+      app.add_flag("--skip-gemm", o->skip_gemm, "only the convolutions");
+      return [o] { return run_bench_ops(*o); };
+    });
+
+}  // namespace vb::tools
