@@ -124,8 +124,9 @@ class CudaBackend final : public Backend {
     VB_CHECK(p == Precision::FP32 || p == Precision::TF32, "the CUDA backend computes in fp32 or tf32, not ",
              precision_name(p));
     precision_ = p;
-    // Strict fp32 keeps TF32 out of cuBLAS too; TF32 allows it there as in the convolutions.
-    VB_CUBLAS_CHECK(cublasSetMathMode(blas_, p == Precision::TF32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    // TF32 applies to the convolutions only, as PyTorch's defaults (cudnn.allow_tf32 on, matmul.allow_tf32
+    // off): the head's matrix products stay fp32 in both modes.
+    VB_CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
   }
 
   // ---- memory ----

@@ -555,9 +555,11 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     write_metrics(out, rows);
     write_report(out, opt, cfg.describe(), rows, best_confusion.get(), pos.best_epoch, nullptr);
 
-    std::printf("epoch %lld/%d  train loss %.4f  val loss %.4f  val acc %.4f  lr %.3g  %.0f img/s  %.1f s%s\n",
+    const data::LoaderStats ls = train_loader.stats();
+    std::printf("epoch %lld/%d  train loss %.4f  val loss %.4f  val acc %.4f  lr %.3g  %.0f img/s  %.1f s  "
+                "(waited %.1f s for data)%s\n",
                 (long long)epoch + 1, opt.epochs, row.train_loss, row.val_loss, row.val_accuracy, lr,
-                row.images_per_s, row.seconds, best ? "  (best)" : "");
+                row.images_per_s, row.seconds, ls.wait_seconds, best ? "  (best)" : "");
     if (conf) {
       std::printf("  per class:");
       for (int c = 0; c < data::kNumClasses; ++c)
