@@ -382,24 +382,28 @@ class CudaBackend final : public Backend {
       if (acceptable(h) && h.memory > need) need = h.memory;
     grow_workspace(need);
 
+    // --deterministic: no timing, so the choice (the heuristics' first acceptable deterministic candidate, a
+    // fixed order for a given cuDNN and GPU) is the same in every run and after a resume.
     std::vector<Candidate> timed;
-    if (dir == ConvDir::Fwd) {
-      std::vector<cudnnConvolutionFwdAlgoPerf_t> r(static_cast<size_t>(maxc));
-      VB_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(dnn_, p.x, a, p.w, b, p.conv, p.y, const_cast<void*>(c),
-                                                            maxc, &got, r.data(), ws_, ws_size_));
-      timed = candidates(r.data(), got);
-    } else if (dir == ConvDir::BwdData) {
-      std::vector<cudnnConvolutionBwdDataAlgoPerf_t> r(static_cast<size_t>(maxc));
-      VB_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(dnn_, p.w, b, p.y, c, p.conv, p.x,
-                                                                 const_cast<void*>(a), maxc, &got, r.data(), ws_,
-                                                                 ws_size_));
-      timed = candidates(r.data(), got);
-    } else {
-      std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> r(static_cast<size_t>(maxc));
-      VB_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(dnn_, p.x, a, p.y, c, p.conv, p.w,
-                                                                   const_cast<void*>(b), maxc, &got, r.data(), ws_,
+    if (!deterministic_) {
+      if (dir == ConvDir::Fwd) {
+        std::vector<cudnnConvolutionFwdAlgoPerf_t> r(static_cast<size_t>(maxc));
+        VB_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(dnn_, p.x, a, p.w, b, p.conv, p.y, const_cast<void*>(c),
+                                                              maxc, &got, r.data(), ws_, ws_size_));
+        timed = candidates(r.data(), got);
+      } else if (dir == ConvDir::BwdData) {
+        std::vector<cudnnConvolutionBwdDataAlgoPerf_t> r(static_cast<size_t>(maxc));
+        VB_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(dnn_, p.w, b, p.y, c, p.conv, p.x,
+                                                                   const_cast<void*>(a), maxc, &got, r.data(), ws_,
                                                                    ws_size_));
-      timed = candidates(r.data(), got);
+        timed = candidates(r.data(), got);
+      } else {
+        std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> r(static_cast<size_t>(maxc));
+        VB_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(dnn_, p.x, a, p.y, c, p.conv, p.w,
+                                                                     const_cast<void*>(b), maxc, &got, r.data(), ws_,
+                                                                     ws_size_));
+        timed = candidates(r.data(), got);
+      }
     }
     // Timed results come fastest first, then the heuristics' order as a fallback. The first candidate whose
     // (algorithm, math type) cuDNN accepts as it will run wins; its exact workspace is then reserved.

@@ -24,6 +24,7 @@ void save_checkpoint(const std::string& path, Model& model, AdamW& opt, const St
                           {"partial_loss_sum", pos.partial_loss_sum},
                           {"best_val_accuracy", pos.best_val_accuracy},
                           {"best_epoch", pos.best_epoch},
+                          {"best_confusion", pos.best_confusion},
                           {"scheduler", {{"last_epoch", sched.last_epoch()}, {"lr", sched.lr()},
                                          {"step_size", sched.step_size()}, {"gamma", sched.gamma()},
                                          {"base_lr", sched.base_lr()}}}};
@@ -70,6 +71,7 @@ TrainPosition load_checkpoint(const std::string& path, Model& model, AdamW& opt,
     pos.partial_loss_sum = state.at("partial_loss_sum");
     pos.best_val_accuracy = state.at("best_val_accuracy");
     pos.best_epoch = state.at("best_epoch");
+    if (state.contains("best_confusion")) pos.best_confusion = state.at("best_confusion").get<std::vector<int64_t>>();
     sched.set_state(state.at("scheduler").at("last_epoch"), state.at("scheduler").at("lr"));
   } catch (const std::exception& e) {
     fail(path, ": checkpoint state is incomplete (", e.what(), ")");

@@ -17,6 +17,7 @@ struct TrainPosition {
   double partial_loss_sum = 0;  // sum of the applied batches' mean losses in `epoch`
   double best_val_accuracy = -1;
   int64_t best_epoch = -1;
+  std::vector<int64_t> best_confusion;  // validation confusion matrix of the best epoch (for the report)
 };
 
 void save_checkpoint(const std::string& path, Model& model, AdamW& opt, const StepLR& sched,

@@ -16,6 +16,12 @@ std::string fmt(const char* f, double v) {
 }
 }  // namespace
 
+Confusion Confusion::from_counts(int num_classes, const std::vector<int64_t>& counts) {
+  Confusion c(num_classes);
+  if (counts.size() == c.m_.size()) c.m_ = counts;
+  return c;
+}
+
 int64_t Confusion::total() const {
   int64_t t = 0;
   for (int64_t v : m_) t += v;

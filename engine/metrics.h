@@ -20,6 +20,8 @@ class Confusion {
   double precision(int c) const;     // NaN when nothing was predicted as c
   double f1(int c) const;            // NaN when precision or recall is
   int64_t support(int c) const;      // samples whose truth is c
+  const std::vector<int64_t>& counts() const { return m_; }  // row-major [truth][predicted]
+  static Confusion from_counts(int num_classes, const std::vector<int64_t>& counts);
 
   std::string to_text(const std::vector<std::string>& names) const;  // aligned table with totals
   std::string to_csv(const std::vector<std::string>& names) const;   // header "true\\pred,<names>"

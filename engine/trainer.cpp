@@ -335,7 +335,7 @@ LoadedModel load_model_file(Backend& be, const std::string& path, int image_size
 
 int run_training(TrainOptions opt, const std::string& resume, bool epochs_given) {
   const auto names = class_names();
-  bool resume_run = false, resume_notebook = false;
+  bool resume_run = false, resume_notebook = false, has_checkpoint = false;
   std::unique_ptr<NotebookCheckpoint> notebook;
   if (!resume.empty()) {
     if (fs::is_directory(resume)) {
@@ -354,8 +354,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
       opt.stop_after_steps = int64_t(stop);
       opt.step_delay_ms = delay;
       opt.out = resume;
-      if (!fs::exists(fs::path(resume) / "checkpoint-last.safetensors"))
-        fail(resume, ": no checkpoint-last.safetensors to resume from (the run stopped before its first checkpoint)");
+      has_checkpoint = fs::exists(fs::path(resume) / "checkpoint-last.safetensors");
     } else if (fs::is_regular_file(resume)) {
       resume_notebook = true;
       notebook = std::make_unique<NotebookCheckpoint>(read_notebook_checkpoint(resume));
@@ -374,6 +373,13 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     fail("invalid settings: epochs, batch size and step size must be positive, image size at least 32, lr > 0");
   const fs::path out(opt.out);
   fs::create_directories(out);
+  if (resume_run && !has_checkpoint) {
+    std::printf("%s: stopped before its first checkpoint; starting it again from epoch 1\n", out.string().c_str());
+    resume_run = false;
+  }
+  // Temporary files of saves that a crash interrupted (write_file_atomic names them <file>.tmp.<pid>).
+  for (const auto& e : fs::directory_iterator(out))
+    if (e.is_regular_file() && e.path().filename().string().find(".tmp.") != std::string::npos) fs::remove(e.path());
 
   // ---- data ----
   data::DatasetIndex index = data::build_index(opt.data);
@@ -418,12 +424,21 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   StepLR sched(opt.lr, opt.step_size, opt.gamma);
   TrainPosition pos;
   std::vector<EpochRow> rows;
+  std::unique_ptr<Confusion> best_confusion;
   if (resume_run) {
     pos = load_checkpoint((out / "checkpoint-last.safetensors").string(), model, adamw, sched);
     rows = read_metrics(out);
     while (!rows.empty() && rows.back().epoch > pos.epoch) rows.pop_back();  // epochs after the checkpoint
-    std::printf("resuming %s at epoch %lld%s\n", out.string().c_str(), (long long)pos.epoch + 1,
-                pos.step_in_epoch ? (", step " + std::to_string(pos.step_in_epoch + 1)).c_str() : "");
+    if (!pos.best_confusion.empty())
+      best_confusion = std::make_unique<Confusion>(Confusion::from_counts(data::kNumClasses, pos.best_confusion));
+    if (pos.epoch >= opt.epochs)
+      std::printf("%s: all %d epochs are done (pass a larger --epochs to train further)\n", out.string().c_str(),
+                  opt.epochs);
+    else
+      std::printf("resuming %s at epoch %lld%s with its saved settings (config.json; only --epochs is taken "
+                  "from the command line)\n",
+                  out.string().c_str(), (long long)pos.epoch + 1,
+                  pos.step_in_epoch ? (", step " + std::to_string(pos.step_in_epoch + 1)).c_str() : "");
   } else if (resume_notebook) {
     NotebookCheckpoint& nb = *notebook;
     model.load_state_dict(nb.model, resume);
@@ -464,7 +479,6 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
 
   SigintGuard sigint;
   int64_t steps_this_run = 0;
-  std::unique_ptr<Confusion> best_confusion;
   auto save_last = [&](const TrainPosition& p) {
     save_checkpoint((out / "checkpoint-last.safetensors").string(), model, adamw, sched, p, config);
   };
@@ -484,7 +498,11 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     int64_t step = 0;
     double loss_sum = 0;
     if (pos.epoch == epoch && pos.step_in_epoch > 0) {  // resuming inside this epoch: replay the order only
-      while (step < pos.step_in_epoch && train_loader.next()) ++step;
+      while (step < pos.step_in_epoch) {
+        const data::Batch* b = train_loader.next();
+        if (!b) break;
+        if (b->size) ++step;  // as training counts them: batches whose frames were all skipped do not count
+      }
       loss_sum = pos.partial_loss_sum;
     }
     const int64_t total = train_loader.batches_per_epoch();
@@ -546,14 +564,17 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
       pos.best_val_accuracy = row.val_accuracy;
       pos.best_epoch = epoch;
       best_confusion = std::make_unique<Confusion>(*conf);
+      pos.best_confusion = conf->counts();
       write_text_atomic(out / "val_confusion_best.csv", conf->to_csv(names));
     }
-    save_last(pos);
+    // checkpoint-last is the commit point of the epoch, so it is written last: a crash before it redoes the
+    // epoch (identically), and the files written before it are then written again.
     if (best) save_checkpoint((out / "checkpoint-best.safetensors").string(), model, adamw, sched, pos, config);
     if (epoch % 10 == 0) save_model_file((out / ("model-epoch" + std::to_string(epoch) + ".safetensors")).string(), model, opt.image_size);
     rows.push_back(row);
     write_metrics(out, rows);
     write_report(out, opt, cfg.describe(), rows, best_confusion.get(), pos.best_epoch, nullptr);
+    save_last(pos);
 
     const data::LoaderStats ls = train_loader.stats();
     std::printf("epoch %lld/%d  train loss %.4f  val loss %.4f  val acc %.4f  lr %.3g  %.0f img/s  %.1f s  "
@@ -567,7 +588,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
       std::printf("\n");
     }
     std::fflush(stdout);
-    if (g_interrupted.load() && epoch + 1 < opt.epochs) {
+    if (interrupted() && epoch + 1 < opt.epochs) {
       announce_stop();
       return 130;
     }
