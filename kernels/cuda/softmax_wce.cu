@@ -9,6 +9,7 @@ namespace vb::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kIgnoreIndex = -100;  // torch.nn.CrossEntropyLoss's default ignore_index, as the CPU twin
 
 __device__ __forceinline__ void row_stats(const float* row, int C, float* mx, float* sum) {
   float m = row[0];
@@ -31,11 +32,12 @@ __global__ void softmax_wce_kernel(int N, int C, const float* __restrict__ logit
     const int64_t y = labels[i];
     if (probs)
       for (int c = 0; c < C; ++c) probs[int64_t(i) * C + c] = expf(row[c] - mx) / s;
+    if (y == kIgnoreIndex) continue;  // PyTorch's ignore_index: out of both sums
     if (y < 0 || y >= C) {
       bad += 1.f;
       continue;
     }
-    const float w = cw[y];
+    const float w = cw ? cw[y] : 1.f;
     num += w * (mx + logf(s) - row[y]);  // w * -log softmax(row)[y]
     den += w;
   }
@@ -48,13 +50,17 @@ __global__ void softmax_wce_kernel(int N, int C, const float* __restrict__ logit
     const float* row = logits + int64_t(i) * C;
     float* d = dlogits + int64_t(i) * C;
     const int64_t y = labels[i];
-    if (y < 0 || y >= C) {
+    if (y == kIgnoreIndex) {
+      for (int c = 0; c < C; ++c) d[c] = 0.f;
+      continue;
+    }
+    if (y < 0 || y >= C) {  // the CPU twin throws; a kernel cannot, so the loss and this row are NaN
       for (int c = 0; c < C; ++c) d[c] = NAN;
       continue;
     }
     float mx, s;
     row_stats(row, C, &mx, &s);
-    const float g = cw[y] / den;
+    const float g = (cw ? cw[y] : 1.f) / den;
     for (int c = 0; c < C; ++c) d[c] = g * (expf(row[c] - mx) / s - (c == y ? 1.f : 0.f));
   }
 }
@@ -64,7 +70,7 @@ __global__ void softmax_wce_kernel(int N, int C, const float* __restrict__ logit
 void softmax_wce(cudaStream_t st, int N, int C, const float* logits, const int64_t* labels,
                  const float* class_weights, float* probs, float* dlogits, float* loss) {
   VB_CHECK(N > 0 && C > 0, "softmax_wce: bad shape N=", N, " C=", C);
-  VB_CHECK(logits && labels && class_weights && loss, "softmax_wce: null logits, labels, weights or loss");
+  VB_CHECK(logits && labels && loss, "softmax_wce: null logits, labels or loss");  // null weights: all 1
   softmax_wce_kernel<<<1, kThreads, 0, st>>>(N, C, logits, labels, class_weights, probs, dlogits, loss);
   VB_CUDA_LAUNCH_CHECK();
 }
