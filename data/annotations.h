@@ -1,4 +1,4 @@
-// The Volleyball dataset's annotations.txt, read exactly (layout: ../shared/docs/volleyball.md).
+// The Volleyball dataset's annotations.txt, read exactly (the layout is summarised in data/README.md).
 //
 // One clip per line: `<frame>.jpg <group_activity> [<x> <y> <w> <h> <player_action>]...`, fields separated
 // by any whitespace. Blank lines are skipped (the notebook's pandas reading drops them). A malformed line or

@@ -1,4 +1,4 @@
-// A synthetic Volleyball dataset in the real layout (../shared/docs/volleyball.md), for demos, tests and
+// A synthetic Volleyball dataset in the real layout (see data/README.md), for demos, tests and
 // benchmarks: <out>/videos/<video>/annotations.txt with player boxes and actions, <clip>/<frame>.jpg frames,
 // the notebook's splits, class frequencies proportional to the real per-split counts, videos
 // 2, 37, 38, 39, 40, 41, 44, 45 at 1920x1080 and the others at 1280x720 (times `scale`), baseline JPEG

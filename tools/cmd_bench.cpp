@@ -1,6 +1,6 @@
 // vbtrain bench: the whole training step (forward, weighted cross-entropy, backward, AdamW) and the
 // evaluation forward on random data, in img/s with peak device memory: the figures of
-// ../shared/docs/anchors.md, measured the same way (median of the timed steps after warm-up).
+// docs/STATUS.md (PyTorch on the H200), measured the same way (median of the timed steps after warm-up).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

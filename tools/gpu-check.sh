@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one check for a machine with a GPU (the H200 machine of ../shared/docs/gpu-target.md):
+# The one check for a machine with a GPU (an NVIDIA H200 machine with PyTorch beside it):
 #   1. builds if needed (or uses a carried build folder as it is),
 #   2. runs every test binary (the GPU suites included),
 #   3. `vbtrain verify` on the golden run in strict fp32 and tf32,

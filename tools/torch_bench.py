@@ -2,7 +2,7 @@
 """The PyTorch side of the side-by-side GPU measurement (tools/gpu-check.sh runs it next to `vbtrain bench`).
 
 ResNet-50 with the reference notebook's B1 head (fc = Sequential(Linear(2048, 8))), random data, AdamW and
-weighted cross-entropy, as in ../shared/docs/anchors.md: median of the timed steps after warm-up, each step
+weighted cross-entropy, as in the PyTorch anchors quoted in docs/STATUS.md: median of the timed steps after warm-up, each step
 timed with CUDA events. Configurations:
   train_fp32_default  PyTorch's defaults (TF32 in cuDNN convolutions, not in matmuls), NCHW: what the
                       notebook runs
