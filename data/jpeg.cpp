@@ -21,16 +21,31 @@ namespace {
 
 struct TjHandle {
   tjhandle h = nullptr;
-  explicit TjHandle(bool compress) {
+  bool compress;
+  explicit TjHandle(bool c) : compress(c) { init(); }
+  ~TjHandle() { tjDestroy(h); }
+  void init() {
     h = compress ? tjInitCompress() : tjInitDecompress();
     if (!h) fail("TurboJPEG: cannot create a ", compress ? "compressor" : "decompressor", ": ", tjGetErrorStr2(nullptr));
   }
-  ~TjHandle() { tjDestroy(h); }
+  // After a failed call a decompressor can be left mid-stream, and the next image it is given fails too
+  // ("tjDecompress2(): Invalid argument"): a fresh handle after every error.
+  void reset() {
+    tjDestroy(h);
+    init();
+  }
 };
 // One handle per thread: TurboJPEG handles are not thread-safe, and creating one per image costs.
-tjhandle decompressor() {
+TjHandle& decompressor_handle() {
   thread_local TjHandle t(false);
-  return t.h;
+  return t;
+}
+tjhandle decompressor() { return decompressor_handle().h; }
+// Throws "<name>: <what>: <TurboJPEG's message>" and leaves this thread's decompressor usable.
+[[noreturn]] void fail_decode(const std::string& name, const char* what) {
+  std::string msg = tjGetErrorStr2(decompressor());
+  decompressor_handle().reset();
+  fail(name, ": ", what, ": ", msg);
 }
 tjhandle compressor() {
   thread_local TjHandle t(true);
@@ -66,7 +81,7 @@ JpegHeader read_jpeg_header(const std::vector<uint8_t>& bytes, const std::string
     fail(name, ": not a JPEG file (no SOI marker; first bytes ", int(bytes[0]), " ", bytes.size() > 1 ? int(bytes[1]) : -1, ")");
   int w = 0, h = 0, sub = 0, cs = 0;
   if (tjDecompressHeader3(decompressor(), bytes.data(), (unsigned long)bytes.size(), &w, &h, &sub, &cs) != 0)
-    fail(name, ": bad JPEG header: ", tjGetErrorStr2(decompressor()));
+    fail_decode(name, "bad JPEG header");
   return {w, h};
 }
 
@@ -76,7 +91,7 @@ Image decode_jpeg(const std::vector<uint8_t>& bytes, const std::string& name, in
   if (bytes.size() < 3 || bytes[0] != 0xFF || bytes[1] != 0xD8) fail(name, ": not a JPEG file (no SOI marker)");
   int w = 0, h = 0, sub = 0, cs = 0;
   if (tjDecompressHeader3(d, bytes.data(), (unsigned long)bytes.size(), &w, &h, &sub, &cs) != 0)
-    fail(name, ": bad JPEG header: ", tjGetErrorStr2(d));
+    fail_decode(name, "bad JPEG header");
   int sw = w, sh = h;
   if (min_width > 0 || min_height > 0) {
     int n = 0;
@@ -99,7 +114,7 @@ Image decode_jpeg(const std::vector<uint8_t>& bytes, const std::string& name, in
   } else {
     rc = tjDecompress2(d, bytes.data(), (unsigned long)bytes.size(), img.pixels.data(), sw, 0, sh, TJPF_RGB, flags);
   }
-  if (rc != 0) fail(name, ": JPEG decode failed: ", tjGetErrorStr2(d));
+  if (rc != 0) fail_decode(name, "JPEG decode failed");
   if (cmyk) {
     size_t n = size_t(sw) * sh;
     for (size_t i = 0; i < n; ++i) {
