@@ -1,6 +1,8 @@
 // The CPU backend: the reference ops of kernels/cpu (in float, or in double for the reference path),
 // composed where the CUDA path fuses.
+#include <algorithm>
 #include <cstdlib>
+#include <unordered_map>
 #include <thread>
 
 #include "engine/backend.h"
@@ -28,9 +30,22 @@ class CpuBackend final : public BackendT<T> {
     void* p = std::aligned_alloc(256, rounded);
     if (!p) fail("out of host memory allocating ", bytes, " bytes");
     std::memset(p, 0, rounded);
+    sizes_[p] = rounded;
+    in_use_ += rounded;
+    peak_ = std::max(peak_, in_use_);
     return p;
   }
-  void release(void* p) override { std::free(p); }
+  void release(void* p) override {
+    if (!p) return;
+    auto it = sizes_.find(p);
+    if (it != sizes_.end()) {
+      in_use_ -= it->second;
+      sizes_.erase(it);
+    }
+    std::free(p);
+  }
+  size_t memory_in_use() const override { return in_use_; }
+  size_t memory_peak() const override { return peak_; }
   void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
@@ -114,6 +129,9 @@ class CpuBackend final : public BackendT<T> {
   }
 
  private:
+  std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
+  size_t in_use_ = 0, peak_ = 0;
+
   static void epilogue(int64_t n, const T* residual, bool relu, T* y) {
     if (residual) cpu::add<T>(n, y, residual, y);
     if (relu) cpu::relu_fwd<T>(n, y, y);

@@ -46,7 +46,8 @@ struct ModelT<T>::Block {
   T *o1 = nullptr, *a1 = nullptr;                     // (N, planes, in_h, in_w): conv1, bn1+relu
   T *o2 = nullptr, *a2 = nullptr;                     // (N, planes, out_h, out_w): conv2, bn2+relu
   T *o3 = nullptr, *y = nullptr;                      // (N, out_c, out_h, out_w): conv3, bn3+res+relu
-  T *dso = nullptr, *dsa = nullptr;                   // (N, out_c, out_h, out_w): downsample conv, bn
+  T* dso = nullptr;  // (N, out_c, out_h, out_w): downsample conv output
+  T* dsa = nullptr;  // (N, out_c, out_h, out_w): downsample BN output, a transient (backward never reads it)
 };
 
 template <class T>
@@ -280,7 +281,7 @@ void ModelT<T>::plan(int max_batch, int image_size) {
     if (b.ds) {
       b.ds->s.H = h; b.ds->s.W = w;
       b.dso = act(b.out_c, b.out_h, b.out_w);
-      b.dsa = act(b.out_c, b.out_h, b.out_w);
+      largest = std::max(largest, N * b.out_c * b.out_h * b.out_w);  // b.dsa lives in gradient scratch
     }
     x = b.y;
     h = b.out_h;
@@ -302,6 +303,10 @@ void ModelT<T>::plan(int max_batch, int image_size) {
   dlogits_ = act_alloc(N * cfg_.num_classes);
   for (T*& g : g_) g = act_alloc(largest);
   for (T*& g : gfc_) g = act_alloc(N * widest);
+  // The downsample branch's BN output is only the residual of its block's last BN in the forward pass, and
+  // the gradient scratch is idle during the forward pass: it lives there.
+  for (Block& b : blocks_)
+    if (b.ds) b.dsa = g_[3];
 }
 
 namespace {
@@ -371,7 +376,10 @@ void ModelT<T>::backward(int n) {
   }
   if (frozen_) return;
 
-  T *A = g_[0], *B = g_[1], *C = g_[2], *D = g_[3], *E = g_[4];
+  // Four scratch buffers, each the largest activation. A: the gradient of the current block's output (free
+  // once bn3's backward has read it, then the masked-gradient scratch, then the block input's gradient);
+  // B: the residual's gradient; C: convolution output gradients; D: convolution input gradients.
+  T *A = g_[0], *B = g_[1], *C = g_[2], *D = g_[3];
   const Block& last = blocks_.back();
   be.avgpool_bwd(n, last.out_c, last.out_h, last.out_w, dy, A);
   // A holds the gradient of the current block's output throughout.
@@ -384,18 +392,18 @@ void ModelT<T>::backward(int n) {
     be.conv_bwd_filter(s3, b.a2, C, b.c3->dw);
     be.conv_bwd_data(s3, C, b.c3->w, D);
     be.bn_bwd(n, b.planes, b.out_h, b.out_w, b.o2, b.a2, D, b.b2->gamma, b.b2->save_mean, b.b2->save_invstd, true,
-              C, nullptr, b.b2->dgamma, b.b2->dbeta, E);
+              C, nullptr, b.b2->dgamma, b.b2->dbeta, A);
     be.conv_bwd_filter(s2, b.a1, C, b.c2->dw);
     be.conv_bwd_data(s2, C, b.c2->w, D);
     be.bn_bwd(n, b.planes, b.in_h, b.in_w, b.o1, b.a1, D, b.b1->gamma, b.b1->save_mean, b.b1->save_invstd, true,
-              C, nullptr, b.b1->dgamma, b.b1->dbeta, E);
+              C, nullptr, b.b1->dgamma, b.b1->dbeta, A);
     be.conv_bwd_filter(s1, b.x, C, b.c1->dw);
     be.conv_bwd_data(s1, C, b.c1->w, A);
     const int64_t in_elems = int64_t(n) * b.in_c * b.in_h * b.in_w;
     if (b.ds) {
       const ConvShape sd = with_batch(b.ds->s, n);
-      be.bn_bwd(n, b.out_c, b.out_h, b.out_w, b.dso, b.dsa, B, b.bds->gamma, b.bds->save_mean, b.bds->save_invstd,
-                false, C, nullptr, b.bds->dgamma, b.bds->dbeta, E);
+      be.bn_bwd(n, b.out_c, b.out_h, b.out_w, b.dso, nullptr, B, b.bds->gamma, b.bds->save_mean,
+                b.bds->save_invstd, false, C, nullptr, b.bds->dgamma, b.bds->dbeta, D);
       be.conv_bwd_filter(sd, b.x, C, b.ds->dw);
       be.conv_bwd_data(sd, C, b.ds->w, D);
       be.add(in_elems, A, D, A);

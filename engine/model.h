@@ -100,7 +100,7 @@ class ModelT {
   T* feat_ = nullptr;                                          // (N, F) after the average pool
   std::vector<T*> fc_out_;                                      // per linear: its output (after ReLU)
   T *logits_ = nullptr, *dlogits_ = nullptr;
-  T *g_[5] = {};  // gradient scratch, each the largest activation
+  T* g_[4] = {};  // gradient scratch, each the largest activation (see backward())
   T *gfc_[2] = {};  // head gradient scratch, each (N, max head width)
   bool frozen_ = false;
 };
