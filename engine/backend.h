@@ -77,6 +77,10 @@ class BackendT {
   virtual void bn_eval_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                            const T* running_mean, const T* running_var, double eps,
                            const T* residual, bool relu, T* y) = 0;
+  // The training forward's output again, y = act(bn(x)), from the statistics it saved (no residual):
+  // bit-identical to what bn_train_fwd wrote, so the model can recompute it in backward instead of keeping it.
+  virtual void bn_apply(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
+                        const T* save_mean, const T* save_invstd, bool relu, T* y) = 0;
   // dy: gradient of y. y: the fused output (used for the ReLU mask when relu). Writes dx, dresidual (the
   // gradient reaching the residual input, = dy masked by the ReLU), dgamma, dbeta; any may be null.
   // `scratch` holds N*C*H*W floats for the masked gradient; it may be dresidual.

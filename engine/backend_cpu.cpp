@@ -81,6 +81,11 @@ class CpuBackend final : public BackendT<T> {
     cpu::batchnorm_eval_fwd<T>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, y);
     epilogue(int64_t(N) * C * H * W, residual, relu, y);
   }
+  void bn_apply(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta, const T* save_mean,
+                const T* save_invstd, bool relu, T* y) override {
+    cpu::batchnorm_apply<T>(N, C, H * W, x, gamma, beta, save_mean, save_invstd, y);
+    epilogue(int64_t(N) * C * H * W, nullptr, relu, y);
+  }
   void bn_bwd(int N, int C, int H, int W, const T* x, const T* y, const T* dy, const T* gamma,
               const T* save_mean, const T* save_invstd, bool relu, T* dx, T* dresidual,
               T* dgamma, T* dbeta, T* scratch) override {

@@ -227,6 +227,10 @@ class CudaBackend final : public Backend {
                    bool relu, float* y) override {
     cuda::bn_eval_fwd(st_, N, C, H * W, x, gamma, beta, running_mean, running_var, eps, residual, relu, y);
   }
+  void bn_apply(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
+                const float* save_mean, const float* save_invstd, bool relu, float* y) override {
+    cuda::bn_apply(st_, N, C, H * W, x, gamma, beta, save_mean, save_invstd, relu, y);
+  }
   void bn_bwd(int N, int C, int H, int W, const float* x, const float* y, const float* dy, const float* gamma,
               const float* save_mean, const float* save_invstd, bool relu, float* dx, float* dresidual,
               float* dgamma, float* dbeta, float* scratch) override {

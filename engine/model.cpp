@@ -41,10 +41,14 @@ template <class T>
 struct ModelT<T>::Block {
   Conv *c1, *c2, *c3, *ds = nullptr;
   Bn *b1, *b2, *b3, *bds = nullptr;
-  int in_c, in_h, in_w, planes, out_c, out_h, out_w;
+  int stage, in_c, in_h, in_w, planes, out_c, out_h, out_w;
   T* x = nullptr;                                     // (N, in_c, in_h, in_w): the previous output
-  T *o1 = nullptr, *a1 = nullptr;                     // (N, planes, in_h, in_w): conv1, bn1+relu
-  T *o2 = nullptr, *a2 = nullptr;                     // (N, planes, out_h, out_w): conv2, bn2+relu
+  T* o1 = nullptr;  // (N, planes, in_h, in_w): conv1
+  T* o2 = nullptr;  // (N, planes, out_h, out_w): conv2
+  // bn1+relu (N, planes, in_h, in_w), then bn2+relu (N, planes, out_h, out_w): one transient buffer of the
+  // stage. The forward pass needs each only for the next convolution; backward recomputes them (bn_apply,
+  // bit-identical) when the weight gradients and ReLU masks need them, instead of keeping them all.
+  T *a1 = nullptr, *a2 = nullptr;
   T *o3 = nullptr, *y = nullptr;                      // (N, out_c, out_h, out_w): conv3, bn3+res+relu
   T* dso = nullptr;  // (N, out_c, out_h, out_w): downsample conv output
   T* dsa = nullptr;  // (N, out_c, out_h, out_w): downsample BN output, a transient (backward never reads it)
@@ -116,6 +120,7 @@ ModelT<T>::ModelT(BackendT<T>& backend, const ModelConfig& cfg) : be_(backend), 
       const std::string p = "layer" + std::to_string(st + 1) + "." + std::to_string(bi);
       const int stride = (bi == 0 && st > 0) ? 2 : 1;
       Block b{};
+      b.stage = int(st);
       b.in_c = inp;
       b.planes = planes;
       b.out_c = out;
@@ -248,23 +253,38 @@ void ModelT<T>::plan(int max_batch, int image_size) {
   max_batch_ = max_batch;
   image_size_ = image_size;
   const int64_t N = max_batch;
-  int64_t largest = 0;
-  auto act = [&](int C, int H, int W) {
-    largest = std::max(largest, N * C * H * W);
-    return act_alloc(N * C * H * W);
+  // Two passes: shapes and sizes first, then memory. Activations of the deep stages (3 and 4 of ResNet-50)
+  // live in one arena, which also holds the shallow stages' gradient scratch: by the time the backward pass
+  // reaches stage 2, everything in the deep stages has been consumed. The deep stages' own (smaller) scratch
+  // is separate. So a layer1-sized gradient never coexists with layer3-4 activations, as in PyTorch.
+  const int deep_from = int(cfg_.blocks.size()) >= 3 ? 2 : int(cfg_.blocks.size());  // first deep stage
+  deep_from_ = deep_from;
+  struct Want {
+    T** slot;
+    int64_t n;
+    bool deep;
   };
-  input_ = act(3, image_size, image_size);
+  std::vector<Want> wants;
+  int64_t shallow_max = 0, deep_max = 0;  // the largest tensor a gradient scratch buffer must hold
+  int64_t shallow_a = 0, deep_a = 0;      // the largest BN+ReLU output of a bottleneck (the transient a1/a2)
+  auto want = [&](T** slot, int C, int H, int W, bool deep) {
+    const int64_t n = N * C * H * W;
+    wants.push_back({slot, n, deep});
+    (deep ? deep_max : shallow_max) = std::max(deep ? deep_max : shallow_max, n);
+  };
+  auto scratch_needs = [&](int64_t n, bool deep) { (deep ? deep_max : shallow_max) = std::max(deep ? deep_max : shallow_max, n); };
+
+  want(&input_, 3, image_size, image_size, false);
   Conv& c = *stem_conv_;
   c.s.H = c.s.W = image_size;
   const int sh = c.s.P(), sw = c.s.Q();
-  stem_c_ = act(cfg_.width, sh, sw);
-  stem_a_ = act(cfg_.width, sh, sw);
+  want(&stem_c_, cfg_.width, sh, sw, false);
+  want(&stem_a_, cfg_.width, sh, sw, false);
   const int ph = (sh + 2 - 3) / 2 + 1, pw = (sw + 2 - 3) / 2 + 1;
-  pool_ = act(cfg_.width, ph, pw);
-  T* x = pool_;
+  want(&pool_, cfg_.width, ph, pw, false);
   int h = ph, w = pw;
   for (Block& b : blocks_) {
-    b.x = x;
+    const bool deep = b.stage >= deep_from;
     b.in_h = h;
     b.in_w = w;
     b.c1->s.H = h; b.c1->s.W = w;
@@ -272,22 +292,56 @@ void ModelT<T>::plan(int max_batch, int image_size) {
     b.out_h = b.c2->s.P();
     b.out_w = b.c2->s.Q();
     b.c3->s.H = b.out_h; b.c3->s.W = b.out_w;
-    b.o1 = act(b.planes, h, w);
-    b.a1 = act(b.planes, h, w);
-    b.o2 = act(b.planes, b.out_h, b.out_w);
-    b.a2 = act(b.planes, b.out_h, b.out_w);
-    b.o3 = act(b.out_c, b.out_h, b.out_w);
-    b.y = act(b.out_c, b.out_h, b.out_w);
+    want(&b.o1, b.planes, h, w, deep);
+    want(&b.o2, b.planes, b.out_h, b.out_w, deep);
+    int64_t& amax = deep ? deep_a : shallow_a;
+    amax = std::max({amax, N * b.planes * h * w, N * b.planes * b.out_h * b.out_w});
+    want(&b.o3, b.out_c, b.out_h, b.out_w, deep);
+    want(&b.y, b.out_c, b.out_h, b.out_w, deep);
+    scratch_needs(N * b.in_c * h * w, deep);  // the gradient of the block's input
     if (b.ds) {
       b.ds->s.H = h; b.ds->s.W = w;
-      b.dso = act(b.out_c, b.out_h, b.out_w);
-      largest = std::max(largest, N * b.out_c * b.out_h * b.out_w);  // b.dsa lives in gradient scratch
+      want(&b.dso, b.out_c, b.out_h, b.out_w, deep);
     }
-    x = b.y;
     h = b.out_h;
     w = b.out_w;
   }
   VB_CHECK(h >= 1 && w >= 1, "image size ", image_size, " is too small for this network");
+
+  auto round = [](int64_t n) { return (n + 63) / 64 * 64; };  // 256-byte alignment inside the arena
+  int64_t deep_total = 0;
+  for (const Want& x : wants)
+    if (x.deep) deep_total += round(x.n);
+  const bool split = deep_from < int(cfg_.blocks.size());
+  T* arena = nullptr;
+  if (split) {
+    arena = act_alloc(std::max(deep_total, 4 * round(shallow_max) + round(shallow_a)));
+    int64_t off = 0;
+    for (const Want& x : wants)
+      if (x.deep) { *x.slot = arena + off; off += round(x.n); }
+  }
+  for (const Want& x : wants)
+    if (!x.deep) *x.slot = act_alloc(x.n);
+  T* previous = pool_;
+  for (Block& b : blocks_) {
+    b.x = previous;
+    previous = b.y;
+  }
+  for (int i = 0; i < 4; ++i) {
+    g_[i] = split ? arena + i * round(shallow_max) : act_alloc(shallow_max);
+    gdeep_[i] = split ? act_alloc(deep_max) : g_[i];
+  }
+  // The downsample branch's BN output is only the residual of its block's last BN in the forward pass, and
+  // the gradient scratch of its stage is idle then (the shallow one overlaps the deep activations, which the
+  // forward pass has not written yet when the shallow blocks run): it lives there.
+  T* a_shallow = split ? arena + 4 * round(shallow_max) : act_alloc(shallow_a);
+  T* a_deep = split ? act_alloc(deep_a) : a_shallow;
+  for (Block& b : blocks_) {
+    const bool deep = b.stage >= deep_from;
+    if (b.ds) b.dsa = deep ? gdeep_[3] : g_[3];
+    b.a1 = b.a2 = deep ? a_deep : a_shallow;
+  }
+
   for (auto& bn : bns_) {
     bn->save_mean = act_alloc(bn->C);
     bn->save_invstd = act_alloc(bn->C);
@@ -301,12 +355,7 @@ void ModelT<T>::plan(int max_batch, int image_size) {
   }
   logits_ = fc_out_.back();
   dlogits_ = act_alloc(N * cfg_.num_classes);
-  for (T*& g : g_) g = act_alloc(largest);
   for (T*& g : gfc_) g = act_alloc(N * widest);
-  // The downsample branch's BN output is only the residual of its block's last BN in the forward pass, and
-  // the gradient scratch is idle during the forward pass: it lives there.
-  for (Block& b : blocks_)
-    if (b.ds) b.dsa = g_[3];
 }
 
 namespace {
@@ -379,20 +428,30 @@ void ModelT<T>::backward(int n) {
   // Four scratch buffers, each the largest activation. A: the gradient of the current block's output (free
   // once bn3's backward has read it, then the masked-gradient scratch, then the block input's gradient);
   // B: the residual's gradient; C: convolution output gradients; D: convolution input gradients.
-  T *A = g_[0], *B = g_[1], *C = g_[2], *D = g_[3];
+  T *A = gdeep_[0], *B = gdeep_[1], *C = gdeep_[2], *D = gdeep_[3];
   const Block& last = blocks_.back();
   be.avgpool_bwd(n, last.out_c, last.out_h, last.out_w, dy, A);
   // A holds the gradient of the current block's output throughout.
   for (size_t bi = blocks_.size(); bi-- > 0;) {
     const Block& b = blocks_[bi];
+    if (b.stage < deep_from_ && A != g_[0]) {
+      // Leaving the deep stages: their activations are dead, so the shallow scratch (which overlaps them)
+      // takes over; the gradient of this block's output moves with it.
+      be.copy(g_[0], A, sizeof(T) * size_t(n) * b.out_c * b.out_h * b.out_w);
+      A = g_[0], B = g_[1], C = g_[2], D = g_[3];
+    }
     const ConvShape s1 = with_batch(b.c1->s, n), s2 = with_batch(b.c2->s, n), s3 = with_batch(b.c3->s, n);
     // y = relu(bn3(o3) + residual): B gets the gradient of the residual (= of bn3's output).
     be.bn_bwd(n, b.out_c, b.out_h, b.out_w, b.o3, b.y, A, b.b3->gamma, b.b3->save_mean, b.b3->save_invstd, true,
               C, B, b.b3->dgamma, b.b3->dbeta, B);
+    be.bn_apply(n, b.planes, b.out_h, b.out_w, b.o2, b.b2->gamma, b.b2->beta, b.b2->save_mean, b.b2->save_invstd,
+                true, b.a2);
     be.conv_bwd_filter(s3, b.a2, C, b.c3->dw);
     be.conv_bwd_data(s3, C, b.c3->w, D);
     be.bn_bwd(n, b.planes, b.out_h, b.out_w, b.o2, b.a2, D, b.b2->gamma, b.b2->save_mean, b.b2->save_invstd, true,
               C, nullptr, b.b2->dgamma, b.b2->dbeta, A);
+    be.bn_apply(n, b.planes, b.in_h, b.in_w, b.o1, b.b1->gamma, b.b1->beta, b.b1->save_mean, b.b1->save_invstd,
+                true, b.a1);
     be.conv_bwd_filter(s2, b.a1, C, b.c2->dw);
     be.conv_bwd_data(s2, C, b.c2->w, D);
     be.bn_bwd(n, b.planes, b.in_h, b.in_w, b.o1, b.a1, D, b.b1->gamma, b.b1->save_mean, b.b1->save_invstd, true,

@@ -100,7 +100,9 @@ class ModelT {
   T* feat_ = nullptr;                                          // (N, F) after the average pool
   std::vector<T*> fc_out_;                                      // per linear: its output (after ReLU)
   T *logits_ = nullptr, *dlogits_ = nullptr;
-  T* g_[4] = {};  // gradient scratch, each the largest activation (see backward())
+  T* g_[4] = {};      // gradient scratch of the stem and shallow stages (inside the deep stages' arena)
+  T* gdeep_[4] = {};  // gradient scratch of the deep stages (the same as g_ when there is no split)
+  int deep_from_ = 0;  // first stage whose activations live in the arena
   T *gfc_[2] = {};  // head gradient scratch, each (N, max head width)
   bool frozen_ = false;
 };

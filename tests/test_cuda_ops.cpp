@@ -257,6 +257,23 @@ TEST_CASE("batch norm: training forward fused with residual and ReLU, evaluation
     }
 }
 
+TEST_CASE("batch norm apply: the training forward's output again, bit for bit, from its saved statistics") {
+  if (!has_gpu()) return;
+  uint32_t seed = 700;
+  for (const BnShape& b : kBnShapes)
+    for (bool relu : {false, true}) {
+      const size_t n = size_t(b.N) * b.C * b.H * b.W, C = size_t(b.C);
+      auto X = up(randv(n, seed++, 2.f, 6.f)), G = up(randv(C, seed++, 0.5f, 1.5f)), B = up(randv(C, seed++));
+      auto Y = poisoned(n), SM = poisoned(C), SI = poisoned(C), A = poisoned(n);
+      dev().bn_train_fwd(b.N, b.C, b.H, b.W, X->f(), G->f(), B->f(), nullptr, relu, Y->f(), SM->f(), SI->f(), nullptr,
+                         nullptr, 0.1, 1e-5);
+      dev().bn_apply(b.N, b.C, b.H, b.W, X->f(), G->f(), B->f(), SM->f(), SI->f(), relu, A->f());
+      const auto y = down(*Y, n), a = down(*A, n);
+      CHECK_MESSAGE(std::memcmp(y.data(), a.data(), n * sizeof(float)) == 0,
+                    "bn_apply differs from bn_train_fwd: N" << b.N << " C" << b.C << (relu ? " relu" : ""));
+    }
+}
+
 TEST_CASE("batch norm backward, with and without ReLU, every output optional") {
   if (!has_gpu()) return;
   uint32_t seed = 200;

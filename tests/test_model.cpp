@@ -1,6 +1,7 @@
 // The model's tensor table against torchvision's own files, initialisation, state-dict round trips, the
 // frozen backbone, and AdamW/StepLR through the Backend against PyTorch's numbers.
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "engine/model.h"
@@ -145,6 +146,26 @@ TEST_CASE("frozen backbone: only fc gets gradients and updates; step counts as P
   CHECK(opt.steps().front() == 1);
   CHECK(opt.steps().back() == 2);
   CHECK(m.state_dict().at("conv1.weight").bytes != before.at("conv1.weight").bytes);
+}
+
+TEST_CASE("bn_apply reproduces the training forward's output bit for bit (backward recomputes it)") {
+  for (int threads : {1, 2}) {
+    auto be = vb::make_cpu_backend(threads);
+    std::mt19937 rng(9);
+    std::uniform_real_distribution<float> u(-3.f, 5.f);
+    const int N = 3, C = 7, H = 5, W = 6;
+    const size_t n = size_t(N) * C * H * W;
+    std::vector<float> x(n), gamma(C), beta(C), y(n), a(n), mean(C), invstd(C);
+    for (float& v : x) v = u(rng);
+    for (int c = 0; c < C; ++c) { gamma[size_t(c)] = 0.5f + 0.1f * float(c); beta[size_t(c)] = 0.2f * float(c) - 0.5f; }
+    for (bool relu : {false, true}) {
+      be->bn_train_fwd(N, C, H, W, x.data(), gamma.data(), beta.data(), nullptr, relu, y.data(), mean.data(),
+                       invstd.data(), nullptr, nullptr, 0.1, 1e-5);
+      vbtest::poison(a);
+      be->bn_apply(N, C, H, W, x.data(), gamma.data(), beta.data(), mean.data(), invstd.data(), relu, a.data());
+      CHECK(std::memcmp(a.data(), y.data(), n * sizeof(float)) == 0);
+    }
+  }
 }
 
 TEST_CASE("AdamW and StepLR through the engine match PyTorch (ops.safetensors)") {

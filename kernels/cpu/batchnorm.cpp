@@ -72,6 +72,14 @@ void affine(const T* x, T* y, int64_t n, T a, T b) {
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * a + b;
 }
 
+// y = x * a + b per channel, from a mean and 1/std as stored in T.
+template <class T>
+void apply_coeffs(const T* gamma, const T* beta, int64_t c, T mean, T invstd, T& a, T& b) {
+  const double ad = (gamma ? double(gamma[c]) : 1.0) * double(invstd);
+  a = T(ad);
+  b = T((beta ? double(beta[c]) : 0.0) - double(mean) * ad);
+}
+
 // Channels per parallel chunk: at least ~16k elements of work.
 int64_t channel_grain(int64_t per_channel) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(per_channel, 1)); }
 
@@ -100,10 +108,24 @@ void batchnorm_train_fwd(int N, int C, int HW, const T* x, const T* gamma, const
         running_var[c] = T(momentum * unbiased + (1.0 - momentum) * double(running_var[c]));
       }
       if (y) {
-        const double a = (gamma ? double(gamma[c]) : 1.0) * invstd;
-        const double b = (beta ? double(beta[c]) : 0.0) - mean * a;
-        for (int n = 0; n < N; ++n) affine(x + n * cstride + c * HW, y + n * cstride + c * HW, HW, T(a), T(b));
+        // From the statistics as saved (rounded to T), so that batchnorm_apply reproduces y bit for bit.
+        T a, b;
+        apply_coeffs(gamma, beta, c, T(mean), T(invstd), a, b);
+        for (int n = 0; n < N; ++n) affine(x + n * cstride + c * HW, y + n * cstride + c * HW, HW, a, b);
       }
+    }
+  });
+}
+
+template <class T>
+void batchnorm_apply(int N, int C, int HW, const T* x, const T* gamma, const T* beta, const T* save_mean,
+                     const T* save_invstd, T* y) {
+  const int64_t cstride = int64_t(C) * HW;
+  parallel_for(C, channel_grain(int64_t(N) * HW), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T a, b;
+      apply_coeffs(gamma, beta, c, save_mean[c], save_invstd[c], a, b);
+      for (int n = 0; n < N; ++n) affine(x + n * cstride + c * HW, y + n * cstride + c * HW, HW, a, b);
     }
   });
 }
@@ -156,6 +178,7 @@ void batchnorm_bwd(int N, int C, int HW, const T* x, const T* dy, const T* gamma
   template void batchnorm_train_fwd<T>(int, int, int, const T*, const T*, const T*, T*, T*, T*, T*, T*, double,     \
                                        double);                                                                     \
   template void batchnorm_eval_fwd<T>(int, int, int, const T*, const T*, const T*, const T*, const T*, double, T*); \
+  template void batchnorm_apply<T>(int, int, int, const T*, const T*, const T*, const T*, const T*, T*);            \
   template void batchnorm_bwd<T>(int, int, int, const T*, const T*, const T*, const T*, const T*, T*, T*, T*);
 VB_INSTANTIATE_BN(float)
 VB_INSTANTIATE_BN(double)

@@ -43,6 +43,11 @@ void conv2d_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw);
 template <class T>
 void batchnorm_train_fwd(int N, int C, int HW, const T* x, const T* gamma, const T* beta, T* y, T* save_mean,
                          T* save_invstd, T* running_mean, T* running_var, double momentum, double eps);
+// The training-mode output again from the statistics a training forward saved: y = gamma (x - mean) invstd +
+// beta, bit-identical to what batchnorm_train_fwd wrote (so backward can recompute it instead of keeping it).
+template <class T>
+void batchnorm_apply(int N, int C, int HW, const T* x, const T* gamma, const T* beta, const T* save_mean,
+                     const T* save_invstd, T* y);
 // Evaluation mode: running statistics.
 template <class T>
 void batchnorm_eval_fwd(int N, int C, int HW, const T* x, const T* gamma, const T* beta, const T* running_mean,

@@ -324,6 +324,13 @@ void bn_eval_fwd(cudaStream_t st, int N, int C, int HW, const float* x, const fl
   launch_apply(st, N, C, HW, x, residual, y, running_mean, nullptr, running_var, eps, gamma, beta, relu);
 }
 
+void bn_apply(cudaStream_t st, int N, int C, int HW, const float* x, const float* gamma, const float* beta,
+              const float* save_mean, const float* save_invstd, bool relu, float* y) {
+  VB_CHECK(N > 0 && C > 0 && HW > 0, "bn_apply: bad shape N=", N, " C=", C, " HW=", HW);
+  VB_CHECK(x && gamma && beta && save_mean && save_invstd && y, "bn_apply: null input, parameter or statistics");
+  launch_apply(st, N, C, HW, x, nullptr, y, save_mean, save_invstd, nullptr, 0.0, gamma, beta, relu);
+}
+
 void bn_bwd(cudaStream_t st, int N, int C, int HW, const float* x, const float* y, const float* dy,
             const float* gamma, const float* save_mean, const float* save_invstd, bool relu, float* dx,
             float* dresidual, float* dgamma, float* dbeta, float* scratch, float* work) {

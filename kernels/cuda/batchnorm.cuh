@@ -32,6 +32,11 @@ void bn_eval_fwd(cudaStream_t st, int N, int C, int HW, const float* x, const fl
 // Backward of the fused training forward. dy: gradient of y; y: the fused output (ReLU mask, read when relu).
 // Writes dx, dresidual (= dy masked by the ReLU), dgamma, dbeta (any may be null). scratch: N*C*HW floats for
 // the masked gradient when relu (may be dresidual or dy). dx may alias dy.
+// The training forward's output again from its saved statistics (bit-identical: the same apply kernel with
+// the same float mean and 1/std). CPU twin: cpu::batchnorm_apply (+ ReLU).
+void bn_apply(cudaStream_t st, int N, int C, int HW, const float* x, const float* gamma, const float* beta,
+              const float* save_mean, const float* save_invstd, bool relu, float* y);
+
 void bn_bwd(cudaStream_t st, int N, int C, int HW, const float* x, const float* y, const float* dy,
             const float* gamma, const float* save_mean, const float* save_invstd, bool relu, float* dx,
             float* dresidual, float* dgamma, float* dbeta, float* scratch, float* work);
