@@ -460,6 +460,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   nlohmann::json config = opt.to_json();
   config["model"] = cfg.describe();
   config["backend"] = be->description();
+  config["compute_precision"] = precision_name(be->precision());  // the CPU computes in fp32 whatever --precision
   config["train_clips"] = train.size();
   config["val_clips"] = val.size();
   config["test_clips"] = test.size();
