@@ -257,8 +257,7 @@ void ModelT<T>::plan(int max_batch, int image_size) {
   // live in one arena, which also holds the shallow stages' gradient scratch: by the time the backward pass
   // reaches stage 2, everything in the deep stages has been consumed. The deep stages' own (smaller) scratch
   // is separate. So a layer1-sized gradient never coexists with layer3-4 activations, as in PyTorch.
-  const int deep_from = int(cfg_.blocks.size()) >= 3 ? 2 : int(cfg_.blocks.size());  // first deep stage
-  deep_from_ = deep_from;
+  deep_from_ = int(cfg_.blocks.size()) >= 3 ? 2 : int(cfg_.blocks.size());
   struct Want {
     T** slot;
     int64_t n;
@@ -267,12 +266,14 @@ void ModelT<T>::plan(int max_batch, int image_size) {
   std::vector<Want> wants;
   int64_t shallow_max = 0, deep_max = 0;  // the largest tensor a gradient scratch buffer must hold
   int64_t shallow_a = 0, deep_a = 0;      // the largest BN+ReLU output of a bottleneck (the transient a1/a2)
-  auto want = [&](T** slot, int C, int H, int W, bool deep) {
-    const int64_t n = N * C * H * W;
-    wants.push_back({slot, n, deep});
-    (deep ? deep_max : shallow_max) = std::max(deep ? deep_max : shallow_max, n);
+  auto scratch_needs = [&](int64_t n, bool deep) {
+    int64_t& m = deep ? deep_max : shallow_max;
+    m = std::max(m, n);
   };
-  auto scratch_needs = [&](int64_t n, bool deep) { (deep ? deep_max : shallow_max) = std::max(deep ? deep_max : shallow_max, n); };
+  auto want = [&](T** slot, int C, int H, int W, bool deep) {
+    wants.push_back({slot, N * C * H * W, deep});
+    scratch_needs(N * C * H * W, deep);
+  };
 
   want(&input_, 3, image_size, image_size, false);
   Conv& c = *stem_conv_;
@@ -284,7 +285,7 @@ void ModelT<T>::plan(int max_batch, int image_size) {
   want(&pool_, cfg_.width, ph, pw, false);
   int h = ph, w = pw;
   for (Block& b : blocks_) {
-    const bool deep = b.stage >= deep_from;
+    const bool deep = b.stage >= deep_from_;
     b.in_h = h;
     b.in_w = w;
     b.c1->s.H = h; b.c1->s.W = w;
@@ -312,7 +313,7 @@ void ModelT<T>::plan(int max_batch, int image_size) {
   int64_t deep_total = 0;
   for (const Want& x : wants)
     if (x.deep) deep_total += round(x.n);
-  const bool split = deep_from < int(cfg_.blocks.size());
+  const bool split = deep_from_ < int(cfg_.blocks.size());
   T* arena = nullptr;
   if (split) {
     arena = act_alloc(std::max(deep_total, 4 * round(shallow_max) + round(shallow_a)));
@@ -331,13 +332,13 @@ void ModelT<T>::plan(int max_batch, int image_size) {
     g_[i] = split ? arena + i * round(shallow_max) : act_alloc(shallow_max);
     gdeep_[i] = split ? act_alloc(deep_max) : g_[i];
   }
-  // The downsample branch's BN output is only the residual of its block's last BN in the forward pass, and
-  // the gradient scratch of its stage is idle then (the shallow one overlaps the deep activations, which the
-  // forward pass has not written yet when the shallow blocks run): it lives there.
   T* a_shallow = split ? arena + 4 * round(shallow_max) : act_alloc(shallow_a);
   T* a_deep = split ? act_alloc(deep_a) : a_shallow;
   for (Block& b : blocks_) {
-    const bool deep = b.stage >= deep_from;
+    const bool deep = b.stage >= deep_from_;
+    // The downsample branch's BN output is only the residual of its block's last BN in the forward pass, and
+    // the gradient scratch of its stage is idle then (the shallow one overlaps the deep activations, which
+    // the forward pass has not written yet when the shallow blocks run): it lives there.
     if (b.ds) b.dsa = deep ? gdeep_[3] : g_[3];
     b.a1 = b.a2 = deep ? a_deep : a_shallow;
   }
@@ -431,6 +432,15 @@ void ModelT<T>::backward(int n) {
   T *A = gdeep_[0], *B = gdeep_[1], *C = gdeep_[2], *D = gdeep_[3];
   const Block& last = blocks_.back();
   be.avgpool_bwd(n, last.out_c, last.out_h, last.out_w, dy, A);
+  // Back through `conv` (whose output gradient is in C) and the BN+ReLU `bn` before it, whose output `a` is
+  // recomputed from its input `o`: C ends up holding the gradient of `o`.
+  auto through = [&](const Conv& conv, const ConvShape& cs, const Bn& bn, int H, int W, const T* o, T* a) {
+    be.bn_apply(n, bn.C, H, W, o, bn.gamma, bn.beta, bn.save_mean, bn.save_invstd, true, a);
+    be.conv_bwd_filter(cs, a, C, conv.dw);
+    be.conv_bwd_data(cs, C, conv.w, D);
+    be.bn_bwd(n, bn.C, H, W, o, a, D, bn.gamma, bn.save_mean, bn.save_invstd, true, C, nullptr, bn.dgamma,
+              bn.dbeta, A);
+  };
   // A holds the gradient of the current block's output throughout.
   for (size_t bi = blocks_.size(); bi-- > 0;) {
     const Block& b = blocks_[bi];
@@ -444,18 +454,8 @@ void ModelT<T>::backward(int n) {
     // y = relu(bn3(o3) + residual): B gets the gradient of the residual (= of bn3's output).
     be.bn_bwd(n, b.out_c, b.out_h, b.out_w, b.o3, b.y, A, b.b3->gamma, b.b3->save_mean, b.b3->save_invstd, true,
               C, B, b.b3->dgamma, b.b3->dbeta, B);
-    be.bn_apply(n, b.planes, b.out_h, b.out_w, b.o2, b.b2->gamma, b.b2->beta, b.b2->save_mean, b.b2->save_invstd,
-                true, b.a2);
-    be.conv_bwd_filter(s3, b.a2, C, b.c3->dw);
-    be.conv_bwd_data(s3, C, b.c3->w, D);
-    be.bn_bwd(n, b.planes, b.out_h, b.out_w, b.o2, b.a2, D, b.b2->gamma, b.b2->save_mean, b.b2->save_invstd, true,
-              C, nullptr, b.b2->dgamma, b.b2->dbeta, A);
-    be.bn_apply(n, b.planes, b.in_h, b.in_w, b.o1, b.b1->gamma, b.b1->beta, b.b1->save_mean, b.b1->save_invstd,
-                true, b.a1);
-    be.conv_bwd_filter(s2, b.a1, C, b.c2->dw);
-    be.conv_bwd_data(s2, C, b.c2->w, D);
-    be.bn_bwd(n, b.planes, b.in_h, b.in_w, b.o1, b.a1, D, b.b1->gamma, b.b1->save_mean, b.b1->save_invstd, true,
-              C, nullptr, b.b1->dgamma, b.b1->dbeta, A);
+    through(*b.c3, s3, *b.b2, b.out_h, b.out_w, b.o2, b.a2);
+    through(*b.c2, s2, *b.b1, b.in_h, b.in_w, b.o1, b.a1);
     be.conv_bwd_filter(s1, b.x, C, b.c1->dw);
     be.conv_bwd_data(s1, C, b.c1->w, A);
     const int64_t in_elems = int64_t(n) * b.in_c * b.in_h * b.in_w;

@@ -246,23 +246,6 @@ data::LoaderOptions loader_options(const TrainOptions& o, bool train, Backend& b
   return lo;
 }
 
-struct DeviceScratch {
-  Backend& be;
-  float* class_weights;
-  int64_t* labels;
-  float* loss;
-  DeviceScratch(Backend& b, int classes, int batch)
-      : be(b),
-        class_weights(static_cast<float*>(b.alloc(sizeof(float) * size_t(classes)))),
-        labels(static_cast<int64_t*>(b.alloc(sizeof(int64_t) * size_t(batch)))),
-        loss(static_cast<float*>(b.alloc(sizeof(float)))) {}
-  ~DeviceScratch() {
-    be.release(class_weights);
-    be.release(labels);
-    be.release(loss);
-  }
-};
-
 void upload_batch(Model& model, const data::Batch& b, int64_t* labels_dev) {
   const int S = model.image_size();
   model.backend().upload_activation(model.input(), b.images, b.size, 3, S, S);
@@ -273,8 +256,29 @@ void upload_batch(Model& model, const data::Batch& b, int64_t* labels_dev) {
 
 // ------------------------------------------------------------------------------------------------ evaluate
 
-EvalResult evaluate(Model& model, data::Loader& loader, const float* class_weights, int64_t* labels_dev,
-                    float* loss_dev) {
+std::vector<float> class_weights_for(const std::vector<data::Sample>& train) {
+  std::vector<float> cw(data::kNumClasses, 1.f);
+  std::vector<int64_t> labels;
+  for (const auto& s : train) labels.push_back(s.label);
+  if (!labels.empty()) cpu::class_weights_from_labels(int64_t(labels.size()), labels.data(), data::kNumClasses, cw.data());
+  return cw;
+}
+
+LossBuffers::LossBuffers(Backend& b, const std::vector<float>& weights, int max_batch)
+    : be(b),
+      class_weights(static_cast<float*>(b.alloc(sizeof(float) * weights.size()))),
+      labels(static_cast<int64_t*>(b.alloc(sizeof(int64_t) * size_t(max_batch)))),
+      loss(static_cast<float*>(b.alloc(sizeof(float)))) {
+  b.upload(class_weights, weights.data(), sizeof(float) * weights.size());
+}
+
+LossBuffers::~LossBuffers() {
+  be.release(class_weights);
+  be.release(labels);
+  be.release(loss);
+}
+
+EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& lb) {
   Backend& be = model.backend();
   const int C = model.config().num_classes;
   EvalResult r;
@@ -287,11 +291,11 @@ EvalResult evaluate(Model& model, data::Loader& loader, const float* class_weigh
   Progress progress("eval", loader.batches_per_epoch(), 10.0);
   while (const data::Batch* b = loader.next()) {
     if (b->size == 0) continue;
-    upload_batch(model, *b, labels_dev);
+    upload_batch(model, *b, lb.labels);
     model.forward(b->size, false);
-    be.softmax_wce(b->size, C, model.logits(), labels_dev, class_weights, nullptr, nullptr, loss_dev);
+    be.softmax_wce(b->size, C, model.logits(), lb.labels, lb.class_weights, nullptr, nullptr, lb.loss);
     float loss = 0;
-    be.download(&loss, loss_dev, sizeof(float));
+    be.download(&loss, lb.loss, sizeof(float));
     be.download(logits.data(), model.logits(), sizeof(float) * size_t(b->size) * C);
     for (int i = 0; i < b->size; ++i) {
       const float* row = logits.data() + size_t(i) * C;
@@ -388,10 +392,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   std::vector<data::Sample> val = data::select_split(index.samples, data::Split::Val);
   std::vector<data::Sample> test = data::select_split(index.samples, data::Split::Test);
   if (train.empty()) fail(opt.data, ": no training clips (videos of the train split with annotations)");
-  std::vector<int64_t> train_labels;
-  for (const auto& s : train) train_labels.push_back(s.label);
-  std::vector<float> cw(data::kNumClasses);
-  cpu::class_weights_from_labels(int64_t(train_labels.size()), train_labels.data(), data::kNumClasses, cw.data());
+  const std::vector<float> cw = class_weights_for(train);
 
   // ---- device, model ----
   std::unique_ptr<Backend> be = make_backend(opt.device, opt.threads);
@@ -470,8 +471,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   data::Loader train_loader(train, loader_options(opt, true, *be));
   std::unique_ptr<data::Loader> val_loader;
   if (!val.empty()) val_loader = std::make_unique<data::Loader>(val, loader_options(opt, false, *be));
-  DeviceScratch dev(*be, data::kNumClasses, opt.batch_size);
-  be->upload(dev.class_weights, cw.data(), sizeof(float) * cw.size());
+  LossBuffers dev(*be, cw, opt.batch_size);
 
   std::printf("vbtrain: %s on %s (%s); %zu train / %zu val / %zu test clips; batch %d, image %d, %d epochs\n",
               cfg.describe().c_str(), be->description().c_str(), precision_name(be->precision()), train.size(),
@@ -546,7 +546,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     row.images_per_s = train_seconds > 0 ? double(images) / train_seconds : 0;
     std::unique_ptr<Confusion> conf;
     if (val_loader) {
-      EvalResult v = evaluate(model, *val_loader, dev.class_weights, dev.labels, dev.loss);
+      EvalResult v = evaluate(model, *val_loader, dev);
       row.val_loss = v.loss;
       row.val_accuracy = v.confusion.accuracy();
       for (int c = 0; c < data::kNumClasses; ++c) row.class_accuracy.push_back(v.confusion.recall(c));
@@ -599,7 +599,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   std::unique_ptr<Confusion> test_conf;
   if (opt.evaluate_test && !test.empty()) {
     data::Loader test_loader(test, loader_options(opt, false, *be));
-    EvalResult t = evaluate(model, test_loader, dev.class_weights, dev.labels, dev.loss);
+    EvalResult t = evaluate(model, test_loader, dev);
     test_conf = std::make_unique<Confusion>(t.confusion);
     write_text_atomic(out / "test_confusion.csv", t.confusion.to_csv(names));
     write_text_atomic(out / "test_confusion.svg", t.confusion.to_svg(names, "test"));

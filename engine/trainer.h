@@ -61,9 +61,24 @@ struct EvalResult {
   int64_t images = 0;
   double seconds = 0;
 };
-// Evaluation-mode pass over a loader (one epoch). class_weights: device memory [classes] for the loss.
-EvalResult evaluate(Model& model, data::Loader& loader, const float* class_weights, int64_t* labels_dev,
-                    float* loss_dev);
+// The notebook's criterion weights: n / count per class over the training clips (0 for an absent class);
+// all 1 when there are no training clips.
+std::vector<float> class_weights_for(const std::vector<data::Sample>& train);
+
+// Backend memory the loss needs: the class weights (uploaded once), a batch of labels, the loss.
+struct LossBuffers {
+  Backend& be;
+  float* class_weights;  // (classes)
+  int64_t* labels;       // (max batch)
+  float* loss;           // (1)
+  LossBuffers(Backend& b, const std::vector<float>& weights, int max_batch);
+  ~LossBuffers();
+  LossBuffers(const LossBuffers&) = delete;
+  LossBuffers& operator=(const LossBuffers&) = delete;
+};
+
+// Evaluation-mode pass over a loader (one epoch), the loss with the notebook's weighted criterion.
+EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& loss);
 
 std::vector<std::string> class_names();
 

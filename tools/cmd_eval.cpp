@@ -8,7 +8,6 @@
 #include "data/dataset.h"
 #include "data/loader.h"
 #include "engine/trainer.h"
-#include "kernels/cpu/ops.h"
 #include "tools/commands.h"
 
 namespace {
@@ -25,11 +24,7 @@ int run_eval(const EvalArgs& a) {
   std::vector<vb::data::Sample> samples = vb::data::select_split(index.samples, split);
   if (samples.empty()) vb::fail(a.data, ": the ", a.split, " split has no clips");
   // The loss uses the notebook's criterion: class weights from the training split's labels.
-  std::vector<int64_t> train_labels;
-  for (const auto& s : vb::data::select_split(index.samples, vb::data::Split::Train)) train_labels.push_back(s.label);
-  std::vector<float> cw(vb::data::kNumClasses, 1.f);
-  if (!train_labels.empty())
-    vb::cpu::class_weights_from_labels(int64_t(train_labels.size()), train_labels.data(), vb::data::kNumClasses, cw.data());
+  const std::vector<float> cw = vb::class_weights_for(vb::data::select_split(index.samples, vb::data::Split::Train));
 
   std::unique_ptr<vb::Backend> be = vb::make_backend(a.device, a.threads);
   vb::LoadedModel lm = vb::load_model_file(*be, a.model, a.image_size ? a.image_size : 224);
@@ -42,16 +37,10 @@ int run_eval(const EvalArgs& a) {
   lo.on_bad = vb::data::parse_bad_image_policy(a.on_bad);
   lo.cache = vb::data::CachePolicy::Off;  // one pass: nothing to reuse
   vb::data::Loader loader(samples, lo);
-  float* d_cw = static_cast<float*>(be->alloc(sizeof(float) * cw.size()));
-  int64_t* d_labels = static_cast<int64_t*>(be->alloc(sizeof(int64_t) * size_t(a.batch_size)));
-  float* d_loss = static_cast<float*>(be->alloc(sizeof(float)));
-  be->upload(d_cw, cw.data(), sizeof(float) * cw.size());
+  vb::LossBuffers lb(*be, cw, a.batch_size);
   std::printf("eval: %s (%s, %d px) on %zu %s clips, %s\n", a.model.c_str(), lm.model->config().describe().c_str(),
               lm.image_size, samples.size(), a.split.c_str(), be->description().c_str());
-  vb::EvalResult r = vb::evaluate(*lm.model, loader, d_cw, d_labels, d_loss);
-  be->release(d_cw);
-  be->release(d_labels);
-  be->release(d_loss);
+  const vb::EvalResult r = vb::evaluate(*lm.model, loader, lb);
 
   const auto names = vb::class_names();
   std::printf("%s\n%s", r.confusion.report_text(names).c_str(), r.confusion.to_text(names).c_str());
