@@ -6,9 +6,9 @@
 #include <fstream>
 #include <sstream>
 
-#include <unistd.h>
 
 #include "engine/check.h"
+#include "engine/file_io.h"
 
 namespace fs = std::filesystem;
 
@@ -99,21 +99,6 @@ DatasetIndex build_index(const std::string& data_dir) {
   return idx;
 }
 
-void write_text_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp" + std::to_string(::getpid());
-  {
-    std::ofstream o(tmp, std::ios::binary | std::ios::trunc);
-    if (!o) fail(tmp, ": cannot create");
-    if (!o.write(text.data(), std::streamsize(text.size())) || !o.flush()) fail(tmp, ": write failed");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail(path, ": cannot rename the temporary file over it");
-  }
-}
-
 std::vector<Sample> select_split(const std::vector<Sample>& samples, Split s) {
   std::vector<Sample> out;
   for (const Sample& x : samples)
@@ -136,7 +121,7 @@ void write_dataset_csv(const std::string& path, const std::vector<Sample>& sampl
   for (const Sample& s : samples)
     os << csv_field(s.frame_file) << ',' << csv_field(s.label_name) << ',' << s.video << ',' << s.label << ','
        << csv_field(s.path) << '\n';
-  write_text_atomic(path, os.str());
+  write_file_atomic(path, os.str());
 }
 
 std::vector<Sample> read_dataset_csv(const std::string& path) {

@@ -43,8 +43,4 @@ void write_dataset_csv(const std::string& path, const std::vector<Sample>& sampl
 // split from video_names. Errors name file:line.
 std::vector<Sample> read_dataset_csv(const std::string& path);
 
-// Writes `text` to `path` atomically (a temporary file in the same folder, then a rename). data/ keeps its
-// own (vb_data links before vb_engine, so it cannot use engine's file helpers).
-void write_text_atomic(const std::string& path, const std::string& text);
-
 }  // namespace vb::data

@@ -15,6 +15,7 @@
 #include "data/jpeg.h"
 #include "data/rng.h"
 #include "engine/check.h"
+#include "engine/file_io.h"
 #include "data/dataset.h"
 
 namespace fs = std::filesystem;
@@ -306,7 +307,7 @@ SynthSummary generate_synthetic(const std::string& out_dir, const SynthOptions& 
           for (const PlayerBox& b : boxes) ann << ' ' << b.x << ' ' << b.y << ' ' << b.w << ' ' << b.h << ' ' << b.action;
           ann << '\n';
         }
-        write_text_atomic((vdir / "annotations.txt").string(), ann.str());
+        write_file_atomic((vdir / "annotations.txt").string(), ann.str());
       } catch (const std::exception& e) {
         std::lock_guard<std::mutex> g(err_m);
         if (err.empty()) err = e.what();

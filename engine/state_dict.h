@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/file_io.h"
 #include "engine/tensor.h"
 
 namespace vb {
@@ -45,8 +46,5 @@ StateDict parse_safetensors(const std::string& bytes, const std::string& path);
 // Writes atomically: a temporary file next to `path`, flushed, then renamed over it.
 void save_safetensors(const std::string& path, const StateDict& sd);
 
-// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
-void write_file_atomic(const std::string& path, const std::string& bytes);
-std::string read_file(const std::string& path);
 
 }  // namespace vb
