@@ -3,7 +3,7 @@
 #include <charconv>
 #include <fstream>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 
 namespace vb::data {
 

@@ -7,7 +7,7 @@
 #include <sstream>
 
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "engine/file_io.h"
 
 namespace fs = std::filesystem;

@@ -6,7 +6,7 @@
 #include <fstream>
 #include <memory>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 
 namespace vb::data {
 

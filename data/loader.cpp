@@ -9,7 +9,7 @@
 
 #include "data/rng.h"
 #include "data/transforms.h"
-#include "engine/check.h"
+#include "kernels/check.h"
 
 namespace vb::data {
 

@@ -14,7 +14,7 @@
 #include "data/image.h"
 #include "data/jpeg.h"
 #include "data/rng.h"
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "engine/file_io.h"
 #include "data/dataset.h"
 

@@ -15,7 +15,7 @@
 #include <immintrin.h>
 #endif
 
-#include "engine/check.h"
+#include "kernels/check.h"
 
 namespace vb::data {
 

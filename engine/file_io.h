@@ -12,7 +12,7 @@
 #include <iterator>
 #include <string>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 
 namespace vb {
 

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 
 namespace vb {
 

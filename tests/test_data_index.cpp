@@ -11,7 +11,7 @@
 #include "data/dataset.h"
 #include "data/jpeg.h"
 #include "data/synth.h"
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;

@@ -2,7 +2,7 @@
 // (a regression: a truncated header left the handle mid-stream, and the following frame failed with
 // "tjDecompress2(): Invalid argument", so one bad file cost two).
 #include "data/jpeg.h"
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "tests/test_util.h"
 
 TEST_CASE("after a bad JPEG, the next good one decodes on the same thread") {

@@ -15,7 +15,7 @@
 #include "data/loader.h"
 #include "data/synth.h"
 #include "data/transforms.h"
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;

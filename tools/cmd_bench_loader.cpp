@@ -11,7 +11,7 @@
 #include "data/dataset.h"
 #include "data/jpeg.h"
 #include "data/loader.h"
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "tools/commands.h"
 
 namespace {

@@ -4,7 +4,7 @@
 #include <cstdio>
 #include <iostream>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "tools/commands.h"
 
 namespace vb::tools {

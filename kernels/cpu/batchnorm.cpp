@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 

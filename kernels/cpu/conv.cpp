@@ -15,7 +15,7 @@
 #include <cstring>
 #include <vector>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 

@@ -6,7 +6,7 @@
 #include <limits>
 #include <vector>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cpu/ops.h"
 
 namespace vb::cpu {

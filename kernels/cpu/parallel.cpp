@@ -22,7 +22,7 @@
 #include <thread>
 #include <vector>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

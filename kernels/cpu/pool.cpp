@@ -4,7 +4,7 @@
 #include <cmath>
 #include <limits>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 

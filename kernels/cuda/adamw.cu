@@ -2,7 +2,7 @@
 // and rounded to float, as PyTorch does with its Python-float hyper-parameters.
 #include <cmath>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/block_reduce.cuh"
 

@@ -1,5 +1,5 @@
 // y = a + b, flat (joins the two gradient paths of a residual block). CPU twin: cpu::add (kernels/cpu/ops.h).
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/elementwise.cuh"
 

@@ -1,5 +1,5 @@
 // Global average pooling. CPU twins: cpu::avgpool_fwd, cpu::avgpool_bwd (kernels/cpu/ops.h).
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/pool.cuh"
 

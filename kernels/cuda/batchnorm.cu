@@ -5,7 +5,7 @@
 // - Reductions: grid (C, splits); block (c, s) walks slice s of channel c's M elements in order j = n*HW + hw,
 //   each thread stepping by blockDim.x with an incremental (n, hw) so that no division sits in the loop.
 // - Element-wise passes: one block per (n, c) plane, float4 when HW % 4 == 0.
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/batchnorm.cuh"
 #include "kernels/cuda/block_reduce.cuh"
 

@@ -1,6 +1,6 @@
 // The linear layer's bias, around the cuBLAS products of engine/backend_cuda.cu. CPU twins: the bias terms of
 // cpu::linear_fwd and cpu::linear_bwd (kernels/cpu/ops.h).
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/elementwise.cuh"
 

@@ -1,7 +1,7 @@
 // Max pooling. CPU twins: cpu::maxpool_fwd, cpu::maxpool_bwd (kernels/cpu/ops.h).
 #include <cmath>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/pool.cuh"
 

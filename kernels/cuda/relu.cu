@@ -1,5 +1,5 @@
 // ReLU forward and backward. CPU twins: cpu::relu_fwd, cpu::relu_bwd (kernels/cpu/ops.h).
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/elementwise.cuh"
 

@@ -1,7 +1,7 @@
 // Softmax + weighted cross-entropy (see softmax_wce.cuh). CPU twin: cpu::softmax_wce (kernels/cpu/ops.h).
 #include <cmath>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/softmax_wce.cuh"
 

@@ -13,7 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "engine/check.h"
+#include "kernels/check.h"
 #include "kernels/cuda/transforms.cuh"
 
 namespace vb::cuda {

@@ -1,9 +1,11 @@
 // Errors: every failure in the engine throws vb::Error with a message that names what failed and where.
 // Tools catch it at the top and print one line with a non-zero exit code.
+// This header sits below every layer (kernels/, data/, engine/, tools/ all include it).
 #pragma once
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 namespace vb {
 
@@ -22,6 +24,30 @@ std::string concat(const A&... a) {
   throw Error(concat(msg, " (", file, ":", line, ")"));
 }
 }  // namespace detail
+
+// Untrusted bytes (names, keys and strings read from a file, paths given by a user) made safe to print in a
+// one-line message: printable ASCII stays, and every other byte (newlines, NULs, control characters, bytes of
+// non-ASCII or invalid UTF-8) is written as \xHH; at most `max` input bytes are shown, then "...".
+inline std::string escape(std::string_view s, std::size_t max = 200) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  out.reserve(s.size() < max ? s.size() : max);
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (i == max) {
+      out += "...";
+      break;
+    }
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
 
 // Builds a message from any streamable pieces: vb::fail("bad shape ", n).
 template <class... A>
