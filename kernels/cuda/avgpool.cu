@@ -27,7 +27,9 @@ __global__ void avgpool_bwd_kernel(int64_t total, int HW, const float* __restric
 }  // namespace
 
 void avgpool_fwd(cudaStream_t st, int N, int C, int HW, const float* x, float* y) {
+  VB_CHECK(N >= 0 && C >= 0 && HW > 0, "avgpool: bad shape N=", N, " C=", C, " HW=", HW);
   const int64_t planes = int64_t(N) * C;
+  if (planes == 0) return;  // a grid of 0 blocks is an invalid launch
   const int threads = 256;
   const unsigned blocks = unsigned((planes * detail::kWarp + threads - 1) / threads);
   avgpool_fwd_kernel<<<blocks, threads, 0, st>>>(planes, HW, x, y);
@@ -35,7 +37,9 @@ void avgpool_fwd(cudaStream_t st, int N, int C, int HW, const float* x, float* y
 }
 
 void avgpool_bwd(cudaStream_t st, int N, int C, int HW, const float* dy, float* dx) {
+  VB_CHECK(N >= 0 && C >= 0 && HW > 0, "avgpool: bad shape N=", N, " C=", C, " HW=", HW);
   const int64_t total = int64_t(N) * C * HW;
+  if (total == 0) return;
   avgpool_bwd_kernel<<<detail::grid_for(total, 256), 256, 0, st>>>(total, HW, dy, dx);
   VB_CUDA_LAUNCH_CHECK();
 }

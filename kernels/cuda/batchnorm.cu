@@ -151,11 +151,11 @@ __global__ void bn_apply_kernel(const float* __restrict__ x, const float* __rest
         v.z += r.z;
         v.w += r.w;
       }
-      if (relu) {
-        v.x = v.x > 0.f ? v.x : 0.f;
-        v.y = v.y > 0.f ? v.y : 0.f;
-        v.z = v.z > 0.f ? v.z : 0.f;
-        v.w = v.w > 0.f ? v.w : 0.f;
+      if (relu) {  // v < 0 ? 0 : v lets NaN through, as cpu::relu_fwd and torch.relu
+        v.x = v.x < 0.f ? 0.f : v.x;
+        v.y = v.y < 0.f ? 0.f : v.y;
+        v.z = v.z < 0.f ? 0.f : v.z;
+        v.w = v.w < 0.f ? 0.f : v.w;
       }
       y4[i] = v;
     }
@@ -163,7 +163,7 @@ __global__ void bn_apply_kernel(const float* __restrict__ x, const float* __rest
     for (int i = threadIdx.x; i < HW; i += blockDim.x) {
       float v = fmaf(x[base + i] - m, sc, b);
       if (residual) v += residual[base + i];
-      if (relu) v = v > 0.f ? v : 0.f;
+      if (relu) v = v < 0.f ? 0.f : v;
       y[base + i] = v;
     }
   }
@@ -187,7 +187,8 @@ void launch_apply(cudaStream_t st, int N, int C, int HW, const float* x, const f
 
 // Backward slice sums: g = relu ? (y > 0 ? dy : 0) : dy; sum g and sum g * (x - mean). g is written to out1 /
 // out2 when they are not null (the masked gradient for the second pass, dresidual). VEC as above.
-__device__ __forceinline__ float relu_mask(bool relu, float y, float g) { return relu && !(y > 0.f) ? 0.f : g; }
+// Zero only where y <= 0: a NaN y passes its gradient, as cpu::relu_bwd (torch's threshold_backward).
+__device__ __forceinline__ float relu_mask(bool relu, float y, float g) { return relu && y <= 0.f ? 0.f : g; }
 
 template <bool VEC>
 __global__ void bn_bwd_partial_kernel(const float* __restrict__ x, const float* __restrict__ y, const float* dy,
@@ -300,8 +301,11 @@ void bn_train_fwd(cudaStream_t st, int N, int C, int HW, const float* x, const f
                   float* running_mean, float* running_var, double momentum, double eps, float* work) {
   VB_CHECK(N > 0 && C > 0 && HW > 0, "bn_train_fwd: bad shape N=", N, " C=", C, " HW=", HW);
   VB_CHECK(x && gamma && beta && y && work, "bn_train_fwd: null input, parameter, output or work buffer");
-  BnWork w(work, C);
   const int64_t M = int64_t(N) * HW;
+  // As PyTorch ("Expected more than 1 value per channel when training") and the CPU twin: one value has no
+  // variance, the output would be beta whatever the input and the gradient zero.
+  VB_CHECK(M > 1, "batch norm in training mode needs more than one value per channel (N*H*W = ", M, ")");
+  BnWork w(work, C);
   const int splits = choose_splits(C, M);
   const dim3 grid{unsigned(C), unsigned(splits), 1u};
   if (HW % 4 == 0 && detail::aligned16(x))

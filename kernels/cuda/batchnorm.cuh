@@ -17,7 +17,7 @@ namespace vb::cuda {
 // coefficients). Stream-ordered: one buffer can serve every call on the same stream.
 size_t bn_work_floats(int C);
 
-// Training forward: batch statistics over N*HW per channel. save_mean / save_invstd [C] (1/sqrt(var+eps),
+// Training forward: batch statistics over N*HW per channel (N*HW = 1 is refused, as PyTorch does). save_mean / save_invstd [C] (1/sqrt(var+eps),
 // biased variance) may be null; running_mean / running_var [C] are updated in place (unbiased variance,
 // r = (1-momentum) r + momentum batch) when not null. residual may be null.
 void bn_train_fwd(cudaStream_t st, int N, int C, int HW, const float* x, const float* gamma, const float* beta,

@@ -12,7 +12,9 @@ struct PoolGeom {
   int H, W, P, Q, k, s, p;
 };
 
-// Offset (h * W + w) of the first maximum of window (ph, pw) within its plane.
+// Offset (h * W + w) of the maximum of window (ph, pw) within its plane, chosen exactly as the CPU twin and
+// PyTorch do: scan rows then columns, take a strictly greater value or a NaN (so NaN propagates, and the last
+// NaN of the window is the one that gets the gradient); ties keep the first.
 __device__ __forceinline__ int window_argmax(const float* plane, const PoolGeom& g, int ph, int pw, float* best_out) {
   const int h0 = ph * g.s - g.p, w0 = pw * g.s - g.p;
   float best = -INFINITY;
@@ -24,7 +26,7 @@ __device__ __forceinline__ int window_argmax(const float* plane, const PoolGeom&
       const int w = w0 + j;
       if (w < 0 || w >= g.W) continue;
       const float v = plane[h * g.W + w];
-      if (arg < 0 || v > best) {
+      if (arg < 0 || v > best || isnan(v)) {
         best = v;
         arg = h * g.W + w;
       }
@@ -64,7 +66,8 @@ __global__ void maxpool_bwd_kernel(int64_t total, PoolGeom g, const float* __res
     for (int ph = ph0; ph < ph1; ++ph)
       for (int pw = pw0; pw < pw1; ++pw) {
         const int64_t o = obase + int64_t(ph) * g.Q + pw;
-        if (y && y[o] != v) continue;  // cheap rejection: not this window's maximum value
+        // Cheap rejection: not this window's maximum value (a NaN input may be: NaN != NaN).
+        if (y && y[o] != v && !(isnan(v) && isnan(y[o]))) continue;
         float best;
         if (window_argmax(xp, g, ph, pw, &best) == h * g.W + w) acc += dy[o];
       }

@@ -5,7 +5,8 @@
 
 namespace vb::cuda {
 
-// Max pool k x k, stride s, padding p (padding never wins); ties go to the first maximum in scan order.
+// Max pool k x k, stride s, padding p (padding never wins); ties go to the first maximum in scan order, and a
+// NaN wins (propagates) as in PyTorch.
 void maxpool_fwd(cudaStream_t st, int N, int C, int H, int W, int k, int s, int p, const float* x, float* y);
 // Gathers, per input element, the gradients of the windows whose (first) maximum it is, in output scan order
 // (no atomics: deterministic). y (the forward output) may be null; it only speeds up the test.

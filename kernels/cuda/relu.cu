@@ -6,8 +6,10 @@
 namespace vb::cuda {
 namespace {
 
-__device__ __forceinline__ float relu1(float v) { return v > 0.f ? v : 0.f; }
-__device__ __forceinline__ float mask1(float y, float d) { return y > 0.f ? d : 0.f; }
+// As the CPU twins and torch: relu lets NaN (and -0) through (clamp_min), and its backward zeroes only where
+// y <= 0, so a NaN output passes its gradient (threshold_backward).
+__device__ __forceinline__ float relu1(float v) { return v < 0.f ? 0.f : v; }
+__device__ __forceinline__ float mask1(float y, float d) { return y <= 0.f ? 0.f : d; }
 
 __global__ void relu_fwd_kernel(int64_t n, const float* x, float* y) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
