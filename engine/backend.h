@@ -8,7 +8,8 @@
 //   layout is activation_layout(); the model only passes logical shapes (N, C, H, W).
 // - Outputs are assigned, never accumulated. A null output means "not needed".
 // - Ops are asynchronous on the CUDA backend (one stream); nothing inside a training step allocates or
-//   waits for the device. sync() waits; download() waits for its copy.
+//   waits for the device. sync() waits; download() waits for its copy; scalar_push/scalar_pop read a value
+//   without waiting, wait_uploads() waits only for the uploads.
 // - Ops whose only cost is memory traffic come fused where the data flow allows: batch norm takes an
 //   optional residual input and an optional ReLU (y = relu(bn(x) + residual)), which is exactly the end of a
 //   ResNet bottleneck; its backward takes the gradient of that fused output.
@@ -16,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <string>
 
@@ -56,9 +58,31 @@ class BackendT {
     return p;
   }
   virtual void host_free(void* p) { std::free(p); }
-  // Bytes of device memory this backend holds now and at most so far (0 where not tracked, e.g. the CPU).
+  // Bytes of device memory this backend holds now and at most so far (0 where not tracked).
   virtual size_t memory_in_use() const { return 0; }
   virtual size_t memory_peak() const { return 0; }
+  // At most this many bytes held at once (0: no limit); an allocation beyond it fails as out of memory would.
+  // For tests of the out-of-memory paths, and to try a memory budget on a larger device.
+  virtual void set_memory_limit(size_t) {}
+  // Waits until every upload queued so far has read its host memory: only then may the host overwrite the
+  // source (a loader's page-locked batch buffer, which the CUDA copy reads while the host runs on). Cheaper
+  // than sync(): the work queued after the uploads keeps running.
+  virtual void wait_uploads() {}
+  // Reading a device value without stalling the stream (the training loss, every step): scalar_push queues a
+  // copy of *src as it stands once the work queued before it has run; scalar_pop hands the queued values
+  // back in order, false when none is queued or (wait = false) when the oldest has not landed yet. This
+  // default downloads at once (a wait per push); the CUDA backend copies into page-locked slots with events.
+  virtual void scalar_push(const T* src) {
+    T v{};
+    download(&v, src, sizeof(T));
+    scalars_.push_back(v);
+  }
+  virtual bool scalar_pop(T* value, bool /*wait*/) {
+    if (scalars_.empty()) return false;
+    *value = scalars_.front();
+    scalars_.pop_front();
+    return true;
+  }
   // Activations: converts a host NCHW float batch to / from the backend's activation layout.
   virtual void upload_activation(T* dst, const T* host_nchw, int N, int C, int H, int W) = 0;
   virtual void download_activation(T* host_nchw, const T* src, int N, int C, int H, int W) = 0;
@@ -117,9 +141,13 @@ class BackendT {
   // Bit-reproducible results from run to run (cuDNN: deterministic algorithms only). The CPU path always is.
   virtual void set_deterministic(bool) {}
   Precision precision() const { return precision_; }
+  // How many convolution algorithm searches ran so far (cuDNN: one per layer and direction for the largest
+  // batch seen, plus a search where a reused choice does not fit a smaller shape); 0 where there is no search.
+  virtual size_t conv_algo_searches() const { return 0; }
 
  protected:
   Precision precision_ = Precision::TF32;
+  std::deque<T> scalars_;  // the default scalar_push's values
 };
 
 using Backend = BackendT<float>;

@@ -27,6 +27,9 @@ class CpuBackend final : public BackendT<T> {
   void* alloc(size_t bytes) override {
     size_t rounded = (bytes + 255) / 256 * 256;
     if (rounded == 0) rounded = 256;
+    if (limit_ && in_use_ + rounded > limit_)
+      fail("out of memory allocating ", rounded, " bytes (", in_use_ >> 20, " MiB held, over the limit of ",
+           limit_ >> 20, " MiB set for this backend)");
     void* p = std::aligned_alloc(256, rounded);
     if (!p) fail("out of host memory allocating ", bytes, " bytes");
     std::memset(p, 0, rounded);
@@ -46,6 +49,7 @@ class CpuBackend final : public BackendT<T> {
   }
   size_t memory_in_use() const override { return in_use_; }
   size_t memory_peak() const override { return peak_; }
+  void set_memory_limit(size_t bytes) override { limit_ = bytes; }
   void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
@@ -136,6 +140,7 @@ class CpuBackend final : public BackendT<T> {
  private:
   std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
   size_t in_use_ = 0, peak_ = 0;
+  size_t limit_ = 0;  // set_memory_limit; 0: none
 
   static void epilogue(int64_t n, const T* residual, bool relu, T* y) {
     if (residual) cpu::add<T>(n, y, residual, y);

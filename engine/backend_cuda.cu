@@ -10,9 +10,15 @@
 //
 // Memory: alloc is cudaMalloc + a stream-ordered memset (no managed memory). The cuDNN workspace is one
 // buffer shared by every convolution; it grows only while an algorithm is being chosen (the first time a
-// (shape, direction, precision) is seen, i.e. during the first training step), never afterwards. Batch norm's
-// reduction scratch and cuBLAS's workspace are allocated once up front, so a steady-state step neither
-// allocates nor waits for the device. VB_CUDNN_LOG=1 prints each choice (algorithm, math type, workspace).
+// layer and direction is seen at a batch no smaller than before, i.e. during the first training step), never
+// afterwards: a smaller batch (the last partial batch of a split, a batch that lost skipped images, evaluation)
+// reuses the layer's choice after checking its workspace for the actual shape (engine/conv_algo_cache.h).
+// A growing buffer is allocated before the old one is freed, so an out-of-memory there leaves the old one in
+// place and says so clearly. Batch norm's reduction scratch and cuBLAS's workspace are allocated once up
+// front, so a steady-state step neither allocates nor waits for the device; the loss comes back through
+// scalar_push/scalar_pop (page-locked slots and events) and the trainer waits only for the uploads
+// (wait_uploads) before its loader reuses a batch buffer. VB_CUDNN_LOG=1 prints each choice (algorithm, math
+// type, workspace) and each reuse.
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -23,6 +29,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/conv_algo_cache.h"
 #include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/batchnorm.cuh"
 #include "kernels/cuda/elementwise.cuh"
@@ -42,6 +49,8 @@ constexpr size_t kMaxConvWorkspace = size_t(512) << 20;
 constexpr size_t kCublasWorkspace = size_t(32) << 20;
 // Batch-norm scratch is sized for this many channels up front (ResNet-50 has at most 2048).
 constexpr int kBnChannels = 4096;
+// Page-locked slots for scalar_push: values in flight at once before a push parks the oldest on the host.
+constexpr int kScalarSlots = 64;
 
 enum class ConvDir { Fwd = 0, BwdData = 1, BwdFilter = 2 };
 const char* const kDirNames[] = {"forward", "backward-data", "backward-filter"};
@@ -52,6 +61,7 @@ struct ConvPlan {
   cudnnFilterDescriptor_t w = nullptr;
   cudnnConvolutionDescriptor_t conv = nullptr;
   bool chosen[3] = {false, false, false};
+  bool reused[3] = {false, false, false};  // the choice was searched for a larger batch of the layer
   int algo[3] = {0, 0, 0};  // cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t
   cudnnMathType_t math[3] = {CUDNN_FMA_MATH, CUDNN_FMA_MATH, CUDNN_FMA_MATH};
   size_t ws[3] = {0, 0, 0};
@@ -64,7 +74,7 @@ struct ConvPlan {
   }
 };
 
-using ConvKey = std::array<int, 10>;
+using ConvKey = std::array<int, 11>;  // the shape with N, precision, deterministic
 
 // A candidate from the heuristics or the timing, whatever the direction.
 struct Candidate {
@@ -96,10 +106,12 @@ class CudaBackend final : public Backend {
     VB_CUDNN_CHECK(cudnnSetStream(dnn_, st_));
     VB_CUBLAS_CHECK(cublasCreate(&blas_));
     VB_CUBLAS_CHECK(cublasSetStream(blas_, st_));
-    VB_CUDA_CHECK(cudaMalloc(&blas_ws_, kCublasWorkspace));
-    account(int64_t(kCublasWorkspace));
+    blas_ws_ = device_malloc(kCublasWorkspace, "cuBLAS's workspace");
     VB_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace));
     grow_bn_work(kBnChannels);
+    VB_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&scalar_host_), kScalarSlots * sizeof(float)));
+    for (cudaEvent_t& e : scalar_ev_) VB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    VB_CUDA_CHECK(cudaEventCreateWithFlags(&upload_ev_, cudaEventDisableTiming));
     set_precision(Precision::TF32);
     const size_t v = cudnnGetVersion();
     desc_ = std::string("cuda: ") + prop.name + ", cuDNN " + std::to_string(v / 10000) + "." +
@@ -114,6 +126,10 @@ class CudaBackend final : public Backend {
     if (ws_) cudaFree(ws_);
     if (bn_work_) cudaFree(bn_work_);
     if (blas_ws_) cudaFree(blas_ws_);
+    for (cudaEvent_t e : scalar_ev_)
+      if (e) cudaEventDestroy(e);
+    if (upload_ev_) cudaEventDestroy(upload_ev_);
+    if (scalar_host_) cudaFreeHost(scalar_host_);
     if (blas_) cublasDestroy(blas_);
     if (dnn_) cudnnDestroy(dnn_);
     if (st_) cudaStreamDestroy(st_);
@@ -133,19 +149,10 @@ class CudaBackend final : public Backend {
 
   // ---- memory ----
   void* alloc(size_t bytes) override {
-    void* p = nullptr;
     const size_t rounded = bytes == 0 ? 256 : (bytes + 255) / 256 * 256;
-    const cudaError_t e = cudaMalloc(&p, rounded);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      size_t free_b = 0, total_b = 0;
-      cudaMemGetInfo(&free_b, &total_b);
-      fail("CUDA out of memory allocating ", rounded, " bytes (", free_b >> 20, " MiB free of ", total_b >> 20,
-           " MiB): ", cudaGetErrorString(e));
-    }
+    void* p = device_malloc(rounded, "a buffer");
     VB_CUDA_CHECK(cudaMemsetAsync(p, 0, rounded, st_));
     sizes_[p] = rounded;
-    account(int64_t(rounded));
     return p;
   }
   void release(void* p) override {
@@ -167,8 +174,45 @@ class CudaBackend final : public Backend {
   void set_deterministic(bool on) override { deterministic_ = on; }
   size_t memory_in_use() const override { return in_use_; }
   size_t memory_peak() const override { return peak_; }
+  void set_memory_limit(size_t bytes) override { limit_ = bytes; }
+  size_t conv_algo_searches() const override { return algo_cache_.searches(); }
   void upload(void* dst, const void* src, size_t bytes) override {
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, st_));
+    VB_CUDA_CHECK(cudaEventRecord(upload_ev_, st_));  // wait_uploads() waits for the latest
+  }
+  void wait_uploads() override { VB_CUDA_CHECK(cudaEventSynchronize(upload_ev_)); }
+  // The values in flight live in page-locked slots, each with the event recorded after its copy; a push into a
+  // full ring first parks the oldest value (waiting for it) in scalars_, which holds values older than any slot.
+  void scalar_push(const float* src) override {
+    if (scalar_pushed_ - scalar_taken_ == kScalarSlots) {
+      const int i = int(scalar_taken_ % kScalarSlots);
+      VB_CUDA_CHECK(cudaEventSynchronize(scalar_ev_[i]));
+      scalars_.push_back(scalar_host_[i]);
+      ++scalar_taken_;
+    }
+    const int i = int(scalar_pushed_ % kScalarSlots);
+    VB_CUDA_CHECK(cudaMemcpyAsync(scalar_host_ + i, src, sizeof(float), cudaMemcpyDeviceToHost, st_));
+    VB_CUDA_CHECK(cudaEventRecord(scalar_ev_[i], st_));
+    ++scalar_pushed_;
+  }
+  bool scalar_pop(float* value, bool wait) override {
+    if (!scalars_.empty()) {
+      *value = scalars_.front();
+      scalars_.pop_front();
+      return true;
+    }
+    if (scalar_taken_ == scalar_pushed_) return false;
+    const int i = int(scalar_taken_ % kScalarSlots);
+    if (wait) {
+      VB_CUDA_CHECK(cudaEventSynchronize(scalar_ev_[i]));
+    } else {
+      const cudaError_t e = cudaEventQuery(scalar_ev_[i]);
+      if (e == cudaErrorNotReady) return false;
+      VB_CUDA_CHECK(e);
+    }
+    *value = scalar_host_[i];
+    ++scalar_taken_;
+    return true;
   }
   void download(void* dst, const void* src, size_t bytes) override {
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
@@ -187,31 +231,16 @@ class CudaBackend final : public Backend {
   }
 
   // ---- convolution ----
+  // a, b, c: the direction's buffers as choose() takes them (fwd: x, w, y; bwd-data: dx, w, dy; bwd-filter:
+  // x, dw, dy).
   void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) override {
-    ConvPlan& p = plan(s);
-    if (!p.chosen[0]) choose(s, p, ConvDir::Fwd, x, w, y);
-    const float one = 1.f, zero = 0.f;
-    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[0]));
-    VB_CUDNN_CHECK(cudnnConvolutionForward(dnn_, &one, p.x, x, p.w, w, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[0]),
-                                           ws_, p.ws[0], &zero, p.y, y));
+    conv_run(s, ConvDir::Fwd, x, w, y);
   }
   void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) override {
-    ConvPlan& p = plan(s);
-    if (!p.chosen[1]) choose(s, p, ConvDir::BwdData, dx, w, dy);
-    const float one = 1.f, zero = 0.f;
-    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[1]));
-    VB_CUDNN_CHECK(cudnnConvolutionBackwardData(dnn_, &one, p.w, w, p.y, dy, p.conv,
-                                                cudnnConvolutionBwdDataAlgo_t(p.algo[1]), ws_, p.ws[1], &zero, p.x,
-                                                dx));
+    conv_run(s, ConvDir::BwdData, dx, w, dy);
   }
   void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override {
-    ConvPlan& p = plan(s);
-    if (!p.chosen[2]) choose(s, p, ConvDir::BwdFilter, x, dw, dy);
-    const float one = 1.f, zero = 0.f;
-    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[2]));
-    VB_CUDNN_CHECK(cudnnConvolutionBackwardFilter(dnn_, &one, p.x, x, p.y, dy, p.conv,
-                                                  cudnnConvolutionBwdFilterAlgo_t(p.algo[2]), ws_, p.ws[2], &zero,
-                                                  p.w, dw));
+    conv_run(s, ConvDir::BwdFilter, x, dw, dy);
   }
 
   // ---- batch norm ----
@@ -291,36 +320,132 @@ class CudaBackend final : public Backend {
     if (in_use_ > peak_) peak_ = in_use_;
   }
 
-  void grow_bn_work(int C) {
-    const size_t need = cuda::bn_work_floats(C);
-    if (need <= bn_work_floats_) return;
-    if (bn_work_) {
-      VB_CUDA_CHECK(cudaStreamSynchronize(st_));
-      VB_CUDA_CHECK(cudaFree(bn_work_));
-      account(-int64_t(bn_work_floats_ * sizeof(float)));
-      bn_work_ = nullptr;
-      bn_work_floats_ = 0;
+  // cudaMalloc with the one clear out-of-memory message (and set_memory_limit's limit); accounts the bytes.
+  void* device_malloc(size_t bytes, const char* what) {
+    void* p = nullptr;
+    const bool over_limit = limit_ != 0 && in_use_ + bytes > limit_;
+    const cudaError_t e = over_limit ? cudaErrorMemoryAllocation : cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // an allocation failure is not sticky: clear it so later calls do not report it
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      fail("CUDA out of memory allocating ", bytes, " bytes for ", what, " (", free_b >> 20, " MiB free of ",
+           total_b >> 20, " MiB, ", in_use_ >> 20, " MiB held by vbtrain",
+           over_limit ? ", over the limit of " + std::to_string(limit_ >> 20) + " MiB set for it" : std::string(),
+           "): ", cudaGetErrorString(e));
     }
-    VB_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&bn_work_), need * sizeof(float)));
-    bn_work_floats_ = need;
-    account(int64_t(need * sizeof(float)));
+    account(int64_t(bytes));
+    return p;
   }
 
-  // Only while an algorithm is being chosen: waits for the stream before replacing the buffer.
-  void grow_workspace(size_t bytes) {
-    if (bytes <= ws_size_) return;
-    VB_CUDA_CHECK(cudaStreamSynchronize(st_));
-    if (ws_) VB_CUDA_CHECK(cudaFree(ws_));
-    account(-int64_t(ws_size_));
-    ws_ = nullptr;
-    ws_size_ = 0;
-    VB_CUDA_CHECK(cudaMalloc(&ws_, bytes));
-    ws_size_ = bytes;
-    account(int64_t(bytes));
+  // Replaces a device buffer by a larger one: the new one first, so that an out-of-memory leaves the old one
+  // in place (and the backend usable); then the stream is drained, since queued work may still use the old.
+  void grow_buffer(void*& buf, size_t& size, size_t bytes, const char* what) {
+    if (bytes <= size) return;
+    void* fresh = device_malloc(bytes, what);
+    if (buf) {
+      VB_CUDA_CHECK(cudaStreamSynchronize(st_));
+      VB_CUDA_CHECK(cudaFree(buf));
+      account(-int64_t(size));
+    }
+    buf = fresh;
+    size = bytes;
+  }
+
+  void grow_bn_work(int C) {
+    void* buf = bn_work_;
+    size_t bytes = bn_work_floats_ * sizeof(float);
+    grow_buffer(buf, bytes, cuda::bn_work_floats(C) * sizeof(float), "batch norm's scratch");
+    bn_work_ = static_cast<float*>(buf);
+    bn_work_floats_ = bytes / sizeof(float);
+  }
+
+  // Only while an algorithm is being chosen (or a reused one needs more for its actual shape).
+  void grow_workspace(size_t bytes) { grow_buffer(ws_, ws_size_, bytes, "the cuDNN workspace"); }
+
+  // One convolution: the layer's algorithm (resolved once per exact shape), then the call. A choice reused
+  // from a larger batch that cuDNN still refuses at run time is replaced by a search for this shape.
+  void conv_run(const ConvShape& s, ConvDir dir, const void* a, const void* b, const void* c) {
+    ConvPlan& p = plan(s);
+    const int d = int(dir);
+    if (!p.chosen[d]) resolve(s, p, dir, a, b, c);
+    cudnnStatus_t st = conv_call(p, dir, a, b, c);
+    if (st != CUDNN_STATUS_SUCCESS && p.reused[d]) {
+      search(s, p, dir, a, b, c);
+      st = conv_call(p, dir, a, b, c);
+    }
+    VB_CUDNN_CHECK(st);
+  }
+
+  cudnnStatus_t conv_call(ConvPlan& p, ConvDir dir, const void* a, const void* b, const void* c) {
+    const int d = int(dir);
+    const float one = 1.f, zero = 0.f;
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[d]));
+    if (dir == ConvDir::Fwd)
+      return cudnnConvolutionForward(dnn_, &one, p.x, a, p.w, b, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[d]), ws_,
+                                     p.ws[d], &zero, p.y, const_cast<void*>(c));
+    if (dir == ConvDir::BwdData)
+      return cudnnConvolutionBackwardData(dnn_, &one, p.w, b, p.y, c, p.conv,
+                                          cudnnConvolutionBwdDataAlgo_t(p.algo[d]), ws_, p.ws[d], &zero, p.x,
+                                          const_cast<void*>(a));
+    return cudnnConvolutionBackwardFilter(dnn_, &one, p.x, a, p.y, c, p.conv,
+                                          cudnnConvolutionBwdFilterAlgo_t(p.algo[d]), ws_, p.ws[d], &zero, p.w,
+                                          const_cast<void*>(b));
+  }
+
+  ConvLayerKey layer_key(const ConvShape& s, ConvDir dir) const {
+    return ConvLayerKey{s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.pad, int(precision_), deterministic_ ? 1 : 0,
+                        int(dir)};
+  }
+
+  // cuDNN's workspace for (algorithm, math) on this exact shape; false when cuDNN does not support it here.
+  bool workspace_for(ConvPlan& p, ConvDir dir, int algo, cudnnMathType_t math, size_t* ws) {
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, math));
+    cudnnStatus_t st;
+    if (dir == ConvDir::Fwd)
+      st = cudnnGetConvolutionForwardWorkspaceSize(dnn_, p.x, p.w, p.conv, p.y, cudnnConvolutionFwdAlgo_t(algo), ws);
+    else if (dir == ConvDir::BwdData)
+      st = cudnnGetConvolutionBackwardDataWorkspaceSize(dnn_, p.w, p.y, p.conv, p.x,
+                                                        cudnnConvolutionBwdDataAlgo_t(algo), ws);
+    else
+      st = cudnnGetConvolutionBackwardFilterWorkspaceSize(dnn_, p.x, p.y, p.conv, p.w,
+                                                          cudnnConvolutionBwdFilterAlgo_t(algo), ws);
+    return st == CUDNN_STATUS_SUCCESS;
+  }
+
+  // The algorithm of (shape, direction): the layer's choice from a batch >= N when cuDNN accepts it for this
+  // shape within the workspace limit, else a search at this batch.
+  void resolve(const ConvShape& s, ConvPlan& p, ConvDir dir, const void* a, const void* b, const void* c) {
+    const int d = int(dir);
+    if (auto hit = algo_cache_.find(layer_key(s, dir), s.N)) {
+      const cudnnMathType_t math = cudnnMathType_t(hit->choice.math);
+      size_t ws = 0;
+      if (workspace_for(p, dir, hit->choice.algo, math, &ws) && ws <= kMaxConvWorkspace) {
+        grow_workspace(ws);  // a no-op in practice: a smaller batch does not need more than the searched one
+        p.algo[d] = hit->choice.algo;
+        p.math[d] = math;
+        p.ws[d] = ws;
+        p.chosen[d] = true;
+        p.reused[d] = hit->batch != s.N;
+        if (std::getenv("VB_CUDNN_LOG"))
+          std::fprintf(stderr, "cudnn %s %s N%d C%d %dx%d K%d %dx%d/%d: algo %d of batch %d reused, workspace %.1f MiB\n",
+                       precision_name(precision_), kDirNames[d], s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride,
+                       hit->choice.algo, hit->batch, double(ws) / (1 << 20));
+        return;
+      }
+    }
+    search(s, p, dir, a, b, c);
+  }
+
+  void search(const ConvShape& s, ConvPlan& p, ConvDir dir, const void* a, const void* b, const void* c) {
+    const int d = int(dir);
+    choose(s, p, dir, a, b, c);
+    p.reused[d] = false;
+    algo_cache_.record(layer_key(s, dir), s.N, ConvAlgoChoice{p.algo[d], int(p.math[d]), p.ws[d]});
   }
 
   ConvPlan& plan(const ConvShape& s) {
-    const ConvKey key{s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.pad, int(precision_)};
+    const ConvKey key{s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.pad, int(precision_), deterministic_ ? 1 : 0};
     auto it = plans_.find(key);
     if (it != plans_.end()) return *it->second;
     VB_CHECK(s.N > 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 &&
@@ -418,19 +543,8 @@ class CudaBackend final : public Backend {
     for (const Candidate& c : order) {
       if (!acceptable(c) || c.memory > ws_size_) continue;
       const cudnnMathType_t math = precision_ == Precision::FP32 ? CUDNN_FMA_MATH : c.math;
-      VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, math));
       size_t ws = 0;
-      cudnnStatus_t st;
-      if (dir == ConvDir::Fwd)
-        st = cudnnGetConvolutionForwardWorkspaceSize(dnn_, p.x, p.w, p.conv, p.y, cudnnConvolutionFwdAlgo_t(c.algo),
-                                                     &ws);
-      else if (dir == ConvDir::BwdData)
-        st = cudnnGetConvolutionBackwardDataWorkspaceSize(dnn_, p.w, p.y, p.conv, p.x,
-                                                          cudnnConvolutionBwdDataAlgo_t(c.algo), &ws);
-      else
-        st = cudnnGetConvolutionBackwardFilterWorkspaceSize(dnn_, p.x, p.y, p.conv, p.w,
-                                                            cudnnConvolutionBwdFilterAlgo_t(c.algo), &ws);
-      if (st != CUDNN_STATUS_SUCCESS || ws > kMaxConvWorkspace) continue;
+      if (!workspace_for(p, dir, c.algo, math, &ws) || ws > kMaxConvWorkspace) continue;
       grow_workspace(ws);
       p.algo[d] = c.algo;
       p.math[d] = math;
@@ -461,6 +575,12 @@ class CudaBackend final : public Backend {
   std::map<ConvKey, std::unique_ptr<ConvPlan>> plans_;
   std::map<void*, size_t> sizes_;  // live allocations, for release and the memory figures
   size_t in_use_ = 0, peak_ = 0;
+  size_t limit_ = 0;  // set_memory_limit; 0: none
+  ConvAlgoCache algo_cache_;
+  float* scalar_host_ = nullptr;  // kScalarSlots page-locked floats
+  cudaEvent_t scalar_ev_[kScalarSlots] = {};
+  int64_t scalar_pushed_ = 0, scalar_taken_ = 0;  // slots filled and read so far (slot = count % kScalarSlots)
+  cudaEvent_t upload_ev_ = nullptr;  // recorded after the latest upload
 };
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -509,6 +510,20 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     const int64_t total = train_loader.batches_per_epoch();
     Progress progress("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(opt.epochs), total, 10.0);
     int64_t images = 0;
+    // The losses come back without stalling the device (Backend::scalar_push/pop): read about one step late,
+    // in order, and summed in that order, so the sum is the same as reading each at once.
+    int64_t read = step;
+    std::deque<int> unread_sizes;
+    auto read_losses = [&](bool wait) {
+      float loss = 0;
+      while (!unread_sizes.empty() && be->scalar_pop(&loss, wait)) {
+        if (!std::isfinite(loss)) fail("the training loss is ", loss, " at epoch ", epoch + 1, ", step ", read + 1, " (lr ", lr, ")");
+        loss_sum += loss;
+        ++read;
+        progress.update(read, unread_sizes.front(), loss);
+        unread_sizes.pop_front();
+      }
+    };
     while (const data::Batch* b = train_loader.next()) {
       if (b->size == 0) continue;
       upload_batch(model, *b, dev.labels);
@@ -517,16 +532,16 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
                       model.dlogits(), dev.loss);
       model.backward(b->size);
       adamw.step(lr);
-      float loss = 0;
-      be->download(&loss, dev.loss, sizeof(float));
-      if (!std::isfinite(loss)) fail("the training loss is ", loss, " at epoch ", epoch + 1, ", step ", step + 1, " (lr ", lr, ")");
-      loss_sum += loss;
+      be->scalar_push(dev.loss);
+      unread_sizes.push_back(b->size);
       ++step;
       ++steps_this_run;
       images += b->size;
-      progress.update(step, b->size, loss);
+      be->wait_uploads();  // the loader reuses this batch's buffer at its next call
+      read_losses(false);
       if (opt.step_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(opt.step_delay_ms));
       if (interrupted() && step < total) {
+        read_losses(true);
         progress.finish();
         TrainPosition p = pos;
         p.epoch = epoch;
@@ -537,6 +552,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
         return 130;
       }
     }
+    read_losses(true);
     progress.finish();
     const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EpochRow row;

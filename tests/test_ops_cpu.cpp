@@ -10,10 +10,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "engine/backend.h"
+#include "engine/conv_algo_cache.h"
 #include "engine/state_dict.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
@@ -391,4 +394,127 @@ TEST_CASE("relu and add: values, NaN propagation as torch, in-place use") {
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) bad += a[size_t(i)] != std::max(0.0f, a0[size_t(i)] + b[size_t(i)]);
   CHECK(bad == 0);
+}
+
+TEST_CASE("max pool with NaN: as PyTorch, the window's last NaN is its maximum and takes the gradient") {
+  // PyTorch 2 (CPU), torch.nn.functional.max_pool2d(x, 2, 1, 0, return_indices=True) on this 3x3 plane:
+  // y = [[nan, nan], [nan, 5]], indices [[3, 1], [3, 4]]; with dy = [[1, 2], [3, 4]],
+  // x.grad = [[0, 2, 0], [4, 4, 0], [0, 0, 0]]. A window of -inf only yields -inf at its first element.
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> x = {1, nan, 2, nan, 5, -inf, -inf, -inf, -inf};
+  std::vector<float> y = poisoned<float>(4), dy = {1, 2, 3, 4}, dx = poisoned<float>(9);
+  cpu::maxpool_fwd<float>(1, 1, 3, 3, 2, 1, 0, x.data(), y.data());
+  cpu::maxpool_bwd<float>(1, 1, 3, 3, 2, 1, 0, x.data(), dy.data(), dx.data());
+  CHECK(std::isnan(y[0]));
+  CHECK(std::isnan(y[1]));
+  CHECK(std::isnan(y[2]));
+  CHECK(y[3] == 5);
+  CHECK(dx == std::vector<float>{0, 2, 0, 4, 4, 0, 0, 0, 0});
+  const std::vector<float> minf(4, -inf);
+  std::vector<float> y1(1), d1(4), g1 = {7};
+  cpu::maxpool_fwd<float>(1, 1, 2, 2, 2, 1, 0, minf.data(), y1.data());
+  cpu::maxpool_bwd<float>(1, 1, 2, 2, 2, 1, 0, minf.data(), g1.data(), d1.data());
+  CHECK(y1[0] == -inf);
+  CHECK(d1 == std::vector<float>{7, 0, 0, 0});
+}
+
+TEST_CASE("training batch norm refuses one value per channel, as PyTorch does; two are enough") {
+  // torch.nn.BatchNorm2d(3).train()(torch.randn(1, 3, 1, 1)) raises "Expected more than 1 value per channel
+  // when training"; (1, 3, 1, 2) is accepted. Both the kernel and the backend refuse, with a message that says why.
+  const std::vector<float> x = {0.5f, -1.f, 2.f, 3.f, 4.f, 5.f}, g(3, 1.f), b(3, 0.f);
+  std::vector<float> y(6), sm(3), si(3);
+  for (int W : {1, 2}) {
+    auto run_kernel = [&] {
+      cpu::batchnorm_train_fwd<float>(1, 3, W, x.data(), g.data(), b.data(), y.data(), sm.data(), si.data(),
+                                      nullptr, nullptr, 0.1, 1e-5);
+    };
+    std::unique_ptr<Backend> be = make_cpu_backend(1);
+    auto run_backend = [&] {
+      be->bn_train_fwd(1, 3, 1, W, x.data(), g.data(), b.data(), nullptr, true, y.data(), sm.data(), si.data(),
+                       nullptr, nullptr, 0.1, 1e-5);
+    };
+    if (W == 1) {
+      CHECK_THROWS_WITH_AS(run_kernel(), doctest::Contains("more than one value per channel"), Error);
+      CHECK_THROWS_WITH_AS(run_backend(), doctest::Contains("more than one value per channel"), Error);
+    } else {
+      CHECK_NOTHROW(run_kernel());
+      CHECK_NOTHROW(run_backend());
+      CHECK(sm[0] == doctest::Approx(-0.25));  // channel 0 holds 0.5 and -1
+    }
+  }
+  // Evaluation mode has no such limit.
+  std::vector<float> rm(3, 0.f), rv(3, 1.f);
+  CHECK_NOTHROW(cpu::batchnorm_eval_fwd<float>(1, 3, 1, x.data(), g.data(), b.data(), rm.data(), rv.data(), 1e-5,
+                                               y.data()));
+}
+
+TEST_CASE("convolution algorithm cache: one search per layer for the largest batch, reused for smaller ones") {
+  ConvAlgoCache cache;
+  const ConvLayerKey fwd{64, 56, 56, 64, 3, 3, 1, 1, int(Precision::TF32), 0, 0};
+  ConvLayerKey bwd = fwd;
+  bwd.direction = 2;
+  ConvLayerKey fp32 = fwd;
+  fp32.precision = int(Precision::FP32);
+  CHECK_FALSE(cache.find(fwd, 150).has_value());  // never seen: search
+  cache.record(fwd, 150, ConvAlgoChoice{6, 1, 1000});
+  // The run's batches: full ones, the last partial batch of each split, batches that lost skipped images.
+  for (int n : {150, 149, 37, 1}) {
+    auto hit = cache.find(fwd, n);
+    REQUIRE(hit.has_value());
+    CHECK(hit->batch == 150);
+    CHECK(hit->choice.algo == 6);
+    CHECK(hit->choice.workspace == 1000);
+  }
+  // Other directions, precisions and determinism are other choices.
+  CHECK_FALSE(cache.find(bwd, 10).has_value());
+  CHECK_FALSE(cache.find(fp32, 10).has_value());
+  ConvLayerKey det = fwd;
+  det.deterministic = 1;
+  CHECK_FALSE(cache.find(det, 10).has_value());
+  // A larger batch searches again; a choice refused for a smaller shape is searched and kept for it exactly,
+  // and the nearest larger search serves each batch.
+  CHECK_FALSE(cache.find(fwd, 151).has_value());
+  cache.record(fwd, 300, ConvAlgoChoice{1, 0, 5000});
+  cache.record(fwd, 12, ConvAlgoChoice{0, 0, 0});
+  CHECK(cache.find(fwd, 200)->batch == 300);
+  CHECK(cache.find(fwd, 150)->batch == 150);
+  CHECK(cache.find(fwd, 13)->batch == 150);
+  CHECK(cache.find(fwd, 12)->batch == 12);
+  CHECK(cache.find(fwd, 3)->choice.algo == 0);
+  CHECK(cache.searches() == 3);
+}
+
+TEST_CASE("backend scalars read back in order, and a memory limit refuses allocations beyond it (CPU)") {
+  std::unique_ptr<Backend> be = make_cpu_backend(1);
+  float* d = static_cast<float*>(be->alloc(3 * sizeof(float)));
+  const float vals[3] = {1.5f, -2.f, std::numeric_limits<float>::quiet_NaN()};
+  be->upload(d, vals, sizeof vals);
+  float v = 0;
+  CHECK_FALSE(be->scalar_pop(&v, true));  // nothing queued
+  for (int i = 0; i < 3; ++i) be->scalar_push(d + i);
+  be->wait_uploads();
+  CHECK(be->scalar_pop(&v, false));
+  CHECK(v == 1.5f);
+  CHECK(be->scalar_pop(&v, true));
+  CHECK(v == -2.f);
+  CHECK(be->scalar_pop(&v, false));
+  CHECK(std::isnan(v));
+  CHECK_FALSE(be->scalar_pop(&v, false));
+  // The value as it stood at the push, not as it is at the pop.
+  be->scalar_push(d);
+  const float later = 9.f;
+  be->upload(d, &later, sizeof later);
+  CHECK(be->scalar_pop(&v, true));
+  CHECK(v == 1.5f);
+
+  const size_t held = be->memory_in_use();
+  be->set_memory_limit(held + 1024);
+  void* ok = be->alloc(1000);
+  CHECK_THROWS_WITH_AS(be->alloc(1000), doctest::Contains("out of memory"), Error);
+  CHECK(be->memory_in_use() == held + 1024);  // the failed allocation holds nothing
+  be->set_memory_limit(0);
+  void* more = be->alloc(1000);
+  be->release(more);
+  be->release(ok);
+  be->release(d);
 }
