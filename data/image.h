@@ -2,6 +2,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace vb::data {
@@ -16,5 +17,38 @@ struct Image {
   const uint8_t* row(int y) const { return pixels.data() + size_t(y) * size_t(width) * 3; }
   bool empty() const { return width == 0 || height == 0; }
 };
+
+// The network's input size, height x width. An int converts to the square size (the notebook's 224), so
+// code written for square inputs keeps working; `224x400` is 224 rows by 400 columns.
+struct ImageSize {
+  int h = 224, w = 224;
+  ImageSize() = default;
+  ImageSize(int side) : h(side), w(side) {}  // NOLINT: implicit on purpose (square sizes)
+  ImageSize(int height, int width) : h(height), w(width) {}
+  bool square() const { return h == w; }
+  int min_side() const { return h < w ? h : w; }
+  int64_t pixels() const { return int64_t(h) * int64_t(w); }
+  bool operator==(const ImageSize&) const = default;
+  // "224" or "224x400" (height x width); what parse_image_size reads back.
+  std::string str() const { return square() ? std::to_string(h) : std::to_string(h) + "x" + std::to_string(w); }
+};
+
+// Reads "S" or "HxW" (also "HXW"); throws vb::Error naming the text on anything else or a side outside
+// [1, 16384].
+ImageSize parse_image_size(const std::string& text);
+// JSON (config.json, model metadata): a square size is a number (224, as before), any other "HxW"; reads
+// numbers, "S"/"HxW" strings and [h, w] arrays (templates: any nlohmann basic_json, ordered or not).
+template <class Json>
+void to_json(Json& j, const ImageSize& s) {
+  if (s.square()) j = s.h;
+  else j = s.str();
+}
+template <class Json>
+void from_json(const Json& j, ImageSize& s) {
+  if (j.is_number_integer()) s = ImageSize(j.template get<int>());
+  else if (j.is_array() && j.size() == 2 && j[0].is_number_integer() && j[1].is_number_integer())
+    s = ImageSize(j[0].template get<int>(), j[1].template get<int>());
+  else s = parse_image_size(j.is_string() ? j.template get<std::string>() : std::string("(not a size)"));
+}
 
 }  // namespace vb::data

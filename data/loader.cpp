@@ -46,7 +46,8 @@ std::vector<int64_t> shuffle_order(int64_t n, uint64_t seed, int64_t epoch) {
 
 Loader::Loader(std::vector<Sample> samples, LoaderOptions opt) : samples_(std::move(samples)), opt_(std::move(opt)) {
   VB_CHECK(opt_.batch_size > 0, "batch size ", opt_.batch_size);
-  VB_CHECK(opt_.image_size > 0 && opt_.image_size <= 4096, "image size ", opt_.image_size);
+  VB_CHECK(opt_.image_size.h > 0 && opt_.image_size.h <= 4096 && opt_.image_size.w > 0 && opt_.image_size.w <= 4096,
+           "image size ", opt_.image_size.str());
   VB_CHECK(opt_.prefetch_batches > 0, "prefetch_batches ", opt_.prefetch_batches);
   VB_CHECK(bool(opt_.alloc) == bool(opt_.free), "loader options: give both alloc and free, or neither");
   for (const Sample& s : samples_)
@@ -55,12 +56,13 @@ Loader::Loader(std::vector<Sample> samples, LoaderOptions opt) : samples_(std::m
     opt_.alloc = [](size_t n) { return std::aligned_alloc(64, round_up(n, 64)); };
     opt_.free = [](void* p) { std::free(p); };
   }
-  const int S = opt_.image_size, R = resize_size(S);
-  image_floats_ = 3 * int64_t(S) * S;
+  const ImageSize S = opt_.image_size;
+  const int R = train_resize_side(S);
+  image_floats_ = 3 * S.pixels();
 
   // The cache estimate assumes 16:9 frames, as the dataset's; the budget still bounds what is really kept.
   cache_budget_ = opt_.cache_budget_bytes ? opt_.cache_budget_bytes : physical_memory() / 2;
-  size_t per_frame = opt_.train ? size_t(R) * size_t((R * 16 + 8) / 9) * 3 : size_t(S) * S * 3;
+  size_t per_frame = opt_.train ? size_t(R) * size_t((R * 16 + 8) / 9) * 3 : size_t(S.pixels()) * 3;
   switch (opt_.cache) {
     case CachePolicy::Off: cache_enabled_ = false; break;
     case CachePolicy::On: cache_enabled_ = true; cache_budget_ = SIZE_MAX; break;
@@ -156,7 +158,8 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
   const int64_t k = order_[size_t(task)];
   const int pos = int(task % opt_.batch_size);
   const Sample& s = samples_[size_t(k)];
-  const int S = opt_.image_size, R = resize_size(S);
+  const ImageSize S = opt_.image_size;
+  const int R = train_resize_side(S);
   float* out = slot.view.images + size_t(pos) * size_t(image_floats_);
   slot.view.labels[pos] = s.label;
   slot.view.sample_indices[pos] = k;
@@ -172,8 +175,11 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
     Image fresh;
     bool hit = !frame->empty();
     if (!hit) {
-      int min_side = opt_.dct_scaling ? R : 0;
-      Image decoded = decode_jpeg_file(s.path, min_side, min_side);
+      // Evaluation's Resize((R_h, R_w)) needs R_w columns and R_h rows; training's shorter side needs R.
+      const ImageSize re = resize_size(S);
+      const int min_w = !opt_.dct_scaling ? 0 : opt_.train ? R : re.w;
+      const int min_h = !opt_.dct_scaling ? 0 : opt_.train ? R : re.h;
+      Image decoded = decode_jpeg_file(s.path, min_w, min_h);
       if (opt_.train && !may_cache) {
         // Nothing to keep: resize only the window the random crop reads (the same pixels, less work).
         const CropBox rs = resize_shorter_size(decoded.width, decoded.height, R);

@@ -35,7 +35,7 @@ CachePolicy parse_cache_policy(const std::string& s);  // "auto" | "on" | "off"
 
 struct LoaderOptions {
   int batch_size = 150;
-  int image_size = 224;  // S; the resize before the crop is R = resize_size(S)
+  ImageSize image_size = 224;  // S = (h, w); training's shorter-side resize is R = train_resize_side(S)
   int threads = 0;       // 0 = all cores
   bool train = false;    // training transforms (random) or evaluation transforms
   bool shuffle = false;
@@ -56,7 +56,7 @@ struct LoaderOptions {
 struct Batch {
   int64_t index = 0;              // batch number within the epoch
   int size = 0;                   // samples in it (fewer than batch_size for the last one or after skips)
-  float* images = nullptr;        // (size, 3, S, S) NCHW contiguous, normalised
+  float* images = nullptr;        // (size, 3, h, w) NCHW contiguous, normalised
   int64_t* labels = nullptr;      // (size)
   int64_t* sample_indices = nullptr;  // (size) positions in the loader's sample list
 };

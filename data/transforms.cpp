@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #ifdef __AVX2__
@@ -484,6 +485,19 @@ Image resized_crop_reference(const Image& src, const CropBox& box, int out_w, in
   return out;
 }
 
+ImageSize parse_image_size(const std::string& text) {
+  auto side = [&](const std::string& t) {
+    if (t.empty() || t.size() > 6 || t.find_first_not_of("0123456789") != std::string::npos)
+      fail("image size '", escape(text), "': expected S or HxW (height x width), e.g. 224 or 224x400");
+    const int v = std::stoi(t);
+    if (v < 1 || v > 16384) fail("image size '", escape(text), "': each side must be 1..16384");
+    return v;
+  };
+  const size_t x = text.find_first_of("xX");
+  if (x == std::string::npos) return ImageSize(side(text));
+  return ImageSize(side(text.substr(0, x)), side(text.substr(x + 1)));
+}
+
 CropBox resize_shorter_size(int width, int height, int short_side) {
   VB_CHECK(width > 0 && height > 0 && short_side > 0, "resize of a ", width, "x", height, " image to ", short_side);
   const int short_ = std::min(width, height), long_ = std::max(width, height);
@@ -498,9 +512,9 @@ Image resize_shorter(const Image& src, int short_side) {
   return resize_bilinear(src, s.width, s.height);
 }
 
-Image train_resize_crop(const Image& decoded, int image_size, const CropBox& box) {
+Image train_resize_crop(const Image& decoded, ImageSize image_size, const CropBox& box) {
   VB_CHECK(!decoded.empty(), "train_resize_crop of an empty image");
-  const CropBox s = resize_shorter_size(decoded.width, decoded.height, resize_size(image_size));
+  const CropBox s = resize_shorter_size(decoded.width, decoded.height, train_resize_side(image_size));
   Image out(box.width, box.height);
   resample_box(decoded, CropBox{0, 0, decoded.height, decoded.width}, s.width, s.height, out.pixels.data(), true, &box);
   return out;
@@ -591,31 +605,34 @@ TrainDraw draw_train_params(uint64_t seed, int64_t epoch, int64_t sample, int wi
   return d;
 }
 
-Image eval_crop(const Image& decoded, int image_size) {
-  const int r = resize_size(image_size);
-  // Only the central S x S of the R x R resize is computed (CenterCrop's offsets, as center_crop).
-  const int off = round_half_even((r - image_size) / 2.0);
-  VB_CHECK(r >= image_size, "resize size ", r, " below the crop ", image_size);
-  const CropBox window{off, off, image_size, image_size};
-  Image out(image_size, image_size);
-  resample_box(decoded, CropBox{0, 0, decoded.height, decoded.width}, r, r, out.pixels.data(), true, &window);
+Image eval_crop(const Image& decoded, ImageSize image_size) {
+  const ImageSize r = resize_size(image_size);
+  // Only the central h x w of the R_h x R_w resize is computed (CenterCrop's offsets, as center_crop).
+  const int off_y = round_half_even((r.h - image_size.h) / 2.0), off_x = round_half_even((r.w - image_size.w) / 2.0);
+  VB_CHECK(r.h >= image_size.h && r.w >= image_size.w, "resize size ", r.str(), " below the crop ", image_size.str());
+  const CropBox window{off_y, off_x, image_size.h, image_size.w};
+  Image out(image_size.w, image_size.h);
+  resample_box(decoded, CropBox{0, 0, decoded.height, decoded.width}, r.w, r.h, out.pixels.data(), true, &window);
   return out;
 }
 
-void eval_transform(const Image& decoded, int image_size, float* out) {
+void eval_transform(const Image& decoded, ImageSize image_size, float* out) {
   to_normalized_chw(eval_crop(decoded, image_size), out);
 }
 
-Image train_resize(const Image& decoded, int image_size) { return resize_shorter(decoded, resize_size(image_size)); }
+Image train_resize(const Image& decoded, ImageSize image_size) {
+  return resize_shorter(decoded, train_resize_side(image_size));
+}
 
-void train_random_part(const Image& resized, int image_size, const TrainDraw& draw, float* out) {
+void train_random_part(const Image& resized, ImageSize image_size, const TrainDraw& draw, float* out) {
+  const int H = image_size.h, W = image_size.w;
   thread_local Image cropped;
-  if (cropped.width != image_size || cropped.height != image_size) cropped = Image(image_size, image_size);
-  resample_box(resized, draw.box, image_size, image_size, cropped.pixels.data());
+  if (cropped.width != W || cropped.height != H) cropped = Image(W, H);
+  resample_box(resized, draw.box, W, H, cropped.pixels.data());
   const NormLut& L = norm_lut();
-  const size_t hw = size_t(image_size) * size_t(image_size);
+  const size_t hw = size_t(H) * size_t(W);
   rotate_walk(cropped, draw.angle, [&](int x, int y, const uint8_t* p) {
-    const size_t i = size_t(y) * size_t(image_size) + size_t(x);
+    const size_t i = size_t(y) * size_t(W) + size_t(x);
     out[i] = L.v[0][p ? p[0] : 0];
     out[hw + i] = L.v[1][p ? p[1] : 0];
     out[2 * hw + i] = L.v[2][p ? p[2] : 0];

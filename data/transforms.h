@@ -3,9 +3,13 @@
 //   evaluation: Resize((R, R)) -> CenterCrop(S) -> ToTensor -> Normalize(ImageNet mean/std)
 //   training:   Resize(R) (shorter side) -> RandomResizedCrop(S) -> RandomRotation(5) -> ToTensor -> Normalize
 // with S = image_size (224 by default) and R = resize_size(S) = round(S * 8 / 7) (256 for 224).
+// A non-square size S = (h, w) (`--image-size 224x400`): evaluation resizes to (R_h, R_w) = (round(8h/7),
+// round(8w/7)) and centre-crops (h, w); training resizes the shorter side to round(8 min(h, w) / 7) as for a
+// square size, and RandomResizedCrop's output is (h, w) (torchvision's RandomResizedCrop((h, w)): the crop box
+// is drawn as for any size, then resized to h x w).
 //
 // Conventions (a GPU mirror must follow them exactly):
-// - Images are (H, W, 3) uint8 RGB; tensors are (3, S, S) float32 CHW, channel order R, G, B.
+// - Images are (H, W, 3) uint8 RGB; tensors are (3, h, w) float32 CHW, channel order R, G, B.
 // - Resizing is Pillow's BILINEAR with antialiasing (ImagingResample): separable, horizontal pass first into
 //   an 8-bit intermediate, then vertical. For an axis of input length n resized to m: scale = n / m,
 //   filterscale = max(scale, 1), support = filterscale (bilinear support 1). Output pixel i has centre
@@ -47,6 +51,10 @@ inline constexpr float kImageNetStd[3] = {0.229f, 0.224f, 0.225f};
 
 // R for an image size S: round(S * 8 / 7); 224 -> 256 (the notebook's pair), 64 -> 73.
 inline int resize_size(int image_size) { return (image_size * 8 + 3) / 7; }
+// (R_h, R_w) for a size (h, w): evaluation's Resize((R_h, R_w)).
+inline ImageSize resize_size(ImageSize s) { return ImageSize(resize_size(s.h), resize_size(s.w)); }
+// The shorter side training's Resize(R) gives a frame: round(8 min(h, w) / 7).
+inline int train_resize_side(ImageSize s) { return resize_size(s.min_side()); }
 
 struct CropBox {
   int top = 0, left = 0, height = 0, width = 0;
@@ -92,19 +100,19 @@ struct TrainDraw {
 TrainDraw draw_train_params(uint64_t seed, int64_t epoch, int64_t sample, int width, int height);
 
 // ---- the pipelines ----
-// Evaluation, deterministic part only, uint8: Resize((R, R)) -> CenterCrop(S). What the cache keeps.
-Image eval_crop(const Image& decoded, int image_size);
-// Evaluation, whole: eval_crop then ToTensor + Normalize into `out` (3, S, S).
-void eval_transform(const Image& decoded, int image_size, float* out);
-// Training, deterministic part: Resize(R) on the shorter side. What the cache keeps.
-Image train_resize(const Image& decoded, int image_size);
+// Evaluation, deterministic part only, uint8: Resize((R_h, R_w)) -> CenterCrop((h, w)). What the cache keeps.
+Image eval_crop(const Image& decoded, ImageSize image_size);
+// Evaluation, whole: eval_crop then ToTensor + Normalize into `out` (3, h, w).
+void eval_transform(const Image& decoded, ImageSize image_size, float* out);
+// Training, deterministic part: Resize(R) on the shorter side, R = train_resize_side. What the cache keeps.
+Image train_resize(const Image& decoded, ImageSize image_size);
 // The size train_resize gives a (width, height) frame: {width, height} of Resize(R) on the shorter side.
 CropBox resize_shorter_size(int width, int height, int short_side);  // top = left = 0
 // The part `box` of train_resize(decoded, S) computed alone: equal to crop(train_resize(decoded, S), box), at
 // the cost of the box only (the uncached training path: the crop's window is all the random part reads).
-Image train_resize_crop(const Image& decoded, int image_size, const CropBox& box);
-// Training, random part on a train_resize'd frame: resized_crop(box, S) -> rotate(angle) -> ToTensor +
-// Normalize into `out` (3, S, S). The rotation and normalisation are fused (same values as the two steps).
-void train_random_part(const Image& resized, int image_size, const TrainDraw& draw, float* out);
+Image train_resize_crop(const Image& decoded, ImageSize image_size, const CropBox& box);
+// Training, random part on a train_resize'd frame: resized_crop(box, (h, w)) -> rotate(angle) -> ToTensor +
+// Normalize into `out` (3, h, w). The rotation and normalisation are fused (same values as the two steps).
+void train_random_part(const Image& resized, ImageSize image_size, const TrainDraw& draw, float* out);
 
 }  // namespace vb::data

@@ -2,12 +2,12 @@
 
 namespace vb {
 
-nlohmann::json model_config_json(const ModelConfig& cfg, int image_size) {
+nlohmann::json model_config_json(const ModelConfig& cfg, data::ImageSize image_size) {
   return {{"arch", "resnet_bottleneck"}, {"blocks", cfg.blocks}, {"width", cfg.width}, {"hidden", cfg.hidden}, {"num_classes", cfg.num_classes},
           {"image_size", image_size}};
 }
 
-void save_model_file(const std::string& path, Model& model, int image_size) {
+void save_model_file(const std::string& path, Model& model, data::ImageSize image_size) {
   StateDict sd = model.state_dict();
   sd.metadata["format"] = "vbtrain";
   sd.metadata["vbtrain.config"] = model_config_json(model.config(), image_size).dump();

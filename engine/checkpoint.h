@@ -30,7 +30,7 @@ nlohmann::json read_checkpoint_config(const std::string& path);
 
 // The model alone, as a safetensors file that torchvision's resnet50 (with the notebook's head) loads;
 // metadata: format "vbtrain", `vbtrain.config` (blocks, width, hidden, classes, image size).
-void save_model_file(const std::string& path, Model& model, int image_size);
-nlohmann::json model_config_json(const ModelConfig& cfg, int image_size);
+void save_model_file(const std::string& path, Model& model, data::ImageSize image_size);
+nlohmann::json model_config_json(const ModelConfig& cfg, data::ImageSize image_size);
 
 }  // namespace vb

@@ -61,11 +61,12 @@ std::vector<GoldenEntry> run_golden_t(BackendT<T>& be, const StateDict& weights,
   while (ref.has("x" + std::to_string(steps))) ++steps;
   if (steps == 0 || !ref.has("eval_logits_init.x0")) fail("reference: not a golden-run file (no x0 / eval_logits_init.x0)");
   const HostTensor& x0 = ref.at("x0");
-  if (x0.shape.size() != 4 || x0.shape[1] != 3 || x0.shape[2] != x0.shape[3])
-    fail("reference: x0 has shape ", shape_str(x0.shape), ", expected [N, 3, S, S]");
+  if (x0.shape.size() != 4 || x0.shape[1] != 3 || x0.shape[2] < 32 || x0.shape[3] < 32 || x0.shape[2] > 16384 ||
+      x0.shape[3] > 16384)
+    fail("reference: x0 has shape ", shape_str(x0.shape), ", expected [N, 3, H, W] with sides 32..16384");
   int max_n = 0;
   for (int t = 0; t < steps; ++t) max_n = std::max<int>(max_n, int(ref.at("x" + std::to_string(t)).shape[0]));
-  model.plan(max_n, int(x0.shape[2]));
+  model.plan(max_n, data::ImageSize(int(x0.shape[2]), int(x0.shape[3])));
 
   std::vector<GoldenEntry> out;
   auto add = [&](const std::string& name, const std::vector<double>& ours, const std::vector<double>& want) {

@@ -247,8 +247,9 @@ T* ModelT<T>::act_alloc(int64_t floats) {
 }
 
 template <class T>
-void ModelT<T>::plan(int max_batch, int image_size) {
-  VB_CHECK(max_batch > 0 && image_size >= 32, "bad plan: batch ", max_batch, ", image size ", image_size);
+void ModelT<T>::plan(int max_batch, data::ImageSize image_size) {
+  VB_CHECK(max_batch > 0 && image_size.h >= 32 && image_size.w >= 32, "bad plan: batch ", max_batch, ", image size ",
+           image_size.str());
   release_activations();
   max_batch_ = max_batch;
   image_size_ = image_size;
@@ -275,9 +276,10 @@ void ModelT<T>::plan(int max_batch, int image_size) {
     scratch_needs(N * C * H * W, deep);
   };
 
-  want(&input_, 3, image_size, image_size, false);
+  want(&input_, 3, image_size.h, image_size.w, false);
   Conv& c = *stem_conv_;
-  c.s.H = c.s.W = image_size;
+  c.s.H = image_size.h;
+  c.s.W = image_size.w;
   const int sh = c.s.P(), sw = c.s.Q();
   want(&stem_c_, cfg_.width, sh, sw, false);
   want(&stem_a_, cfg_.width, sh, sw, false);
@@ -307,7 +309,7 @@ void ModelT<T>::plan(int max_batch, int image_size) {
     h = b.out_h;
     w = b.out_w;
   }
-  VB_CHECK(h >= 1 && w >= 1, "image size ", image_size, " is too small for this network");
+  VB_CHECK(h >= 1 && w >= 1, "image size ", image_size.str(), " is too small for this network");
 
   auto round = [](int64_t n) { return (n + 63) / 64 * 64; };  // 256-byte alignment inside the arena
   int64_t deep_total = 0;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "data/image.h"
 #include "engine/backend.h"
 #include "engine/model_config.h"
 #include "engine/state_dict.h"
@@ -51,10 +52,11 @@ class ModelT {
   StateDict state_dict();  // host copy, torchvision names, state_dict order
 
   // ---- running ----
-  // Allocates the activations for batches of up to max_batch images of size x size. Call again to re-plan.
-  void plan(int max_batch, int image_size);
+  // Allocates the activations for batches of up to max_batch images of h x w (an int is a square size).
+  // Call again to re-plan.
+  void plan(int max_batch, data::ImageSize image_size);
   int max_batch() const { return max_batch_; }
-  int image_size() const { return image_size_; }
+  data::ImageSize image_size() const { return image_size_; }
   T* input() { return input_; }    // (max_batch, 3, S, S) in the backend's activation layout
   T* logits() { return logits_; }  // (max_batch, classes) row-major
   T* dlogits() { return dlogits_; }
@@ -93,7 +95,8 @@ class ModelT {
   Conv* stem_conv_ = nullptr;
   Bn* stem_bn_ = nullptr;
 
-  int max_batch_ = 0, image_size_ = 0;
+  int max_batch_ = 0;
+  data::ImageSize image_size_{0};
   std::vector<void*> act_allocs_;
   T* input_ = nullptr;
   T *stem_c_ = nullptr, *stem_a_ = nullptr, *pool_ = nullptr;  // stem conv out, bn+relu out, maxpool out

@@ -248,8 +248,8 @@ data::LoaderOptions loader_options(const TrainOptions& o, bool train, Backend& b
 }
 
 void upload_batch(Model& model, const data::Batch& b, int64_t* labels_dev) {
-  const int S = model.image_size();
-  model.backend().upload_activation(model.input(), b.images, b.size, 3, S, S);
+  const data::ImageSize S = model.image_size();
+  model.backend().upload_activation(model.input(), b.images, b.size, 3, S.h, S.w);
   model.backend().upload(labels_dev, b.labels, sizeof(int64_t) * size_t(b.size));
 }
 
@@ -313,7 +313,7 @@ EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& lb) {
   return r;
 }
 
-LoadedModel load_model_file(Backend& be, const std::string& path, int image_size_default) {
+LoadedModel load_model_file(Backend& be, const std::string& path, data::ImageSize image_size_default) {
   StateDict sd = load_state_dict_file(path);
   LoadedModel lm;
   lm.image_size = image_size_default;
@@ -322,7 +322,7 @@ LoadedModel load_model_file(Backend& be, const std::string& path, int image_size
   if (it != sd.metadata.end()) {
     try {
       auto j = nlohmann::json::parse(it->second);
-      if (j.contains("image_size")) lm.image_size = j.at("image_size");
+      if (j.contains("image_size")) lm.image_size = j.at("image_size").get<data::ImageSize>();
     } catch (const std::exception&) {
       // a damaged metadata entry leaves the tensors' own configuration in force
     }
@@ -374,7 +374,8 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     }
   }
   if (opt.data.empty()) fail("no dataset: pass --data DIR (the Volleyball videos/ folder or its parent)");
-  if (opt.epochs <= 0 || opt.batch_size <= 0 || opt.image_size < 32 || opt.lr <= 0 || opt.step_size <= 0)
+  if (opt.epochs <= 0 || opt.batch_size <= 0 || opt.image_size.h < 32 || opt.image_size.w < 32 || opt.lr <= 0 ||
+      opt.step_size <= 0)
     fail("invalid settings: epochs, batch size and step size must be positive, image size at least 32, lr > 0");
   const fs::path out(opt.out);
   fs::create_directories(out);
@@ -474,9 +475,9 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   if (!val.empty()) val_loader = std::make_unique<data::Loader>(val, loader_options(opt, false, *be));
   LossBuffers dev(*be, cw, opt.batch_size);
 
-  std::printf("vbtrain: %s on %s (%s); %zu train / %zu val / %zu test clips; batch %d, image %d, %d epochs\n",
+  std::printf("vbtrain: %s on %s (%s); %zu train / %zu val / %zu test clips; batch %d, image %s, %d epochs\n",
               cfg.describe().c_str(), be->description().c_str(), precision_name(be->precision()), train.size(),
-              val.size(), test.size(), opt.batch_size, opt.image_size, opt.epochs);
+              val.size(), test.size(), opt.batch_size, opt.image_size.str().c_str(), opt.epochs);
   std::fflush(stdout);
 
   SigintGuard sigint;

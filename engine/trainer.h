@@ -35,7 +35,7 @@ struct TrainOptions {
   bool deterministic = false;
   std::vector<int> blocks{3, 4, 6, 3};
   int width = 64;
-  int image_size = 224;
+  data::ImageSize image_size = 224;  // height x width; `--image-size 224x400`
   std::string on_bad_image = "skip";
   std::string cache = "auto";   // auto | on | off: the decoded-frame cache
   bool dct_scaling = false;     // decode large frames at a DCT-scaled size first (faster, not Pillow's pixels)
@@ -86,8 +86,8 @@ std::vector<std::string> class_names();
 // inferred from its tensors) and the image size (metadata, else `image_size_default`).
 struct LoadedModel {
   std::unique_ptr<Model> model;
-  int image_size = 224;
+  data::ImageSize image_size = 224;
 };
-LoadedModel load_model_file(Backend& be, const std::string& path, int image_size_default);
+LoadedModel load_model_file(Backend& be, const std::string& path, data::ImageSize image_size_default);
 
 }  // namespace vb

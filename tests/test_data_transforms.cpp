@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "data/jpeg.h"
 #include "data/rng.h"
 #include "data/transforms.h"
@@ -300,5 +302,84 @@ TEST_CASE("train_resize_crop equals the crop of the full train_resize") {
     REQUIRE(full.height == rs.height);
     TrainDraw d = draw_train_params(1, it, 0, full.width, full.height);
     CHECK(train_resize_crop(img, S, d.box).pixels == crop(full, d.box).pixels);
+  }
+}
+
+// ---- non-square input sizes (--image-size HxW), against torchvision (tools/make_transform_goldens.py) ----
+
+namespace {
+const StateDict& nonsquare() {
+  static StateDict sd = load_safetensors(vbtest::fixture("transforms_nonsquare.safetensors"));
+  return sd;
+}
+Image nonsquare_image(const std::string& key) {
+  const HostTensor& t = nonsquare().at(key);
+  REQUIRE(t.dtype == DType::U8);
+  REQUIRE(t.shape.size() == 3);
+  Image img(int(t.shape[1]), int(t.shape[0]));
+  std::copy(t.bytes.begin(), t.bytes.end(), img.pixels.begin());
+  return img;
+}
+}  // namespace
+
+TEST_CASE("image sizes: S and HxW parse, anything else is refused naming the text") {
+  CHECK(parse_image_size("224") == ImageSize(224));
+  CHECK(parse_image_size("224x400") == ImageSize(224, 400));
+  CHECK(parse_image_size("48X80").w == 80);
+  CHECK(ImageSize(224, 400).str() == "224x400");
+  CHECK(ImageSize(224).str() == "224");
+  CHECK(resize_size(ImageSize(224, 400)) == ImageSize(256, 457));
+  CHECK(train_resize_side(ImageSize(400, 224)) == 256);
+  for (const char* bad : {"", "0", "224x", "x400", "abc", "99999", "224x400x3", "-5", "2 24", "224x0"}) {
+    CAPTURE(bad);
+    try {
+      parse_image_size(bad);
+      FAIL("accepted");
+    } catch (const vb::Error& e) {
+      CHECK(std::string(e.what()).find("image size '" + std::string(bad) + "'") != std::string::npos);
+    }
+  }
+  nlohmann::json j = ImageSize(48, 80);
+  CHECK(j == "48x80");
+  CHECK(j.get<ImageSize>() == ImageSize(48, 80));
+  nlohmann::json k = ImageSize(224);
+  CHECK(k == 224);  // square sizes stay numbers, as in config.json files written before
+  CHECK(nlohmann::json::parse("[48, 80]").get<ImageSize>() == ImageSize(48, 80));
+}
+
+TEST_CASE("non-square evaluation: Resize((R_h, R_w)) then CenterCrop((h, w)) matches torchvision") {
+  const Image decoded = decoded_fixture();
+  for (ImageSize s : {ImageSize(48, 80), ImageSize(80, 48), ImageSize(64, 112)}) {
+    CAPTURE(s.str());
+    const HostTensor& t = nonsquare().at("eval_" + s.str() + "_chw");
+    REQUIRE(t.shape == Shape{3, s.h, s.w});
+    std::vector<float> want = t.to_f32(), got(want.size());
+    vbtest::poison(got);
+    eval_transform(decoded, s, got.data());
+    vbtest::check_close("eval " + s.str(), got, want, 1e-6, 1e-6);
+  }
+}
+
+TEST_CASE("non-square training: shorter-side resize, then resized_crop to (h, w) and rotation, match torchvision") {
+  const Image decoded = decoded_fixture();
+  for (ImageSize s : {ImageSize(48, 80), ImageSize(80, 48), ImageSize(64, 112)}) {
+    CAPTURE(s.str());
+    const Image want_resized = nonsquare_image("train_resize_" + s.str() + "_hwc");
+    Diff d = diff(train_resize(decoded, s), want_resized);
+    CHECK(d.max == 0);
+    TrainDraw draw;
+    draw.box = CropBox{7, 11, 40, 52};
+    draw.angle = -4.0;
+    const Image want_img = nonsquare_image("train_" + s.str() + "_hwc");
+    REQUIRE(want_img.width == s.w);
+    REQUIRE(want_img.height == s.h);
+    std::vector<float> got(3 * size_t(s.pixels())), want(got.size());
+    vbtest::poison(got);
+    train_random_part(want_resized, s, draw, got.data());
+    to_normalized_chw(want_img, want.data());
+    vbtest::check_close("train " + s.str(), got, want, 0, 0);
+    // The uncached path (only the crop's window resized) gives the same pixels.
+    Image part = train_resize_crop(decoded, s, draw.box);
+    CHECK(diff(part, crop(want_resized, draw.box)).max == 0);
   }
 }

@@ -12,12 +12,14 @@
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "tools/commands.h"
+#include "tools/image_size_option.h"
 
 namespace {
 
 struct BenchArgs {
   std::string device = "auto", precision = "tf32", blocks = "3,4,6,3", json;
-  int batch_size = 0, steps = 0, warmup = 0, width = 64, image_size = 224, threads = 0;
+  int batch_size = 0, steps = 0, warmup = 0, width = 64, threads = 0;
+  vb::data::ImageSize image_size = 224;
 };
 
 double median(std::vector<double> v) {
@@ -37,12 +39,13 @@ int run_bench(BenchArgs a) {
   cfg.width = a.width;
   vb::Model model(*be, cfg);
   model.init_torchvision(1);
-  const int N = a.batch_size, S = a.image_size, C = cfg.num_classes;
+  const int N = a.batch_size, C = cfg.num_classes;
+  const vb::data::ImageSize S = a.image_size;
   model.plan(N, S);
   vb::AdamW opt(model, {});
   std::mt19937 rng(7);
   std::normal_distribution<float> nd;
-  std::vector<float> x(size_t(N) * 3 * S * S);
+  std::vector<float> x(size_t(N) * 3 * size_t(S.pixels()));
   for (float& v : x) v = nd(rng);
   std::vector<int64_t> y(static_cast<size_t>(N));
   for (int i = 0; i < N; ++i) y[size_t(i)] = i % C;
@@ -52,8 +55,8 @@ int run_bench(BenchArgs a) {
   auto* d_loss = static_cast<float*>(be->alloc(sizeof(float)));
   be->upload(d_y, y.data(), sizeof(int64_t) * y.size());
   be->upload(d_cw, cw.data(), sizeof(float) * cw.size());
-  be->upload_activation(model.input(), x.data(), N, 3, S, S);
-  std::printf("bench: %s, batch %d, %dx%d, on %s (%s)\n", cfg.describe().c_str(), N, S, S, be->description().c_str(),
+  be->upload_activation(model.input(), x.data(), N, 3, S.h, S.w);
+  std::printf("bench: %s, batch %d, %dx%d, on %s (%s)\n", cfg.describe().c_str(), N, S.h, S.w, be->description().c_str(),
               vb::precision_name(be->precision()));
   std::fflush(stdout);
   auto timed = [&](auto&& fn, int steps) {
@@ -85,7 +88,7 @@ int run_bench(BenchArgs a) {
   std::printf("training step: %.1f ms (%.1f img/s)  evaluation: %.1f ms (%.1f img/s)  peak memory %.2f GiB  (first loss %.3f)\n",
               train_s * 1e3, N / train_s, eval_s * 1e3, N / eval_s, gib, loss);
   if (cpu && N == 1)
-    std::printf("one %dx%d image, forward + backward + AdamW: %.2f s on %s\n", S, S, train_s, be->description().c_str());
+    std::printf("one %dx%d image, forward + backward + AdamW: %.2f s on %s\n", S.h, S.w, train_s, be->description().c_str());
   if (!a.json.empty()) {
     nlohmann::ordered_json j = {{"model", cfg.describe()}, {"device", be->description()},
                                 {"precision", vb::precision_name(be->precision())}, {"batch", N}, {"image_size", S},
@@ -111,7 +114,7 @@ VB_COMMAND("bench", "Time the training step and the evaluation forward on random
              app.add_option("--warmup", a->warmup, "untimed steps first (default 5 / 1)");
              app.add_option("--blocks", a->blocks, "blocks per stage (default 3,4,6,3)");
              app.add_option("--width", a->width, "base width (default 64)");
-             app.add_option("--image-size", a->image_size, "input size (default 224)");
+             vb::tools::add_image_size_option(app, a->image_size, "input size S or HxW (default 224)");
              app.add_option("--threads", a->threads, "CPU threads (0 = all cores)");
              app.add_option("--json", a->json, "also write the figures as JSON");
              return [a] { return run_bench(*a); };

@@ -12,13 +12,16 @@
 #include "data/jpeg.h"
 #include "data/loader.h"
 #include "kernels/check.h"
+#include "data/transforms.h"
 #include "tools/commands.h"
+#include "tools/image_size_option.h"
 
 namespace {
 
 struct BenchArgs {
   std::string data;
-  int threads = 0, images = 300, batch = 50, size = 224, repeat = 3;
+  int threads = 0, images = 300, batch = 50, repeat = 3;
+  vb::data::ImageSize size = 224;
   bool dct = false;
 };
 
@@ -67,9 +70,9 @@ int run_bench(const BenchArgs& a) {
   if (int64_t(s.size()) > a.images) s.resize(size_t(a.images));
   const int N = a.threads > 0 ? a.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   JpegHeader h = read_jpeg_header(read_file_bytes(s[0].path), s[0].path);
-  std::printf("bench-loader: %zu frames of %s (first %dx%d), image size %d, batch %d, DCT scaling %s, %d threads max\n",
-              s.size(), idx.videos_dir.c_str(), h.width, h.height, a.size, a.batch, a.dct ? "on" : "off", N);
-  const int min_side = a.dct ? (a.size * 8 + 3) / 7 : 0;
+  std::printf("bench-loader: %zu frames of %s (first %dx%d), image size %s, batch %d, DCT scaling %s, %d threads max\n",
+              s.size(), idx.videos_dir.c_str(), h.width, h.height, a.size.str().c_str(), a.batch, a.dct ? "on" : "off", N);
+  const int min_side = a.dct ? vb::data::resize_size(std::max(a.size.h, a.size.w)) : 0;
   decode_rate(std::vector<Sample>(s.begin(), s.begin() + long(std::min<size_t>(s.size(), 20))), 1, min_side);  // warm
   // Each figure is the best of `repeat` rounds, a round measuring everything once: on a shared machine the
   // best is the least disturbed, and spreading the runs over time keeps one busy spell from spoiling a column.
@@ -115,7 +118,7 @@ VB_COMMAND("bench-loader", "Measure the data loader: decode-only and full-pipeli
              app.add_option("--threads", a->threads, "largest thread count (0 = all cores)");
              app.add_option("--images", a->images, "frames to use (default 300)")->check(CLI::Range(1, 1000000));
              app.add_option("--batch", a->batch, "batch size (default 50)")->check(CLI::Range(1, 100000));
-             app.add_option("--image-size", a->size, "image size S (default 224)")->check(CLI::Range(16, 4096));
+             vb::tools::add_image_size_option(app, a->size, "image size S or HxW (default 224)");
              app.add_option("--repeat", a->repeat, "runs per measurement, best kept (default 3)")->check(CLI::Range(1, 100));
              app.add_flag("--dct-scaling", a->dct, "decode at a DCT-scaled size (faster, not Pillow-exact)");
              return [a] { return run_bench(*a); };

@@ -9,12 +9,14 @@
 #include "data/loader.h"
 #include "engine/trainer.h"
 #include "tools/commands.h"
+#include "tools/image_size_option.h"
 
 namespace {
 
 struct EvalArgs {
   std::string data, model, split = "test", out, device = "auto", on_bad = "skip";
-  int threads = 0, batch_size = 150, image_size = 0;
+  int threads = 0, batch_size = 150;
+  vb::data::ImageSize image_size{0};  // 0: the model file's
 };
 
 int run_eval(const EvalArgs& a) {
@@ -27,8 +29,8 @@ int run_eval(const EvalArgs& a) {
   const std::vector<float> cw = vb::class_weights_for(vb::data::select_split(index.samples, vb::data::Split::Train));
 
   std::unique_ptr<vb::Backend> be = vb::make_backend(a.device, a.threads);
-  vb::LoadedModel lm = vb::load_model_file(*be, a.model, a.image_size ? a.image_size : 224);
-  if (a.image_size) lm.image_size = a.image_size;
+  vb::LoadedModel lm = vb::load_model_file(*be, a.model, 224);
+  if (a.image_size.h) lm.image_size = a.image_size;
   lm.model->plan(a.batch_size, lm.image_size);
   vb::data::LoaderOptions lo;
   lo.batch_size = a.batch_size;
@@ -38,8 +40,8 @@ int run_eval(const EvalArgs& a) {
   lo.cache = vb::data::CachePolicy::Off;  // one pass: nothing to reuse
   vb::data::Loader loader(samples, lo);
   vb::LossBuffers lb(*be, cw, a.batch_size);
-  std::printf("eval: %s (%s, %d px) on %zu %s clips, %s\n", a.model.c_str(), lm.model->config().describe().c_str(),
-              lm.image_size, samples.size(), a.split.c_str(), be->description().c_str());
+  std::printf("eval: %s (%s, %s px) on %zu %s clips, %s\n", a.model.c_str(), lm.model->config().describe().c_str(),
+              lm.image_size.str().c_str(), samples.size(), a.split.c_str(), be->description().c_str());
   const vb::EvalResult r = vb::evaluate(*lm.model, loader, lb);
 
   const auto names = vb::class_names();
@@ -76,7 +78,7 @@ VB_COMMAND("eval", "Evaluate a model on a split: accuracy, per-class precision/r
              app.add_option("--device", a->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
              app.add_option("--threads", a->threads, "CPU threads (0 = all cores)");
              app.add_option("--batch-size", a->batch_size, "batch size (default 150)")->check(CLI::PositiveNumber);
-             app.add_option("--image-size", a->image_size, "input size (default: the model file's, else 224)");
+             vb::tools::add_image_size_option(app, a->image_size, "input size S or HxW (default: the model file's, else 224)");
              app.add_option("--on-bad-image", a->on_bad, "skip (default) or fail")->check(CLI::IsMember({"skip", "fail"}));
              return [a] { return run_eval(*a); };
            });

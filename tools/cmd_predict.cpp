@@ -10,6 +10,7 @@
 #include "engine/trainer.h"
 #include "kernels/cpu/ops.h"
 #include "tools/commands.h"
+#include "tools/image_size_option.h"
 
 namespace {
 
@@ -17,7 +18,8 @@ struct PredictArgs {
   std::string model, device = "auto";
   std::vector<std::string> inputs;
   bool json = false;
-  int threads = 0, image_size = 0, batch_size = 64;
+  int threads = 0, batch_size = 64;
+  vb::data::ImageSize image_size{0};  // 0: the model file's
 };
 
 std::vector<std::string> expand_inputs(const std::vector<std::string>& in) {
@@ -44,20 +46,22 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& in) {
 int run_predict(const PredictArgs& a) {
   const std::vector<std::string> files = expand_inputs(a.inputs);
   std::unique_ptr<vb::Backend> be = vb::make_backend(a.device, a.threads);
-  vb::LoadedModel lm = vb::load_model_file(*be, a.model, a.image_size ? a.image_size : 224);
-  if (a.image_size) lm.image_size = a.image_size;
-  const int S = lm.image_size, C = lm.model->config().num_classes, B = a.batch_size;
+  vb::LoadedModel lm = vb::load_model_file(*be, a.model, 224);
+  if (a.image_size.h) lm.image_size = a.image_size;
+  const vb::data::ImageSize S = lm.image_size;
+  const int C = lm.model->config().num_classes, B = a.batch_size;
+  const size_t per_image = 3 * size_t(S.pixels());
   lm.model->plan(B, S);
   const auto names = vb::class_names();
   nlohmann::ordered_json results = nlohmann::ordered_json::array();
-  std::vector<float> images(size_t(B) * 3 * S * S), logits(size_t(B) * C), probs(logits.size());
+  std::vector<float> images(size_t(B) * per_image), logits(size_t(B) * C), probs(logits.size());
   int failures = 0;
   for (size_t start = 0; start < files.size(); start += size_t(B)) {
     std::vector<std::string> ok;
     for (size_t i = start; i < files.size() && i < start + size_t(B); ++i) {
       try {
         vb::data::Image img = vb::data::decode_jpeg_file(files[i]);
-        vb::data::eval_transform(img, S, images.data() + ok.size() * 3 * S * S);
+        vb::data::eval_transform(img, S, images.data() + ok.size() * per_image);
         ok.push_back(files[i]);
       } catch (const std::exception& e) {
         ++failures;
@@ -67,7 +71,7 @@ int run_predict(const PredictArgs& a) {
     }
     if (ok.empty()) continue;
     const int n = int(ok.size());
-    be->upload_activation(lm.model->input(), images.data(), n, 3, S, S);
+    be->upload_activation(lm.model->input(), images.data(), n, 3, S.h, S.w);
     lm.model->forward(n, false);
     be->download(logits.data(), lm.model->logits(), sizeof(float) * size_t(n) * C);
     vb::cpu::softmax<float>(n, C, logits.data(), probs.data());
@@ -99,6 +103,6 @@ VB_COMMAND("predict", "Classify images (files or folders of .jpg) with a trained
              app.add_flag("--json", a->json, "print JSON");
              app.add_option("--device", a->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
              app.add_option("--threads", a->threads, "CPU threads (0 = all cores)");
-             app.add_option("--image-size", a->image_size, "input size (default: the model file's, else 224)");
+             vb::tools::add_image_size_option(app, a->image_size, "input size S or HxW (default: the model file's, else 224)");
              return [a] { return run_predict(*a); };
            });

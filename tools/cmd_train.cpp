@@ -9,6 +9,7 @@
 #include "engine/model_config.h"
 #include "engine/trainer.h"
 #include "tools/commands.h"
+#include "tools/image_size_option.h"
 
 namespace {
 
@@ -93,7 +94,7 @@ VB_COMMAND("train", "Train the B1 classifier (the notebook's defaults; no --data
              app.add_option("--resume", a->resume, "continue a run folder, or the notebook's checkpoint-epochN.pth");
              a->blocks_opt = app.add_option("--blocks", a->blocks, "blocks per stage (default 3,4,6,3)");
              a->width_opt = app.add_option("--width", o.width, "base width (default 64)")->check(CLI::PositiveNumber);
-             a->size_opt = app.add_option("--image-size", o.image_size, "input size (default 224)")->check(CLI::Range(32, 4096));
+             a->size_opt = vb::tools::add_image_size_option(app, o.image_size, "input size S or HxW, e.g. 224x400 (default 224)");
              app.add_option("--on-bad-image", o.on_bad_image, "skip (default) or fail")->check(CLI::IsMember({"skip", "fail"}));
              app.add_option("--cache", o.cache, "decoded-frame cache: auto, on or off")->check(CLI::IsMember({"auto", "on", "off"}));
              app.add_flag("--dct-scaling", o.dct_scaling, "decode at a DCT-scaled size first (faster; not Pillow's exact pixels)");

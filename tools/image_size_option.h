@@ -1,0 +1,26 @@
+// `--image-size S` or `--image-size HxW` (height x width) for every subcommand, read by data::parse_image_size
+// so that every command accepts and refuses the same texts.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <string>
+
+#include "data/image.h"
+
+namespace vb::tools {
+
+inline CLI::Option* add_image_size_option(CLI::App& app, data::ImageSize& target, const std::string& help) {
+  return app
+      .add_option_function<std::string>(
+          "--image-size",
+          [&target](const std::string& s) {
+            try {
+              target = data::parse_image_size(s);
+            } catch (const std::exception& e) {  // a parse error, reported by CLI11 with exit code 2
+              throw CLI::ValidationError("--image-size", e.what());
+            }
+          },
+          help)
+      ->type_name("S|HxW");
+}
+
+}  // namespace vb::tools
