@@ -184,7 +184,7 @@ step() {
   run_step "$@"
   verdict "$LOGS/$name.log"
   row "$name" "$RESULT" "${NOTE:-$(last_line "$LOGS/$name.log")}"
-  [[ $RESULT == passed* || $RESULT == not\ run* ]] || tail_log "$LOGS/$name.log"
+  [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/$name.log"
   NOTE=""
 }
 
@@ -402,7 +402,7 @@ sanitizer_step() {  # NAME CAP TOOL doctest-filters...
     grep -q "\[GPU tests skipped" "$log" && RESULT="SKIPPED (no GPU seen)"
   fi
   row "$name" "$RESULT" "${summary:-$(last_line "$log")}; $(doctest_summary "$log")"
-  [[ $RESULT == passed* || $RESULT == not\ run* ]] || tail_log "$log" 4
+  [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$log" 4
 }
 if [[ ! -x "$CUDA_OPS" ]]; then
   DUR_MS=0
@@ -425,7 +425,7 @@ for t in "$CUDA_OPS" "$BUILD"/tests/test_*; do
   run_step "$name" $([[ $name == test_cuda_ops ]] && echo 180 || echo 120) "$t"
   verdict "$LOGS/$name.log"
   row "$name" "$RESULT" "$(doctest_summary "$LOGS/$name.log")"
-  [[ $RESULT == passed* || $RESULT == not\ run* ]] || tail_log "$LOGS/$name.log"
+  [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/$name.log"
 done
 
 # ---- 5. parity with PyTorch at the same precision ----
@@ -451,7 +451,7 @@ for p in fp32 tf32 bf16; do
     note="without --against (no PyTorch distances): strict golden bounds; $note"
   fi
   row "verify-$p" "$RESULT" "$note"
-  [[ $RESULT == passed* || $RESULT == not\ run* ]] || tail_log "$LOGS/verify-$p.log"
+  [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/verify-$p.log"
 done
 
 # ---- 6. speed: vbtrain, vbbench, PyTorch, then the default run ----
@@ -460,7 +460,7 @@ for p in tf32 fp32; do
   run_step "bench-$p" 120 "$VBTRAIN" bench --device cuda --batch-size 150 --precision $p --json "$FIG/bench-$p.json"
   verdict "$LOGS/bench-$p.log"
   row "bench-$p" "$RESULT" "$(grep -E '^(training step|evaluation|peak memory)' "$LOGS/bench-$p.log" | cut -d'(' -f1-2 | tr '\n' ';')"
-  [[ $RESULT == passed* || $RESULT == not\ run* ]] || tail_log "$LOGS/bench-$p.log"
+  [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/bench-$p.log"
 done
 # The tools below get their own time limit too, so that they stop in time to write their JSON.
 own_limit() { local l=$(( ($(left_ms) < $1 * 1000 ? $(left_ms) : $1 * 1000) / 1000 - 20 )); echo $((l > 5 ? l : 5)); }
@@ -487,7 +487,7 @@ acc=$(grep -o '"accuracy": *[0-9.eE+-]*' "$RUNDIR/test_metrics.json" 2>/dev/null
 printf '{"wall_s": %s, "epochs_done": %s, "test_accuracy": %s, "result": %s}\n' "$(secs "$DUR_MS")" "${epochs// /}" \
   "${acc:-null}" "$(json_str "$RESULT")" >"$FIG/default-run.json"
 row default-run "$RESULT" "wall $(secs "$DUR_MS") s, $epochs epochs done, test accuracy ${acc:-n/a}; $(grep -m1 '^preset' "$LOGS/default-run.log")"
-[[ $RESULT == passed* || $RESULT == not\ run* ]] || tail_log "$LOGS/default-run.log"
+[[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/default-run.log"
 
 FINISHED=true
 publish
