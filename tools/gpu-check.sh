@@ -45,11 +45,16 @@ while [[ $# -gt 0 ]]; do
 done
 [[ "$DEADLINE" =~ ^[0-9]+$ && "$DEADLINE" -gt 0 ]] || { echo "gpu-check: --deadline takes a number of seconds" >&2; exit 2; }
 
-now_ms() { date +%s%3N; }
+# Milliseconds since the epoch, without starting a process where the shell can tell (bash 5).
+if [[ -n "${EPOCHREALTIME:-}" ]]; then
+  now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((10#$t / 1000)); }
+else
+  now_ms() { date +%s%3N; }
+fi
 T0_MS=$(now_ms)
 END_MS=$((T0_MS + DEADLINE * 1000))
-# Kept back for the rows of the steps left out and the last rewrite of the files: 10%, within 2 to 8 s.
-RESERVE_MS=$((DEADLINE * 100 < 2000 ? 2000 : DEADLINE * 100 > 8000 ? 8000 : DEADLINE * 100))
+# Kept back for the rows of the steps left out and the last rewrite of the files: 10%, within 3 to 8 s.
+RESERVE_MS=$((DEADLINE * 100 < 3000 ? 3000 : DEADLINE * 100 > 8000 ? 8000 : DEADLINE * 100))
 MIN_STEP_MS=1500
 FAKE=${VB_GPU_CHECK_FAKE:-0}
 
@@ -107,7 +112,15 @@ EOF
 chmod +x "$WORK/fake-step.sh"
 
 # ---- rows, and the files in $OUT rewritten after each one ----
-clean_text() { printf '%s' "$1" | tr -d '\000-\010\013-\037' | tr '\t\n\r|' '   /' | cut -c1-240; }
+# One line of plain text for a table cell, in the shell alone (rows are written after the deadline too, when
+# the machine may be too busy to start many processes quickly).
+clean_text() {
+  local s=$1 LC_ALL=C
+  s=${s//[$'\t\n\r']/ }
+  s=${s//|//}
+  s=${s//[$'\001'-$'\010'$'\013'-$'\037']/}
+  printf '%s' "${s:0:240}"
+}
 json_str() {
   local s
   s=$(clean_text "$1")
@@ -301,9 +314,9 @@ if isinstance(vb.get("rows"), list) and vb["rows"]:
     if vb.get("step_ms"):
         L += ["", "| per training step (layer times use count) | ms |", "| --- | --- |"]
         L += ["| {} | {:.2f} |".format(k, v) for k, v in vb["step_ms"].items()]
-with open(md_path, "w") as f:
+with open(md_path, "w", encoding="utf-8") as f:
     f.write("\n".join(L) + "\n")
-with open(json_path, "w") as f:
+with open(json_path, "w", encoding="utf-8") as f:
     json.dump({"meta": meta, "rows": rows, "figures": figs}, f, indent=1)
     f.write("\n")
 EOF
