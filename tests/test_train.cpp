@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "engine/backend.h"
 #include "engine/state_dict.h"
 #include "tests/test_util.h"
 
@@ -226,11 +227,25 @@ TEST_CASE("one-line errors: bad flags, a missing or empty dataset, a missing mod
   r = run("eval --device cpu --data " + dataset() + " --model /nonexistent/model.safetensors");
   CHECK(r.code == 1);
   CHECK(r.out.find("/nonexistent/model.safetensors") != std::string::npos);
-  r = run("train --device cuda --data " + dataset());
-#ifndef VB_WITH_CUDA
-  CHECK(r.code == 1);
-#endif
-  if (r.code != 0) CHECK(r.out.find("vbtrain: error:") != std::string::npos);
+  // --device cuda without a usable GPU is a one-line error. With a GPU it must work: a small real run (tiny
+  // model, one epoch, its own folder) that succeeds, so a CUDA error fails this test instead of passing as
+  // "an error line was printed". The full-size default would train ResNet-50 for 50 epochs into runs/.
+  const fs::path gpu_out = work() / "cuda_run";
+  r = run("train --device cuda --data " + dataset() + " --out " + gpu_out.string() +
+          " --epochs 1 --blocks 1,1,1,1 --width 8 --image-size 32 --batch-size 16 --seed 11");
+  if (vb::cuda_available()) {
+    INFO(r.out);
+    CHECK(r.code == 0);
+    CHECK(r.out.find("error") == std::string::npos);
+    CHECK(r.out.find("epoch 1/1") != std::string::npos);
+    CHECK(learning_rows(gpu_out).size() == 1);
+    CHECK(fs::exists(gpu_out / "final_model.safetensors"));
+  } else {
+    CHECK(r.code == 1);
+    CHECK(r.out.find("vbtrain: error:") != std::string::npos);
+    CHECK(std::count(r.out.begin(), r.out.end(), '\n') <= 2);
+    CHECK_FALSE(fs::exists(gpu_out / "final_model.safetensors"));
+  }
 }
 
 TEST_CASE("learning works: a small model beats chance by a wide margin in a few epochs") {

@@ -1,6 +1,17 @@
 // vbtrain bench: the whole training step (forward, weighted cross-entropy, backward, AdamW) and the
-// evaluation forward on random data, in img/s with peak device memory: the figures of
-// docs/STATUS.md (PyTorch on the H200), measured the same way (median of the timed steps after warm-up).
+// evaluation forward on random data, in img/s with peak device memory: the figures of docs/STATUS.md
+// (PyTorch on the H200), measured the same way.
+//
+// Two passes, reported apart:
+// - throughput: `steps` steps back to back after warm-up, one wait at the end (as a training loop runs; the
+//   input stays on the device, as in tools/torch_bench.py), so no phase waits for another;
+// - breakdown: the same step with a wait after each phase, so each phase's time is its own: the upload of
+//   a batch from page-locked host memory (what the loader hands over each step), forward with the loss,
+//   backward, optimizer. Medians. Its sum exceeds the throughput step by the launch gaps the waits expose.
+// Peak memory is what the backend allocated (activations, parameters, gradients, AdamW state, batch-norm
+// scratch, cuBLAS's and cuDNN's workspaces, which it allocates and counts itself); on CUDA also the device's
+// own count (total minus free: adds the CUDA context and the libraries' state), for comparison with tools
+// that report either.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -8,6 +19,10 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
+
+#ifdef VB_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 #include "engine/model.h"
 #include "engine/optimizer.h"
@@ -25,6 +40,21 @@ struct BenchArgs {
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
+}
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Bytes in use on the device as the driver counts them (0 where not known).
+double device_used_gib(vb::Backend& be) {
+#ifdef VB_WITH_CUDA
+  if (be.device() == vb::Device::CUDA) {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) return double(total_b - free_b) / double(1ull << 30);
+    cudaGetLastError();
+  }
+#endif
+  return 0;
 }
 
 int run_bench(BenchArgs a) {
@@ -45,60 +75,113 @@ int run_bench(BenchArgs a) {
   vb::AdamW opt(model, {});
   std::mt19937 rng(7);
   std::normal_distribution<float> nd;
-  std::vector<float> x(size_t(N) * 3 * size_t(S.pixels()));
-  for (float& v : x) v = nd(rng);
+  const size_t in_floats = size_t(N) * 3 * size_t(S.pixels());
+  // The batch as the loader hands it over: in host memory meant for the device (page-locked on CUDA).
+  auto* x = static_cast<float*>(be->host_alloc(sizeof(float) * in_floats));
+  for (size_t i = 0; i < in_floats; ++i) x[i] = nd(rng);
   std::vector<int64_t> y(static_cast<size_t>(N));
   for (int i = 0; i < N; ++i) y[size_t(i)] = i % C;
   std::vector<float> cw(static_cast<size_t>(C), 1.f);
   auto* d_y = static_cast<int64_t*>(be->alloc(sizeof(int64_t) * y.size()));
   auto* d_cw = static_cast<float*>(be->alloc(sizeof(float) * cw.size()));
   auto* d_loss = static_cast<float*>(be->alloc(sizeof(float)));
-  be->upload(d_y, y.data(), sizeof(int64_t) * y.size());
   be->upload(d_cw, cw.data(), sizeof(float) * cw.size());
-  be->upload_activation(model.input(), x.data(), N, 3, S.h, S.w);
+  auto upload = [&] {
+    be->upload_activation(model.input(), x, N, 3, S.h, S.w);
+    be->upload(d_y, y.data(), sizeof(int64_t) * y.size());
+  };
+  upload();
   std::printf("bench: %s, batch %d, %dx%d, on %s (%s)\n", cfg.describe().c_str(), N, S.h, S.w, be->description().c_str(),
               vb::precision_name(be->precision()));
   std::fflush(stdout);
-  auto timed = [&](auto&& fn, int steps) {
-    std::vector<double> t;
-    for (int i = 0; i < steps; ++i) {
-      be->sync();
-      auto t0 = std::chrono::steady_clock::now();
-      fn();
-      be->sync();
-      t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    return t;
-  };
-  auto train_step = [&] {
+  auto forward_loss = [&] {
     model.forward(N, true);
     be->softmax_wce(N, C, model.logits(), d_y, d_cw, nullptr, model.dlogits(), d_loss);
+  };
+  auto train_step = [&] {
+    forward_loss();
     model.backward(N);
     opt.step(1e-3);
   };
   auto eval_step = [&] { model.forward(N, false); };
+  // Mean seconds per call over `steps` calls issued back to back, one wait at the end.
+  auto throughput = [&](auto&& fn, int steps) {
+    be->sync();
+    const auto t0 = Clock::now();
+    for (int i = 0; i < steps; ++i) fn();
+    be->sync();
+    return since(t0) / steps;
+  };
+
   train_step();  // the first step's loss is the one worth printing: later steps fit the one random batch
   float loss = 0;
   be->download(&loss, d_loss, sizeof(float));
-  timed(train_step, a.warmup - 1);
-  const double train_s = median(timed(train_step, a.steps));
-  timed(eval_step, a.warmup);
-  const double eval_s = median(timed(eval_step, a.steps));
+  for (int i = 1; i < a.warmup; ++i) train_step();
+  const double train_s = throughput(train_step, a.steps);
+
+  // The breakdown pass: a wait after each phase.
+  const int bsteps = std::min(a.steps, 10);
+  std::vector<double> t_up, t_fwd, t_bwd, t_opt;
+  for (int i = 0; i < bsteps; ++i) {
+    be->sync();
+    auto t = Clock::now();
+    upload();
+    be->sync();
+    t_up.push_back(since(t));
+    t = Clock::now();
+    forward_loss();
+    be->sync();
+    t_fwd.push_back(since(t));
+    t = Clock::now();
+    model.backward(N);
+    be->sync();
+    t_bwd.push_back(since(t));
+    t = Clock::now();
+    opt.step(1e-3);
+    be->sync();
+    t_opt.push_back(since(t));
+  }
+  const double up = median(t_up), fwd = median(t_fwd), bwd = median(t_bwd), op = median(t_opt);
+
+  for (int i = 0; i < a.warmup; ++i) eval_step();
+  const double eval_s = throughput(eval_step, a.steps);
   const double gib = double(be->memory_peak()) / double(1ull << 30);
-  std::printf("training step: %.1f ms (%.1f img/s)  evaluation: %.1f ms (%.1f img/s)  peak memory %.2f GiB  (first loss %.3f)\n",
-              train_s * 1e3, N / train_s, eval_s * 1e3, N / eval_s, gib, loss);
+  const double dev_gib = device_used_gib(*be);
+  const double up_gbs = double(in_floats * sizeof(float) + y.size() * sizeof(int64_t)) / up / 1e9;
+
+  std::printf("training step: %.1f ms (%.1f img/s), mean of %d back to back after %d warm-up\n", train_s * 1e3,
+              N / train_s, a.steps, a.warmup);
+  std::printf("  breakdown (median of %d steps, waiting after each phase): upload %.2f ms (%.1f GB/s), forward + loss "
+              "%.2f ms, backward %.2f ms, optimizer %.2f ms; sum %.2f ms\n",
+              bsteps, up * 1e3, up_gbs, fwd * 1e3, bwd * 1e3, op * 1e3, (up + fwd + bwd + op) * 1e3);
+  std::printf("evaluation: %.1f ms (%.1f img/s), mean of %d back to back\n", eval_s * 1e3, N / eval_s, a.steps);
+  if (cpu)
+    std::printf("peak memory %.2f GiB (the backend's allocations)  (first loss %.3f)\n", gib, loss);
+  else
+    std::printf("peak memory %.2f GiB (the backend's allocations, cuDNN and cuBLAS workspaces included); device in "
+                "use now %.2f GiB (with the CUDA context and libraries)  (first loss %.3f)\n",
+                gib, dev_gib, loss);
   if (cpu && N == 1)
     std::printf("one %dx%d image, forward + backward + AdamW: %.2f s on %s\n", S.h, S.w, train_s, be->description().c_str());
   if (!a.json.empty()) {
     nlohmann::ordered_json j = {{"model", cfg.describe()}, {"device", be->description()},
                                 {"precision", vb::precision_name(be->precision())}, {"batch", N}, {"image_size", S},
+                                {"steps", a.steps}, {"warmup", a.warmup},
                                 {"train_ms", train_s * 1e3}, {"train_img_s", N / train_s}, {"eval_ms", eval_s * 1e3},
-                                {"eval_img_s", N / eval_s}, {"peak_gib", gib}};
-    std::ofstream(a.json) << j.dump(2) << "\n";
+                                {"eval_img_s", N / eval_s}, {"peak_gib", gib},
+                                {"breakdown_ms", {{"steps", bsteps}, {"upload", up * 1e3}, {"upload_GB/s", up_gbs},
+                                                  {"forward_loss", fwd * 1e3}, {"backward", bwd * 1e3},
+                                                  {"optimizer", op * 1e3}, {"sum", (up + fwd + bwd + op) * 1e3}}},
+                                {"first_loss", loss}};
+    if (!cpu) j["device_used_gib"] = dev_gib;
+    std::ofstream f(a.json);
+    if (!f) vb::fail(a.json, ": cannot write");
+    f << j.dump(2) << "\n";
   }
   be->release(d_y);
   be->release(d_cw);
   be->release(d_loss);
+  be->host_free(x);
   return 0;
 }
 

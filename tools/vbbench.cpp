@@ -1,14 +1,26 @@
 // vbbench: every custom CUDA kernel and every distinct ResNet-50 convolution / batch-norm layer at the
 // training batch (150 at 224x224 by default), forward and backward, timed with CUDA events after warm-up,
 // with L2 flushed before each timed run. Each line gives the median time and the achieved GB/s (memory-bound
-// kernels, bytes that must move at least once) or TFLOP/s (convolutions, linear), next to the H200's limits:
-// about 4.8 TB/s HBM, 495 TFLOP/s dense TF32, 67 TFLOP/s FP32. A last section weights each layer by how often
-// ResNet-50 uses it: the time one training step spends in convolutions and batch norm.
+// kernels, bytes that must move at least once) or TFLOP/s (convolutions, linear), and that as a fraction of
+// the H200's peak for the unit doing the work: 4.8 TB/s HBM; dense tensor cores 494 TFLOP/s TF32 (989 bf16,
+// for when bf16 kernels exist); 67 TFLOP/s FP32 without tensor cores (strict fp32 convolutions and the head,
+// which cuBLAS computes in fp32 in both modes). A last section weights each layer by how often ResNet-50 uses
+// it: the time one training step spends in convolutions and batch norm.
+//
+// --versions prints what the process actually loaded (cuDNN, cuBLAS, the CUDA runtime and driver, the
+// library files) and the GPU's name, clocks and memory, and exits: the first thing tools/gpu-check.sh asks.
+// --max-seconds stops starting new ops after that long and still writes --json (marked incomplete), so a
+// caller with a deadline gets the rows measured so far.
 //
 // Timing: the backend's stream is a blocking stream, so events recorded on the legacy default stream order
 // with its work (an event there waits for everything queued before it on blocking streams).
 #include <CLI/CLI.hpp>
+#include <cublas_v2.h>
+#include <cudnn.h>
+#include <link.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -24,12 +36,16 @@
 
 namespace {
 
+// The H200's peaks (NVIDIA's H200 SXM figures, dense): what each row's fraction is taken against.
 constexpr double kHbmGBs = 4800.0;
-constexpr double kTf32Tflops = 495.0;
+constexpr double kBf16Tflops = 989.0;
+constexpr double kTf32Tflops = 494.0;
 constexpr double kFp32Tflops = 67.0;
 
 struct Options {
   int batch = 150, size = 224, warmup = 2, iters = 10;
+  double max_seconds = 0;
+  bool versions = false;
   std::string precision = "both", filter, json;
 };
 
@@ -37,6 +53,9 @@ struct Row {
   std::string group, name;
   double ms = 0;
   double gbs = 0, tflops = 0;  // one of them, the other 0
+  double peak = 0;             // the peak it is measured against, in the same unit (GB/s or TFLOP/s)
+  std::string peak_name;       // "HBM", "TF32 tensor cores", "FP32"
+  double fraction() const { return peak > 0 ? (gbs > 0 ? gbs : tflops) / peak : 0; }
 };
 
 class Bench {
@@ -59,7 +78,18 @@ class Bench {
   Bench(const Bench&) = delete;
   Bench& operator=(const Bench&) = delete;
 
-  bool wanted(const std::string& name) const { return o_.filter.empty() || name.find(o_.filter) != std::string::npos; }
+  // False once --max-seconds has passed: the ops not started are left out, and the JSON says so.
+  bool wanted(const std::string& name) {
+    if (o_.max_seconds > 0 &&
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count() > o_.max_seconds) {
+      if (!out_of_time_) std::printf("  (--max-seconds %.0f reached: the remaining ops are not run)\n", o_.max_seconds);
+      std::fflush(stdout);
+      out_of_time_ = true;
+      return false;
+    }
+    return o_.filter.empty() || name.find(o_.filter) != std::string::npos;
+  }
+  bool out_of_time() const { return out_of_time_; }
 
   // Median of o_.iters timed runs of fn after o_.warmup untimed ones (the first run also chooses algorithms).
   template <class F>
@@ -82,23 +112,28 @@ class Bench {
   }
 
   void mem(const std::string& group, const std::string& name, double bytes, double ms) {
-    add({group, name, ms, bytes / (ms * 1e-3) / 1e9, 0});
+    add({group, name, ms, bytes / (ms * 1e-3) / 1e9, 0, kHbmGBs, "HBM"});
   }
-  void flops(const std::string& group, const std::string& name, double f, double ms) {
-    add({group, name, ms, 0, f / (ms * 1e-3) / 1e12});
+  // tensor_cores: the work may run on TF32 tensor cores (TF32 convolutions); otherwise plain FP32 units.
+  void flops(const std::string& group, const std::string& name, double f, double ms, bool tensor_cores) {
+    add({group, name, ms, 0, f / (ms * 1e-3) / 1e12, tensor_cores ? kTf32Tflops : kFp32Tflops,
+         tensor_cores ? "TF32 tensor cores" : "FP32"});
   }
   const std::vector<Row>& rows() const { return rows_; }
 
  private:
   void add(Row r) {
     if (r.gbs > 0)
-      std::printf("  %-58s %9.3f ms %9.1f GB/s  (%4.1f%% of %.0f)\n", r.name.c_str(), r.ms, r.gbs,
-                  100 * r.gbs / kHbmGBs, kHbmGBs);
+      std::printf("  %-58s %9.3f ms %9.1f GB/s     %5.1f%% of %.0f GB/s (%s)\n", r.name.c_str(), r.ms, r.gbs,
+                  100 * r.fraction(), r.peak, r.peak_name.c_str());
     else
-      std::printf("  %-58s %9.3f ms %9.1f TFLOP/s\n", r.name.c_str(), r.ms, r.tflops);
+      std::printf("  %-58s %9.3f ms %9.1f TFLOP/s  %5.1f%% of %.0f TFLOP/s (%s)\n", r.name.c_str(), r.ms, r.tflops,
+                  100 * r.fraction(), r.peak, r.peak_name.c_str());
     std::fflush(stdout);
     rows_.push_back(std::move(r));
   }
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  bool out_of_time_ = false;
 
   vb::Backend& be_;
   Options o_;
@@ -181,6 +216,86 @@ void resnet50_layers(int N, int S, std::map<vb::ConvShape, int, ConvKeyLess>& co
     }
 }
 
+// What this process really runs on: library versions as loaded (cuDNN picks its sub-libraries at run time,
+// and the GPU machine has two cuDNN 9 builds), the files they came from, and the GPU.
+int print_versions(const Options& o) {
+  nlohmann::ordered_json j;
+  int drv = 0, rt = 0;
+  cudaDriverGetVersion(&drv);
+  cudaRuntimeGetVersion(&rt);
+  auto ver = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
+  const size_t dnn = cudnnGetVersion();
+  int bmaj = 0, bmin = 0, bpatch = 0;
+  cublasGetProperty(MAJOR_VERSION, &bmaj);
+  cublasGetProperty(MINOR_VERSION, &bmin);
+  cublasGetProperty(PATCH_LEVEL, &bpatch);
+  j["cuda_driver"] = ver(drv);
+  j["cuda_runtime"] = ver(rt) + " (built with " + ver(CUDART_VERSION) + ")";
+  j["cudnn"] = std::to_string(dnn / 10000) + "." + std::to_string(dnn % 10000 / 100) + "." + std::to_string(dnn % 100) +
+               " (built with " + std::to_string(CUDNN_MAJOR) + "." + std::to_string(CUDNN_MINOR) + "." +
+               std::to_string(CUDNN_PATCHLEVEL) + ", cuDNN's cudart " + ver(int(cudnnGetCudartVersion())) + ")";
+  j["cublas"] = std::to_string(bmaj) + "." + std::to_string(bmin) + "." + std::to_string(bpatch);
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  int status = 0;
+  if (e != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    j["gpu"] = std::string("none: ") + (e != cudaSuccess ? cudaGetErrorString(e) : "the driver sees no device");
+    status = 1;
+  } else {
+    cudaDeviceProp p{};
+    VB_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+    int sm_khz = 0, mem_khz = 0, bus = 0;
+    cudaDeviceGetAttribute(&sm_khz, cudaDevAttrClockRate, 0);
+    cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, 0);
+    cudaDeviceGetAttribute(&bus, cudaDevAttrGlobalMemoryBusWidth, 0);
+    j["gpu"] = p.name;
+    j["devices"] = n;
+    j["compute_capability"] = std::to_string(p.major) + "." + std::to_string(p.minor);
+    j["sms"] = p.multiProcessorCount;
+    j["memory_gib"] = double(p.totalGlobalMem) / double(1ull << 30);
+    j["l2_mib"] = double(p.l2CacheSize) / double(1 << 20);
+    j["sm_clock_max_mhz"] = sm_khz / 1000;
+    j["memory_clock_mhz"] = mem_khz / 1000;
+    j["memory_bus_bits"] = bus;
+    // Handles make cuDNN and cuBLAS load their engines, so the file list below names what will run.
+    cudnnHandle_t dnn_h = nullptr;
+    cublasHandle_t blas_h = nullptr;
+    if (cudnnCreate(&dnn_h) == CUDNN_STATUS_SUCCESS) cudnnDestroy(dnn_h);
+    else j["cudnn_handle"] = "cudnnCreate failed";
+    if (cublasCreate(&blas_h) == CUBLAS_STATUS_SUCCESS) {
+      int v = 0;
+      cublasGetVersion(blas_h, &v);
+      j["cublas_handle_version"] = v;
+      cublasDestroy(blas_h);
+    } else {
+      j["cublas_handle"] = "cublasCreate failed";
+    }
+  }
+  std::vector<std::string> libs;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) {
+        const std::string name = info->dlpi_name ? info->dlpi_name : "";
+        for (const char* k : {"cudnn", "cublas", "cudart", "libcuda.", "nvrtc", "nvJitLink"})
+          if (name.find(k) != std::string::npos) {
+            static_cast<std::vector<std::string>*>(data)->push_back(name);
+            break;
+          }
+        return 0;
+      },
+      &libs);
+  j["loaded_libraries"] = libs;
+  for (const auto& [k, v] : j.items())
+    if (k != "loaded_libraries") std::printf("%-22s %s\n", k.c_str(), v.is_string() ? v.get<std::string>().c_str() : v.dump().c_str());
+  for (const auto& l : libs) std::printf("loaded                 %s\n", l.c_str());
+  if (!o.json.empty()) {
+    std::ofstream f(o.json);
+    if (!f) vb::fail(o.json, ": cannot write");
+    f << j.dump(1) << "\n";
+  }
+  return status;
+}
+
 int run(const Options& o) {
   std::unique_ptr<vb::Backend> be = vb::make_cuda_backend(0);
   Bench bench(*be, o);
@@ -199,7 +314,8 @@ int run(const Options& o) {
   for (vb::Precision prec : precs) {
     be->set_precision(prec);
     const std::string pn = vb::precision_name(prec);
-    const double limit = prec == vb::Precision::TF32 ? kTf32Tflops : kFp32Tflops;
+    const bool tc = prec == vb::Precision::TF32;
+    const double limit = tc ? kTf32Tflops : kFp32Tflops;
     std::printf("convolutions, %s (limit about %.0f TFLOP/s):\n", pn.c_str(), limit);
     for (const auto& [s, count] : convs) {
       const std::string base = "conv " + pn + " " + conv_name(s);
@@ -208,11 +324,11 @@ int run(const Options& o) {
           y(*be, size_t(s.N) * s.K * s.P() * s.Q(), 3), dx(*be, x.n, 4, kZero, kZero), dw(*be, w.n, 5, kZero, kZero);
       const double f = 2.0 * s.N * s.K * s.P() * s.Q() * double(s.C) * s.R * s.S;
       const double tf = bench.time_ms([&] { be->conv_fwd(s, x.p, w.p, y.p); });
-      bench.flops("conv_" + pn, base + " fwd", f, tf);
+      bench.flops("conv_" + pn, base + " fwd", f, tf, tc);
       const double tb = bench.time_ms([&] { be->conv_bwd_data(s, y.p, w.p, dx.p); });
-      bench.flops("conv_" + pn, base + " bwd-data", f, tb);
+      bench.flops("conv_" + pn, base + " bwd-data", f, tb, tc);
       const double tw = bench.time_ms([&] { be->conv_bwd_filter(s, x.p, y.p, dw.p); });
-      bench.flops("conv_" + pn, base + " bwd-filter", f, tw);
+      bench.flops("conv_" + pn, base + " bwd-filter", f, tw, tc);
       // The stem's input needs no gradient: the model never runs its backward-data.
       step_ms["convolutions " + pn] += count * (tf + tw + (s.C == 3 ? 0.0 : tb));
     }
@@ -296,9 +412,11 @@ int run(const Options& o) {
     const std::string nm = std::string("linear ") + vb::precision_name(prec) + " 2048->8";
     if (!bench.wanted(nm)) continue;
     const double f = 2.0 * N * IN * OUT;
-    bench.flops("linear", nm + " fwd", f, bench.time_ms([&] { be->linear_fwd(N, IN, OUT, x.p, w.p, b.p, y.p); }));
+    // The head stays fp32 in both modes (cuBLAS default math, as PyTorch's matmul.allow_tf32 = False).
+    bench.flops("linear", nm + " fwd", f, bench.time_ms([&] { be->linear_fwd(N, IN, OUT, x.p, w.p, b.p, y.p); }),
+                false);
     bench.flops("linear", nm + " bwd", 2 * f,
-                bench.time_ms([&] { be->linear_bwd(N, IN, OUT, x.p, w.p, y.p, dx.p, dw.p, db.p); }));
+                bench.time_ms([&] { be->linear_bwd(N, IN, OUT, x.p, w.p, y.p, dx.p, dw.p, db.p); }), false);
   }
   be->set_precision(vb::Precision::TF32);
   if (bench.wanted("softmax_wce")) {
@@ -351,8 +469,14 @@ int run(const Options& o) {
   if (!o.json.empty()) {
     nlohmann::ordered_json j = nlohmann::ordered_json::array();
     for (const Row& r : bench.rows())
-      j.push_back({{"group", r.group}, {"name", r.name}, {"ms", r.ms}, {"GB/s", r.gbs}, {"TFLOP/s", r.tflops}});
-    nlohmann::ordered_json top = {{"device", be->description()}, {"batch", N}, {"image_size", S}, {"rows", j}};
+      j.push_back({{"group", r.group}, {"name", r.name}, {"ms", r.ms}, {"GB/s", r.gbs}, {"TFLOP/s", r.tflops},
+                   {"peak", r.peak}, {"peak_unit", r.gbs > 0 ? "GB/s" : "TFLOP/s"}, {"peak_of", r.peak_name},
+                   {"fraction_of_peak", r.fraction()}});
+    nlohmann::ordered_json top = {{"device", be->description()}, {"batch", N}, {"image_size", S},
+                                  {"complete", !bench.out_of_time()},
+                                  {"peaks", {{"hbm_GB/s", kHbmGBs}, {"bf16_tensor_TFLOP/s", kBf16Tflops},
+                                             {"tf32_tensor_TFLOP/s", kTf32Tflops}, {"fp32_TFLOP/s", kFp32Tflops}}},
+                                  {"rows", j}};
     for (const auto& [k, v] : step_ms) top["step_ms"][k] = v;
     std::ofstream f(o.json);
     if (!f) vb::fail(o.json, ": cannot write");
@@ -374,10 +498,12 @@ int main(int argc, char** argv) {
   app.add_option("--iters", o.iters, "timed runs per op (default 10)");
   app.add_option("--filter", o.filter, "only ops whose name contains this");
   app.add_option("--json", o.json, "also write the rows as JSON");
+  app.add_option("--max-seconds", o.max_seconds, "start no new op after this many seconds (0: no limit)");
+  app.add_flag("--versions", o.versions, "print the loaded cuDNN, cuBLAS, CUDA runtime and driver, and the GPU, then exit");
   CLI11_PARSE(app, argc, argv);
   try {
     if (o.iters < 1 || o.warmup < 1 || o.batch < 1 || o.size < 32) vb::fail("bad --iters, --warmup, --batch-size or --image-size");
-    return run(o);
+    return o.versions ? print_versions(o) : run(o);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vbbench: %s\n", e.what());
     return 1;
