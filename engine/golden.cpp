@@ -66,7 +66,8 @@ std::vector<GoldenEntry> run_golden_t(BackendT<T>& be, const StateDict& weights,
   if (steps == 0 || !ref.has("eval_logits_init.x0")) fail("reference: not a golden-run file (no x0 / eval_logits_init.x0)");
   const HostTensor& x0 = ref.at("x0");
   if (x0.shape.size() != 4 || x0.shape[1] != 3 || x0.shape[2] != x0.shape[3])
-    fail("reference: x0 has shape ", shape_str(x0.shape), ", expected [N, 3, S, S]");
+    fail("reference: x0 has shape ", shape_str(x0.shape), ", expected [N, 3, S, S]",
+         x0.shape.size() == 4 && x0.shape[1] == 3 ? " (the model is planned for square inputs only so far)" : "");
   int max_n = 0;
   for (int t = 0; t < steps; ++t) max_n = std::max<int>(max_n, int(ref.at("x" + std::to_string(t)).shape[0]));
   model.plan(max_n, int(x0.shape[2]));
