@@ -1,7 +1,11 @@
 #include "engine/golden.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 
 #include "engine/model.h"
 #include "engine/optimizer.h"
@@ -169,6 +173,139 @@ std::vector<GoldenEntry> run_golden(Backend& be, const StateDict& weights, const
 std::vector<GoldenEntry> run_golden(BackendT<double>& be, const StateDict& weights, const StateDict& reference,
                                     const GoldenOptions& opt) {
   return run_golden_t<double>(be, weights, reference, opt);
+}
+
+// ---- Parity with PyTorch ----
+
+TorchDistances load_torch_distances(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(escape(path), ": cannot open");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const nlohmann::json::exception& e) {
+    fail(escape(path), ": not JSON (", e.what(), ")");
+  }
+  const char* kFormat = "vbtrain-torch-distances/1";
+  if (!j.is_object() || !j.contains("format") || j["format"] != kFormat)
+    fail(escape(path), ": not a distances file of tools/torch_distances.py (no \"format\": \"", kFormat, "\")");
+  TorchDistances d;
+  d.path = path;
+  auto str = [&](const char* k) {
+    if (!j.contains(k) || j[k].is_null()) return std::string();
+    if (!j[k].is_string()) fail(escape(path), ": \"", k, "\" is not a string");
+    return j[k].get<std::string>();
+  };
+  d.precision = str("precision");
+  d.device = str("device");
+  d.device_name = str("device_name");
+  d.torch_version = str("torch");
+  d.date = str("date");
+  d.reference = str("reference");
+  if (d.precision != "fp32" && d.precision != "tf32" && d.precision != "bf16")
+    fail(escape(path), ": precision '", escape(d.precision), "' is not fp32, tf32 or bf16");
+  if (j.contains("x0_shape")) {
+    if (!j["x0_shape"].is_array()) fail(escape(path), ": \"x0_shape\" is not a list");
+    for (const auto& v : j["x0_shape"]) {
+      if (!v.is_number_integer()) fail(escape(path), ": \"x0_shape\" holds a non-integer");
+      d.x0_shape.push_back(v.get<int64_t>());
+    }
+  }
+  if (!j.contains("distances") || !j["distances"].is_object() || j["distances"].empty())
+    fail(escape(path), ": no \"distances\" object");
+  for (const auto& [k, v] : j["distances"].items()) {
+    // A null is PyTorch's own run leaving the finite numbers: nothing to compare with, so the file is unusable.
+    if (v.is_null()) fail(escape(path), ": PyTorch's own distance for '", escape(k), "' is not finite (its run diverged)");
+    if (!v.is_number() || !(v.get<double>() >= 0)) fail(escape(path), ": the distance for '", escape(k), "' is not a number >= 0");
+    d.distances[k] = v.get<double>();
+  }
+  return d;
+}
+
+std::string parity_group(const std::string& name) {
+  if (starts_with(name, "eval_logits")) return "eval_logits";
+  if (starts_with(name, "logits")) return "logits";
+  if (starts_with(name, "loss")) return "losses";
+  if (starts_with(name, "grad")) return "gradients";
+  if (starts_with(name, "after")) return "after";
+  if (starts_with(name, "update.")) return "updates";
+  return "setup";
+}
+
+namespace {
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());  // inf sorts last; NaN does not occur (rel_err makes it inf)
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+}  // namespace
+
+void check_parity_precision(const TorchDistances& torch, Precision precision) {
+  if (precision == Precision::FP64)
+    fail("--against judges a float32 or tf32 run; the fp64 reference path is held to the golden's own bounds "
+         "(use --precision fp32 or tf32)");
+  const std::string ours_p = precision_name(precision);
+  if (torch.precision != ours_p)
+    fail(escape(torch.path), ": PyTorch's distances were made at ", escape(torch.precision), ", but this run computes in ",
+         ours_p, ": compare like with like (make them with tools/torch_distances.py --precision ", ours_p, ")");
+}
+
+ParityReport judge_parity(const std::vector<GoldenEntry>& rows, const TorchDistances& torch, Precision precision,
+                          const std::vector<int64_t>& x0_shape) {
+  check_parity_precision(torch, precision);
+  if (!x0_shape.empty() && !torch.x0_shape.empty() && x0_shape != torch.x0_shape)
+    fail(escape(torch.path), ": made for a reference whose x0 is ", shape_str(torch.x0_shape), ", this one's is ",
+         shape_str(x0_shape));
+  for (const GoldenEntry& r : rows)
+    if (!torch.distances.count(r.name))
+      fail(escape(torch.path), ": no PyTorch distance for '", r.name, "' (made for another reference?)");
+  if (torch.distances.size() != rows.size()) {
+    for (const auto& [k, v] : torch.distances) {
+      bool found = false;
+      for (const GoldenEntry& r : rows) found = found || r.name == k;
+      if (!found) fail(escape(torch.path), ": '", escape(k), "' is not an entry of this golden run (made for another reference?)");
+    }
+  }
+
+  ParityReport rep;
+  const double strict_tol = precision == Precision::TF32 ? 1e-2 : 1e-4;
+  const std::vector<std::string> group_order = {"logits", "losses", "gradients", "after", "updates", "eval_logits"};
+  std::map<std::string, std::vector<std::pair<double, double>>> by_group;
+  for (const GoldenEntry& r : rows) {
+    const double t = torch.distances.at(r.name);
+    const std::string g = parity_group(r.name);
+    // Before any weight changes: the first forward (eval mode, then train mode) and the first loss.
+    const bool first = r.name == "eval_logits_init.x0" || r.name == "logits0" || r.name == "loss0";
+    if (g == "setup" || first) {
+      const double tol = g == "setup" ? r.tol : strict_tol;
+      rep.strict.push_back({r.name, r.rel_err, t, tol, r.rel_err <= tol});
+    }
+    if (g != "setup") by_group[g].push_back({r.rel_err, t});
+  }
+  rep.ok = true;
+  for (const ParityStrict& s : rep.strict) rep.ok = rep.ok && s.ok;
+  for (const std::string& g : group_order) {
+    auto it = by_group.find(g);
+    if (it == by_group.end()) continue;
+    std::vector<double> ours, theirs;
+    for (const auto& [o, t] : it->second) {
+      ours.push_back(o);
+      theirs.push_back(t);
+    }
+    ParityGroup pg;
+    pg.name = g;
+    pg.count = ours.size();
+    pg.ours_max = *std::max_element(ours.begin(), ours.end());
+    pg.torch_max = *std::max_element(theirs.begin(), theirs.end());
+    pg.ours_median = median(ours);
+    pg.torch_median = median(theirs);
+    pg.bound_max = std::max(kParityFactor * pg.torch_max, kParityFloor);
+    pg.bound_median = std::max(kParityFactor * pg.torch_median, kParityFloor);
+    pg.ok = pg.ours_max <= pg.bound_max && pg.ours_median <= pg.bound_median;
+    rep.ok = rep.ok && pg.ok;
+    rep.groups.push_back(pg);
+  }
+  return rep;
 }
 
 }  // namespace vb

@@ -4,13 +4,16 @@
 // held to those bounds where float32 can be: the first forward and loss, and the gradients above the one
 // ReLU whose input (-9e-6 in float32, at layer3.2's output, channel 1, image 0, position 6) lies within
 // float32's accumulated error of zero, so the mask flips and everything below it and every later step
-// diverges from the float64 reference (see docs/STATUS.md).
+// diverges from the float64 reference (see docs/STATUS.md). So the float32 run as a whole is judged beside
+// PyTorch's own float32 run (`verify --against`, below): within 2x of its distance to the golden, group by group.
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 
 #include <nlohmann/json.hpp>
+#include <sys/wait.h>
 
 #include "engine/golden.h"
 #include "engine/weights.h"
@@ -113,4 +116,232 @@ TEST_CASE("vbtrain verify: exit code and the JSON table") {
   const std::string bad = bin + " verify --device cpu --quiet --weights " + vbtest::fixture("mini_imagenet_style.pth") +
                           " --reference " + vbtest::fixture("mini_train_golden.safetensors") + " > /dev/null 2>&1";
   CHECK(std::system(bad.c_str()) != 0);
+}
+
+// ---- Beside PyTorch at the same precision (verify --against, issue 8 part A item 2) ----
+// tests/fixtures/torch_distances_fp32_cpu.json is PyTorch's own float32 run of the golden protocol on the CPU
+// (tools/torch_distances.py, PyTorch 2.15), made once and committed: CI has no PyTorch.
+
+namespace {
+
+const char* kDistances = "torch_distances_fp32_cpu.json";
+
+std::vector<vb::GoldenEntry> fp32_rows(const vb::StateDict* weights = nullptr) {
+  auto be = vb::make_cpu_backend(0);
+  vb::StateDict w = weights ? *weights : vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  vb::StateDict ref = vb::load_safetensors(vbtest::fixture("mini_train_golden.safetensors"));
+  return vb::run_golden(*be, w, ref);
+}
+
+const vb::ParityGroup& group(const vb::ParityReport& r, const std::string& name) {
+  for (const auto& g : r.groups)
+    if (g.name == name) return g;
+  FAIL("no group " << name);
+  throw 0;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+std::string temp_json(const std::string& name, const nlohmann::json& j) {
+  const std::string p = (std::filesystem::temp_directory_path() / name).string();
+  std::ofstream(p) << j.dump(1);
+  return p;
+}
+
+nlohmann::json committed_distances() {
+  std::ifstream f(vbtest::fixture(kDistances));
+  return nlohmann::json::parse(f);
+}
+
+}  // namespace
+
+TEST_CASE("float32 beside PyTorch's float32: every group within 2x of PyTorch's distance, the first step strict") {
+  const vb::TorchDistances td = vb::load_torch_distances(vbtest::fixture(kDistances));
+  CHECK(td.precision == "fp32");
+  CHECK(td.device == "cpu");
+  const auto rows = fp32_rows();
+  REQUIRE(td.distances.size() == rows.size());  // one PyTorch distance per entry verify checks
+  const vb::ParityReport rep = vb::judge_parity(rows, td, vb::Precision::FP32, {6, 3, 64, 64});
+  CHECK(rep.ok);
+  REQUIRE(rep.groups.size() == 6);
+  size_t n = 0;
+  for (const auto& g : rep.groups) {
+    INFO(g.name << ": max " << g.ours_max << " vs PyTorch " << g.torch_max << ", median " << g.ours_median
+                << " vs " << g.torch_median);
+    CHECK(g.ok);
+    // PyTorch's float32 is itself far above the floor (the chaos this comparison exists for), so the 2x bound,
+    // not the floor, is what holds us here.
+    CHECK(g.torch_median > 100 * vb::kParityFloor);
+    n += g.count;
+  }
+  CHECK(n + 4 == rows.size());  // all but class_weights and lr0..2 belong to a group
+  // The float64 golden's own bounds do not hold in float32 (why this mode exists): the updates are ~1 apart.
+  CHECK(group(rep, "updates").ours_max > 0.5);
+  CHECK(group(rep, "gradients").count == 163);
+  REQUIRE(rep.strict.size() == 7);
+  for (const auto& s : rep.strict) {
+    INFO(s.name << ": " << s.ours << " (tol " << s.tol << ")");
+    CHECK(s.ok);
+    if (s.name == "logits0" || s.name == "loss0" || s.name == "eval_logits_init.x0") CHECK(s.tol == 1e-4);
+  }
+}
+
+TEST_CASE("beside PyTorch: a doctored distances file or a perturbed weight fails") {
+  const auto rows = fp32_rows();
+  SUBCASE("PyTorch's gradient distances a third of what they are") {
+    vb::TorchDistances td = vb::load_torch_distances(vbtest::fixture(kDistances));
+    for (auto& [k, v] : td.distances)
+      if (k.rfind("grad", 0) == 0) v /= 3;
+    const vb::ParityReport rep = vb::judge_parity(rows, td, vb::Precision::FP32);
+    CHECK_FALSE(rep.ok);
+    CHECK_FALSE(group(rep, "gradients").ok);
+    CHECK(group(rep, "updates").ok);
+    CHECK(group(rep, "logits").ok);
+  }
+  SUBCASE("the median alone: PyTorch's median update halved, its maximum kept") {
+    vb::TorchDistances td = vb::load_torch_distances(vbtest::fixture(kDistances));
+    double mx = 0;
+    for (auto& [k, v] : td.distances)
+      if (k.rfind("update.", 0) == 0) mx = std::max(mx, v);
+    for (auto& [k, v] : td.distances)
+      if (k.rfind("update.", 0) == 0 && v < mx) v /= 4;
+    const vb::ParityReport rep = vb::judge_parity(rows, td, vb::Precision::FP32);
+    const auto& g = group(rep, "updates");
+    CHECK(g.ours_max <= g.bound_max);
+    CHECK(g.ours_median > g.bound_median);
+    CHECK_FALSE(g.ok);
+    CHECK_FALSE(rep.ok);
+  }
+  SUBCASE("a strict entry: the first loss 1e-3 off") {
+    vb::TorchDistances td = vb::load_torch_distances(vbtest::fixture(kDistances));
+    auto r = rows;
+    for (auto& e : r)
+      if (e.name == "loss0") e.rel_err = 1e-3;
+    td.distances["loss0"] = 1e-3;  // even were PyTorch as far: the first loss stays strict
+    const vb::ParityReport rep = vb::judge_parity(r, td, vb::Precision::FP32);
+    CHECK_FALSE(rep.ok);
+    for (const auto& g : rep.groups) CHECK(g.ok);
+  }
+  SUBCASE("one weight of the initial model moved by 1e-3 of its size") {
+    vb::StateDict w = vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+    float* p = w.at("layer2.0.conv2.weight").as<float>();
+    p[0] += 1e-3f * std::fabs(p[0]) + 1e-4f;
+    const vb::ParityReport rep =
+        vb::judge_parity(fp32_rows(&w), vb::load_torch_distances(vbtest::fixture(kDistances)), vb::Precision::FP32);
+    CHECK_FALSE(rep.ok);
+    // Caught twice: by the strict first forward (logits0 4e-4 off) and, beyond it, by the gradients (8x PyTorch's
+    // distance at the maximum, 9x at the median).
+    CHECK_FALSE(rep.ok);
+    CHECK_FALSE(group(rep, "gradients").ok);
+    for (const auto& s : rep.strict)
+      if (s.name == "logits0") CHECK_FALSE(s.ok);
+  }
+}
+
+TEST_CASE("beside PyTorch: a distances file of another precision or another reference is refused") {
+  const auto rows = fp32_rows();
+  vb::TorchDistances td = vb::load_torch_distances(vbtest::fixture(kDistances));
+  const std::string tf32 = error_of([&] {
+    auto t = td;
+    t.precision = "tf32";
+    vb::judge_parity(rows, t, vb::Precision::FP32);
+  });
+  CHECK(tf32.find("made at tf32, but this run computes in fp32") != std::string::npos);
+  CHECK(error_of([&] { vb::judge_parity(rows, td, vb::Precision::TF32); }).find("made at fp32, but this run computes in tf32") !=
+        std::string::npos);
+  CHECK(error_of([&] { vb::judge_parity(rows, td, vb::Precision::FP64); }).find("fp64 reference path") != std::string::npos);
+  CHECK(error_of([&] { vb::judge_parity(rows, td, vb::Precision::FP32, {6, 3, 48, 80}); }).find("x0 is [6, 3, 64, 64]") !=
+        std::string::npos);
+  auto missing = td;
+  missing.distances.erase("grad0.model.conv1.weight");
+  CHECK(error_of([&] { vb::judge_parity(rows, missing, vb::Precision::FP32); }).find("no PyTorch distance for 'grad0.model.conv1.weight'") !=
+        std::string::npos);
+  auto extra = td;
+  extra.distances["grad0.model.conv9.weight"] = 1;
+  CHECK(error_of([&] { vb::judge_parity(rows, extra, vb::Precision::FP32); }).find("'grad0.model.conv9.weight' is not an entry") !=
+        std::string::npos);
+  // The file itself.
+  nlohmann::json j = committed_distances();
+  j["distances"]["loss2"] = nullptr;
+  CHECK(error_of([&] { vb::load_torch_distances(temp_json("vb_dist_null.json", j)); }).find("'loss2' is not finite") !=
+        std::string::npos);
+  j = committed_distances();
+  j["format"] = "something else";
+  CHECK(error_of([&] { vb::load_torch_distances(temp_json("vb_dist_format.json", j)); }).find("not a distances file") !=
+        std::string::npos);
+}
+
+TEST_CASE("vbtrain verify --against: exit code, report and JSON") {
+  const std::string bin = vbtest::binary_dir() + "/tools/vbtrain";
+  const std::string tmp = std::filesystem::temp_directory_path().string();
+  const std::string base = bin + " verify --device cpu --precision fp32 --quiet --weights " +
+                           vbtest::fixture("mini_seed_b1_init.pth") + " --reference " +
+                           vbtest::fixture("mini_train_golden.safetensors");
+  const std::string json = tmp + "/vbtrain_verify_against.json", log = tmp + "/vbtrain_verify_against.log";
+  REQUIRE(std::system((base + " --against " + vbtest::fixture(kDistances) + " --json " + json + " > " + log + " 2>&1").c_str()) == 0);
+  {
+    std::ifstream f(json);
+    nlohmann::json j = nlohmann::json::parse(f);
+    CHECK(j.at("passed") == true);
+    CHECK(j.at("against").at("precision") == "fp32");
+    CHECK(j.at("groups").size() == 6);
+    CHECK(j.at("groups").at("gradients").at("ok") == true);
+    CHECK(j.at("groups").at("updates").at("torch_max").get<double>() > 0.5);
+    CHECK(j.at("strict").at("logits0").at("ours").get<double>() < 1e-4);
+    CHECK(j.at("entries").size() == 819);
+    std::ifstream l(log);
+    const std::string text((std::istreambuf_iterator<char>(l)), std::istreambuf_iterator<char>());
+    CHECK(text.find("passed") != std::string::npos);
+    CHECK(text.find("eval_logits") != std::string::npos);
+  }
+  // A doctored file (PyTorch's distances all a tenth): exit 1.
+  nlohmann::json j = committed_distances();
+  for (auto& [k, v] : j["distances"].items())
+    if (k.rfind("after", 0) == 0) v = v.get<double>() / 10;
+  const std::string doctored = temp_json("vb_dist_doctored.json", j);
+  const int doctored_rc = std::system((base + " --against " + doctored + " > /dev/null 2>&1").c_str());
+  CHECK(WIFEXITED(doctored_rc));
+  CHECK(WEXITSTATUS(doctored_rc) == 1);
+  // Another precision: refused with the reason on one line.
+  j = committed_distances();
+  j["precision"] = "tf32";
+  const std::string other = temp_json("vb_dist_tf32.json", j);
+  const int rc = std::system((base + " --against " + other + " > " + log + " 2>&1").c_str());
+  CHECK(rc != 0);
+  std::ifstream l(log);
+  const std::string text((std::istreambuf_iterator<char>(l)), std::istreambuf_iterator<char>());
+  CHECK(text.find("vbtrain: error: ") != std::string::npos);
+  CHECK(text.find("made at tf32, but this run computes in fp32") != std::string::npos);
+}
+
+TEST_CASE("the non-square golden run (48x80, tools/make_goldens.py): the square one's scheme, N x 3 x 48 x 80") {
+  // Made for issue 10 part 2 (any input shape): the same mini model and protocol as
+  // mini_train_golden.safetensors, in float64, stored as float32. Until the model plans H x W it is checked here
+  // for its scheme; verify in fp64 (and --against its PyTorch fp32 distances) once it can run it.
+  const vb::StateDict sq = vb::load_safetensors(vbtest::fixture("mini_train_golden.safetensors"));
+  const vb::StateDict ns = vb::load_safetensors(vbtest::fixture("mini_train_golden_48x80.safetensors"));
+  CHECK(ns.order.size() == sq.order.size());
+  for (const auto& k : sq.order) {
+    INFO(k);
+    REQUIRE(ns.has(k));
+    if (k.rfind("x", 0) == 0) {
+      CHECK(ns.at(k).shape == vb::Shape{6, 3, 48, 80});
+    } else {
+      CHECK(ns.at(k).shape == sq.at(k).shape);
+      CHECK(ns.at(k).dtype == sq.at(k).dtype);
+    }
+  }
+  // Same model and labels, other inputs: the first loss is near ln 8 for both, and not the same.
+  const double l_sq = sq.at("loss0").to_f64()[0], l_ns = ns.at("loss0").to_f64()[0];
+  CHECK(std::fabs(l_ns - 2.187583) < 1e-5);
+  CHECK(std::fabs(l_sq - l_ns) > 1e-3);
+  CHECK(ns.at("train_labels_for_weights").to_f64() == sq.at("train_labels_for_weights").to_f64());
+  CHECK(ns.at("class_weights").to_f64() == sq.at("class_weights").to_f64());
 }
