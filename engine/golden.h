@@ -47,6 +47,12 @@ std::vector<GoldenEntry> run_golden(BackendT<double>& backend, const StateDict& 
 // group's maximum and for its median; what comes before any chaos (the first forward, the first loss, class
 // weights, learning rates) stays strict.
 
+// The losses after the first step are three scalars of a chaotic state: one of them can land close to the
+// golden by chance in one run and not in another (PyTorch against itself, channels-last against NCHW, moves
+// them by 0.5-1.8x). A loss is a smooth function of its step's logits, so PyTorch's distance for loss_t is
+// taken as at least its distance for logits_t: a loss is not judged more finely than the logits it comes from.
+// (Seen on the 48x80 golden: our loss2 1.0e-2 against PyTorch's 2.1e-3, while logits2 are 1.2e-1 from the
+// golden in both.)
 // A group's bound is max(kParityFactor * PyTorch's distance, kParityFloor). The floor only matters where
 // PyTorch's distance is about 0, i.e. at the fixture's own float32 rounding (~6e-8 relative, the float64
 // path's 5e-8); 1e-6 is about 16 float32 ulps, so float32 arithmetic that is correct is never held below it,

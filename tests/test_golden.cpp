@@ -321,27 +321,36 @@ TEST_CASE("vbtrain verify --against: exit code, report and JSON") {
   CHECK(text.find("made at tf32, but this run computes in fp32") != std::string::npos);
 }
 
-TEST_CASE("the non-square golden run (48x80, tools/make_goldens.py): the square one's scheme, N x 3 x 48 x 80") {
-  // Made for issue 10 part 2 (any input shape): the same mini model and protocol as
-  // mini_train_golden.safetensors, in float64, stored as float32. Until the model plans H x W it is checked here
-  // for its scheme; verify in fp64 (and --against its PyTorch fp32 distances) once it can run it.
-  const vb::StateDict sq = vb::load_safetensors(vbtest::fixture("mini_train_golden.safetensors"));
-  const vb::StateDict ns = vb::load_safetensors(vbtest::fixture("mini_train_golden_48x80.safetensors"));
-  CHECK(ns.order.size() == sq.order.size());
-  for (const auto& k : sq.order) {
-    INFO(k);
-    REQUIRE(ns.has(k));
-    if (k.rfind("x", 0) == 0) {
-      CHECK(ns.at(k).shape == vb::Shape{6, 3, 48, 80});
-    } else {
-      CHECK(ns.at(k).shape == sq.at(k).shape);
-      CHECK(ns.at(k).dtype == sq.at(k).dtype);
+TEST_CASE("the non-square golden run (48x80, tools/make_goldens.py) verifies: fp64 exactly, fp32 beside PyTorch") {
+  // The same mini model and protocol as mini_train_golden.safetensors with 6 x 3 x 48 x 80 inputs (issue 10
+  // part 2: any input shape), made by PyTorch in float64; its float32 distances by tools/torch_distances.py.
+  const vb::StateDict w = vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  const vb::StateDict ref = vb::load_safetensors(vbtest::fixture("mini_train_golden_48x80.safetensors"));
+  REQUIRE(ref.at("x0").shape == vb::Shape{6, 3, 48, 80});
+  {
+    auto be = vb::make_cpu_backend_f64(0);
+    const auto rows = vb::run_golden(*be, w, ref);
+    CHECK(rows.size() == 819);
+    for (const auto& e : rows) {
+      INFO(e.name << ": relative error " << e.rel_err << " (tolerance " << e.tol << ")");
+      CHECK(e.ok());
     }
   }
-  // Same model and labels, other inputs: the first loss is near ln 8 for both, and not the same.
-  const double l_sq = sq.at("loss0").to_f64()[0], l_ns = ns.at("loss0").to_f64()[0];
-  CHECK(std::fabs(l_ns - 2.187583) < 1e-5);
-  CHECK(std::fabs(l_sq - l_ns) > 1e-3);
-  CHECK(ns.at("train_labels_for_weights").to_f64() == sq.at("train_labels_for_weights").to_f64());
-  CHECK(ns.at("class_weights").to_f64() == sq.at("class_weights").to_f64());
+  auto be = vb::make_cpu_backend(0);
+  const auto rows = vb::run_golden(*be, w, ref);
+  const vb::TorchDistances td = vb::load_torch_distances(vbtest::fixture("torch_distances_fp32_cpu_48x80.json"));
+  const vb::ParityReport rep = vb::judge_parity(rows, td, vb::Precision::FP32, {6, 3, 48, 80});
+  for (const auto& g : rep.groups) {
+    INFO(g.name << ": max " << g.ours_max << " (bound " << g.bound_max << "), median " << g.ours_median << " (bound "
+                << g.bound_median << ")");
+    CHECK(g.ok);
+  }
+  for (const auto& st : rep.strict) {
+    INFO(st.name << ": " << st.ours << " (tol " << st.tol << ")");
+    CHECK(st.ok);
+  }
+  CHECK(rep.ok);
+  // The square run's distances do not fit this reference: refused, not misjudged.
+  CHECK_THROWS(vb::judge_parity(rows, vb::load_torch_distances(vbtest::fixture(kDistances)), vb::Precision::FP32,
+                                {6, 3, 48, 80}));
 }
