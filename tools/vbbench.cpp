@@ -21,6 +21,7 @@
 
 #include "engine/backend.h"
 #include "kernels/cuda/transforms.cuh"
+#include "tools/commands.h"
 
 namespace {
 
@@ -374,12 +375,13 @@ int main(int argc, char** argv) {
   app.add_option("--iters", o.iters, "timed runs per op (default 10)");
   app.add_option("--filter", o.filter, "only ops whose name contains this");
   app.add_option("--json", o.json, "also write the rows as JSON");
-  CLI11_PARSE(app, argc, argv);
   try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return vb::tools::parse_error(app, e, "vbbench");
+  }
+  return vb::tools::run_guarded("vbbench", "benchmarking", [&] {
     if (o.iters < 1 || o.warmup < 1 || o.batch < 1 || o.size < 32) vb::fail("bad --iters, --warmup, --batch-size or --image-size");
     return run(o);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "vbbench: %s\n", e.what());
-    return 1;
-  }
+  });
 }
