@@ -517,7 +517,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
 
   // ---- data ----
   data::DatasetIndex index = data::build_index(opt.data);
-  for (const auto& s : index.skipped_entries) std::printf("note: %s\n", s.c_str());
+  for (const auto& s : index.skipped_entries) std::printf("note: %s\n", escape(s).c_str());
   std::vector<data::Sample> train = data::select_split(index.samples, data::Split::Train);
   std::vector<data::Sample> val = data::select_split(index.samples, data::Split::Val);
   std::vector<data::Sample> test = data::select_split(index.samples, data::Split::Test);

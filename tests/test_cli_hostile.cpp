@@ -476,3 +476,20 @@ TEST_CASE("vbconvert: the same one-line errors") {
   check_one_error_line(m, "vbconvert", 1);
   CHECK(m.has("/nonexistent/w\\x0a.pth"));
 }
+
+TEST_CASE("predict: an unreadable image is listed; when none can be read, one error line") {
+  const fs::path m = work() / "for_predict";
+  REQUIRE(run(tiny(dataset(), m, 1)).code == 0);
+  const fs::path bad = work() / "bad.jpg";
+  std::ofstream(bad) << "not a jpeg";
+  const std::string good = samples_of(dataset(), vb::data::Split::Test).at(0).path;
+  const std::string model = q((m / "final_model.safetensors").string());
+  Result mixed = run("predict --device cpu --model " + model + " " + q(bad.string()) + " " + q(good));
+  INFO(mixed.out);
+  CHECK(mixed.code == 0);
+  CHECK(mixed.has("skipped: " + bad.string()));
+  CHECK(mixed.has(good + "  "));
+  Result none = run("predict --device cpu --model " + model + " " + q(bad.string()));
+  check_one_error_line(none, "vbtrain", 1);
+  CHECK(none.has("none of the 1 image could be read"));
+}

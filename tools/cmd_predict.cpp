@@ -88,7 +88,9 @@ int run_predict(const PredictArgs& a) {
     }
   }
   if (a.json) std::printf("%s\n", vb::json_dump(results, 2).c_str());
-  return failures == int(files.size()) ? 1 : 0;
+  if (failures == int(files.size()))
+    vb::fail("none of the ", files.size(), files.size() == 1 ? " image" : " images", " could be read (the reasons are above)");
+  return 0;
 }
 
 }  // namespace
