@@ -483,20 +483,16 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   opt.validate();
   const fs::path out(opt.out);
   if (fs::exists(out) && !fs::is_directory(out)) fail(opt.out, ": exists and is not a folder");
+  // Never over a finished or unfinished run without being told: its model, checkpoints and metrics. With
+  // --overwrite its files are removed once the data and the model have been set up (so a typo in another
+  // option does not cost the old run).
+  bool remove_old_run = false;
   if (!resume_run) {
-    // Never over a finished or unfinished run without being told: its model, checkpoints and metrics.
     const std::string existing = run_file_in(opt.out);
     if (!existing.empty() && !overwrite)
       fail(opt.out, ": already holds a training run (", existing, "); continue it with --resume ", opt.out,
            ", or pass --overwrite to replace it");
-    if (!existing.empty()) {
-      for (const auto& e : std::vector<fs::directory_entry>(fs::directory_iterator(out), fs::directory_iterator())) {
-        const std::string n = e.path().filename().string();
-        if (std::find(std::begin(kRunFiles), std::end(kRunFiles), n) != std::end(kRunFiles) || is_epoch_model_file(n))
-          fs::remove(e.path());
-      }
-      std::printf("--overwrite: removed the previous run's files from %s\n", escape(opt.out).c_str());
-    }
+    remove_old_run = !existing.empty();
   }
   fs::create_directories(out);
   if (resume_run && checkpoints.empty()) {
@@ -604,6 +600,14 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     pos.epoch = nb.epoch + 1;  // the notebook saves after finishing epoch `epoch` (0-based)
     std::printf("continuing the notebook's checkpoint %s: epoch %lld done, next epoch %lld, lr %g\n", resume.c_str(),
                 (long long)nb.epoch + 1, (long long)pos.epoch + 1, sched.lr());
+  }
+  if (remove_old_run) {
+    for (const auto& e : std::vector<fs::directory_entry>(fs::directory_iterator(out), fs::directory_iterator())) {
+      const std::string n = e.path().filename().string();
+      if (std::find(std::begin(kRunFiles), std::end(kRunFiles), n) != std::end(kRunFiles) || is_epoch_model_file(n))
+        fs::remove(e.path());
+    }
+    std::printf("--overwrite: removed the previous run's files from %s\n", escape(opt.out).c_str());
   }
   nlohmann::json config = opt.to_json();
   config["model"] = cfg.describe();

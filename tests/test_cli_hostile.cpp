@@ -215,6 +215,12 @@ TEST_CASE("train --out on a folder that holds a run refuses unless --resume or -
   check_one_error_line(both, "vbtrain", 1);
   CHECK(learning_rows(out) == rows);
 
+  // --overwrite with a dataset that cannot be read: the error comes before anything is removed.
+  Result typo = run(tiny(work() / "no_such_dataset", out, 1) + " --overwrite");
+  check_one_error_line(typo, "vbtrain", 1);
+  CHECK(read(out / "final_model.safetensors") == model);
+  CHECK(learning_rows(out) == rows);
+
   // --overwrite replaces the run: its files go (a stale model-epoch20 from a longer run too), others stay.
   std::ofstream(out / "model-epoch20.safetensors") << "stale";
   std::ofstream(out / "notes.txt") << "mine";
