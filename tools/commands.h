@@ -59,7 +59,7 @@ inline CLI::Validator finite_number(double lo, double hi, bool lo_open = false, 
         const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
         return ok ? std::string() : "must be " + describe() + ", got '" + in + "'";
       },
-      "FLOAT", "finite_number");
+      "(" + describe() + ")", "finite_number");
 }
 inline CLI::Validator positive_number() { return finite_number(0, std::numeric_limits<double>::max(), true); }
 inline CLI::Validator non_negative_number() { return finite_number(0, std::numeric_limits<double>::max()); }
@@ -77,7 +77,7 @@ inline CLI::Validator integer_in(long long lo, long long hi) {
           return "must be an integer from " + std::to_string(lo) + " to " + std::to_string(hi) + ", got '" + in + "'";
         return std::string();
       },
-      "INT", "integer_in");
+      "(" + std::to_string(lo) + ".." + std::to_string(hi) + ")", "integer_in");
 }
 inline CLI::Validator thread_count() { return integer_in(0, kMaxThreads); }
 inline CLI::Validator seed_value() { return integer_in(0, std::numeric_limits<long long>::max()); }
