@@ -6,6 +6,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <new>
+#include <system_error>
 
 #include "data/rng.h"
 #include "data/transforms.h"
@@ -34,6 +36,67 @@ CachePolicy parse_cache_policy(const std::string& s) {
   if (s == "on") return CachePolicy::On;
   if (s == "off") return CachePolicy::Off;
   fail("unknown cache policy '", s, "' (expected auto, on or off)");
+}
+
+std::string skipped_csv(const std::vector<SkippedFrame>& frames) {
+  auto field = [](const std::string& f) {
+    if (f.find_first_of(",\"\n\r") == std::string::npos) return f;
+    std::string q = "\"";
+    for (char c : f) q += c == '"' ? std::string("\"\"") : std::string(1, c);
+    return q + "\"";
+  };
+  std::string out = "split,file,reason\n";
+  for (const SkippedFrame& f : frames) out += field(f.split) + ',' + field(f.path) + ',' + field(f.reason) + '\n';
+  return out;
+}
+
+std::vector<SkippedFrame> parse_skipped_csv(const std::string& text, const std::string& where) {
+  // Records as skipped_csv writes them: quoted fields may hold commas, quotes ("") and line breaks.
+  std::vector<std::vector<std::string>> rows(1, std::vector<std::string>(1));
+  bool quoted = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (quoted) {
+      if (c == '"' && i + 1 < text.size() && text[i + 1] == '"') rows.back().back() += '"', ++i;
+      else if (c == '"') quoted = false;
+      else rows.back().back() += c;
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      rows.back().emplace_back();
+    } else if (c == '\n') {
+      rows.emplace_back(1);
+    } else if (c != '\r') {
+      rows.back().back() += c;
+    }
+  }
+  if (quoted) fail(where, ": unterminated quoted field");
+  if (rows.empty() || rows[0] != std::vector<std::string>{"split", "file", "reason"})
+    fail(where, ": not a skipped-frames list (the header is not split,file,reason)");
+  std::vector<SkippedFrame> out;
+  for (size_t r = 1; r < rows.size(); ++r) {
+    if (rows[r].size() == 1 && rows[r][0].empty()) continue;  // the final line break
+    if (rows[r].size() != 3) fail(where, ": record ", r + 1, " has ", rows[r].size(), " fields, not 3");
+    out.push_back({rows[r][0], rows[r][1], rows[r][2]});
+  }
+  return out;
+}
+
+std::string skipped_summary(const std::vector<SkippedFrame>& frames, size_t first) {
+  std::vector<std::pair<std::string, size_t>> per;
+  for (const SkippedFrame& f : frames) {
+    auto it = std::find_if(per.begin(), per.end(), [&](const auto& p) { return p.first == f.split; });
+    if (it == per.end()) per.emplace_back(f.split, 1);
+    else ++it->second;
+  }
+  std::string s = std::to_string(frames.size()) + (frames.size() == 1 ? " unreadable frame" : " unreadable frames") +
+                  " skipped (";
+  for (size_t i = 0; i < per.size(); ++i) s += (i ? ", " : "") + escape(per[i].first) + " " + std::to_string(per[i].second);
+  s += ")";
+  for (size_t i = 0; i < frames.size() && i < first; ++i)
+    s += (i ? "; " : ": ") + escape(frames[i].path) + " (" + escape(frames[i].reason) + ")";
+  if (frames.size() > first) s += "; ...";
+  return s;
 }
 
 std::vector<int64_t> shuffle_order(int64_t n, uint64_t seed, int64_t epoch) {
@@ -86,7 +149,20 @@ Loader::Loader(std::vector<Sample> samples, LoaderOptions opt) : samples_(std::m
     s.ok.assign(bs, 0);
   }
   int n = opt_.threads > 0 ? opt_.threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  for (int i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
+  try {
+    for (int i = 0; i < n; ++i) workers_.emplace_back([this] { worker(); });
+  } catch (const std::system_error& e) {
+    // The destructor does not run for a constructor that throws: stop what started, then report.
+    const size_t started = workers_.size();
+    {
+      std::lock_guard<std::mutex> g(m_);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    for (std::thread& t : workers_) t.join();
+    for (Slot& s : slots_) opt_.free(s.mem);
+    fail("loader: cannot start ", n, " decoding threads (", started, " started): ", e.what());
+  }
 }
 
 Loader::~Loader() {
@@ -214,6 +290,10 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
         cache_[size_t(k)] = std::move(fresh);
       }
     }
+  } catch (const std::bad_alloc&) {
+    std::lock_guard<std::mutex> g(m_);
+    bad_[size_t(k)] = 1;
+    bad_reason_[size_t(k)] = s.path + ": out of memory while decoding and transforming the frame";
   } catch (const std::exception& e) {
     std::lock_guard<std::mutex> g(m_);
     bad_[size_t(k)] = 1;
@@ -283,6 +363,19 @@ LoaderStats Loader::stats() const {
   st.cache_bytes = cache_bytes_;
   st.cache_enabled = cache_enabled_;
   return st;
+}
+
+std::vector<SkippedFrame> Loader::skipped(const std::string& split) const {
+  std::lock_guard<std::mutex> g(m_);
+  std::vector<SkippedFrame> out;
+  for (size_t k = 0; k < samples_.size(); ++k) {
+    if (!bad_[k]) continue;
+    const std::string& path = samples_[k].path;
+    std::string reason = bad_reason_[k];
+    if (reason.rfind(path + ": ", 0) == 0) reason.erase(0, path.size() + 2);  // the path is a column of its own
+    out.push_back({split, path, reason});
+  }
+  return out;
 }
 
 std::vector<std::string> Loader::skipped_files() const {

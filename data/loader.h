@@ -74,6 +74,19 @@ struct LoaderStats {
   bool cache_enabled = false;
 };
 
+// A frame a loader left out, with the reason (the decoder's message without the leading path).
+struct SkippedFrame {
+  std::string split;  // "train", "val", "test" (set by whoever knows which loader this was)
+  std::string path;
+  std::string reason;
+};
+// skipped.csv: header `split,file,reason`, one row per frame (fields quoted CSV style when they hold a comma,
+// quote or line break), and back (for a resumed run, which keeps the rows of its earlier processes).
+std::string skipped_csv(const std::vector<SkippedFrame>& frames);
+std::vector<SkippedFrame> parse_skipped_csv(const std::string& text, const std::string& where);
+// One line for a terminal: the count per split and the first `first` frames with their reasons (escaped).
+std::string skipped_summary(const std::vector<SkippedFrame>& frames, size_t first = 3);
+
 // The sample order of epoch `epoch`: a Fisher-Yates permutation of 0..n-1 drawn from (seed, epoch) alone.
 std::vector<int64_t> shuffle_order(int64_t n, uint64_t seed, int64_t epoch);
 
@@ -99,6 +112,8 @@ class Loader {
   LoaderStats stats() const;
   // "path: reason" for every frame skipped so far (each once), in sample order.
   std::vector<std::string> skipped_files() const;
+  // The same as SkippedFrame rows (path and reason apart), labelled with `split`.
+  std::vector<SkippedFrame> skipped(const std::string& split) const;
 
  private:
   struct Slot {

@@ -1,5 +1,7 @@
 #include "engine/checkpoint.h"
 
+#include "engine/text.h"
+
 namespace vb {
 
 nlohmann::json model_config_json(const ModelConfig& cfg, data::ImageSize image_size) {
@@ -30,7 +32,7 @@ void save_checkpoint(const std::string& path, Model& model, AdamW& opt, const St
                                          {"base_lr", sched.base_lr()}}}};
   sd.metadata["format"] = "vbtrain-checkpoint";
   sd.metadata["vbtrain.state"] = state.dump();
-  sd.metadata["vbtrain.config"] = config.dump();
+  sd.metadata["vbtrain.config"] = json_dump(config);  // paths: never type_error.316
   save_safetensors(path, sd);
 }
 

@@ -10,6 +10,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <thread>
 
@@ -18,6 +19,7 @@
 #include "engine/checkpoint.h"
 #include "engine/optimizer.h"
 #include "engine/progress.h"
+#include "engine/text.h"
 #include "engine/weights.h"
 #include "kernels/cpu/ops.h"
 
@@ -28,9 +30,9 @@ namespace vb {
 // ------------------------------------------------------------------------------------------------ options
 
 nlohmann::json TrainOptions::to_json() const {
-  return {{"data", data},
-          {"weights", weights},
-          {"out", out},
+  nlohmann::json j = {{"data", utf8_for_json(data)},
+          {"weights", utf8_for_json(weights)},
+          {"out", utf8_for_json(out)},
           {"epochs", epochs},
           {"batch_size", batch_size},
           {"lr", lr},
@@ -51,7 +53,12 @@ nlohmann::json TrainOptions::to_json() const {
           {"cache", cache},
           {"dct_scaling", dct_scaling},
           {"evaluate_test", evaluate_test},
-          {"preset", preset}};
+          {"preset", utf8_for_json(preset)}};
+  // A path that is not UTF-8 (JSON cannot hold it) is kept exactly as <key>_hex; the readable field shows
+  // U+FFFD for its bad bytes.
+  for (const auto& [k, v] : {std::pair<const char*, const std::string*>{"data", &data}, {"weights", &weights}, {"out", &out}})
+    if (!is_valid_utf8(*v)) j[std::string(k) + "_hex"] = hex_bytes(*v);
+  return j;
 }
 
 TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
@@ -83,7 +90,56 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   get("dct_scaling", o.dct_scaling);
   get("evaluate_test", o.evaluate_test);
   get("preset", o.preset);
+  for (auto [k, v] : {std::pair<const char*, std::string*>{"data", &o.data}, {"weights", &o.weights}, {"out", &o.out}}) {
+    const std::string hk = std::string(k) + "_hex";
+    if (j.contains(hk) && !(j.at(hk).is_string() && from_hex(j.at(hk).get<std::string>(), *v)))
+      fail("'", hk, "' is not a string of hex digits");
+  }
   return o;
+}
+
+void TrainOptions::validate() const {
+  auto finite_above = [](double v, double lo, bool open) { return std::isfinite(v) && (open ? v > lo : v >= lo); };
+  if (epochs < 1) fail("epochs must be at least 1, got ", epochs);
+  if (batch_size < 1 || batch_size > 65536) fail("the batch size must be from 1 to 65536, got ", batch_size);
+  if (!finite_above(lr, 0, true)) fail("the learning rate must be a finite number > 0, got ", lr);
+  if (!finite_above(weight_decay, 0, false)) fail("the weight decay must be a finite number >= 0, got ", weight_decay);
+  if (step_size < 1) fail("the StepLR step size must be at least 1, got ", step_size);
+  if (!finite_above(gamma, 0, true)) fail("the StepLR gamma must be a finite number > 0, got ", gamma);
+  if (freeze_backbone_epochs < 0) fail("freeze_backbone_epochs must be 0 or more, got ", freeze_backbone_epochs);
+  if (threads < 0 || threads > 1024) fail("threads must be from 0 (all cores) to 1024, got ", threads);  // as --threads
+  if (width < 1 || width > 4096) fail("the width must be from 1 to 4096, got ", width);
+  if (image_size.h < 32 || image_size.w < 32 || image_size.h > 4096 || image_size.w > 4096)
+    fail("the image size must be from 32 to 4096 on each side, got ", image_size.str());
+  for (int b : blocks)
+    if (b < 1 || b > 1000) fail("blocks per stage must be from 1 to 1000, got ", b);
+  for (int h : hidden)
+    if (h < 1 || h > 1000000) fail("hidden layer sizes must be from 1 to 1000000, got ", h);
+  if (stop_after_steps < 0) fail("stop_after_steps must be 0 or more, got ", stop_after_steps);
+  if (step_delay_ms < 0) fail("step_delay_ms must be 0 or more, got ", step_delay_ms);
+}
+
+namespace {
+// The files a training run writes into its folder (model-epochN.safetensors matched apart).
+const char* const kRunFiles[] = {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint-last.safetensors",
+                                 "checkpoint-best.safetensors", "final_model.safetensors", "report.html",
+                                 "test_metrics.json", "test_confusion.csv", "test_confusion.svg",
+                                 "val_confusion_best.csv", "skipped.csv"};
+bool is_epoch_model_file(const std::string& n) {
+  return n.rfind("model-epoch", 0) == 0 && n.size() > 23 && n.compare(n.size() - 12, 12, ".safetensors") == 0;
+}
+}  // namespace
+
+std::string run_file_in(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return "";
+  for (const char* f : kRunFiles)
+    if (fs::exists(fs::path(dir) / f, ec)) return f;
+  std::vector<std::string> models;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (is_epoch_model_file(e.path().filename().string())) models.push_back(e.path().filename().string());
+  std::sort(models.begin(), models.end());
+  return models.empty() ? "" : models[0];
 }
 
 ModelConfig TrainOptions::model_config() const {
@@ -226,7 +282,7 @@ void write_report(const fs::path& dir, const TrainOptions& opt, const std::strin
     h << "<tr><td>" << r.epoch << "</td><td>" << fmt_g(r.train_loss) << "</td><td>" << fmt_g(r.val_loss)
       << "</td><td>" << fmt_g(r.val_accuracy) << "</td><td>" << fmt_g(r.lr) << "</td><td>"
       << int64_t(r.images_per_s) << "</td><td>" << fmt_g(r.seconds) << "</td></tr>\n";
-  h << "</table>\n<h2>Configuration</h2>\n<pre>" << html_escape(opt.to_json().dump(2)) << "</pre>\n</body></html>\n";
+  h << "</table>\n<h2>Configuration</h2>\n<pre>" << html_escape(json_dump(opt.to_json(), 2)) << "</pre>\n</body></html>\n";
   write_text_atomic(dir / "report.html", h.str());
 }
 
@@ -245,6 +301,44 @@ data::LoaderOptions loader_options(const TrainOptions& o, bool train, Backend& b
   lo.alloc = [b](size_t n) { return b->host_alloc(n); };
   lo.free = [b](void* p) { b->host_free(p); };
   return lo;
+}
+
+// Every frame the run's loaders skipped (train, val, test), kept in skipped.csv. A resumed run starts from the
+// list its earlier processes wrote, so frames that this process has not read again stay listed.
+struct SkipList {
+  std::vector<data::SkippedFrame> frames;
+  size_t announced = 0;
+  void merge(const std::vector<data::SkippedFrame>& more) {
+    for (const auto& f : more) {
+      bool known = false;
+      for (const auto& g : frames) known = known || (g.split == f.split && g.path == f.path);
+      if (!known) frames.push_back(f);
+    }
+  }
+  size_t count(const std::string& split) const {
+    return size_t(std::count_if(frames.begin(), frames.end(), [&](const auto& f) { return f.split == split; }));
+  }
+  // Writes skipped.csv (when there is something to list) and prints a line when the list has grown.
+  void save(const fs::path& dir) {
+    if (frames.empty()) return;
+    std::stable_sort(frames.begin(), frames.end(), [](const auto& a, const auto& b) { return rank(a.split) < rank(b.split); });
+    write_file_atomic((dir / "skipped.csv").string(), data::skipped_csv(frames));
+    if (frames.size() != announced) {
+      std::printf("%s; all listed in %s\n", data::skipped_summary(frames).c_str(),
+                  escape((dir / "skipped.csv").string()).c_str());
+      std::fflush(stdout);
+      announced = frames.size();
+    }
+  }
+  static int rank(const std::string& split) { return split == "train" ? 0 : split == "val" ? 1 : 2; }
+};
+
+// A split whose every frame was unreadable: an error (a loss or an accuracy over no images means nothing).
+[[noreturn]] void fail_all_skipped(const std::string& data, const char* split, size_t clips, SkipList& skipped,
+                                   const fs::path& out) {
+  skipped.save(out);
+  fail(data, ": every frame of the ", split, " split (", clips, " clips) is unreadable; see ",
+       (out / "skipped.csv").string());
 }
 
 void upload_batch(Model& model, const data::Batch& b, int64_t* labels_dev) {
@@ -340,7 +434,9 @@ LoadedModel load_model_file(Backend& be, const std::string& path, data::ImageSiz
 
 int run_training(TrainOptions opt, const std::string& resume, bool epochs_given) {
   const auto names = class_names();
-  bool resume_run = false, resume_notebook = false, has_checkpoint = false;
+  const bool overwrite = opt.overwrite;
+  bool resume_run = false, resume_notebook = false;
+  std::vector<fs::path> checkpoints;  // of a run folder to resume, newest first
   std::unique_ptr<NotebookCheckpoint> notebook;
   if (!resume.empty()) {
     if (fs::is_directory(resume)) {
@@ -354,12 +450,24 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
         opt = TrainOptions::from_json(nlohmann::json::parse(read_file(cfg.string())));
       } catch (const nlohmann::json::exception& e) {
         fail(cfg.string(), ": unreadable (", e.what(), ")");
+      } catch (const Error& e) {
+        fail(cfg.string(), ": ", e.what());
       }
       if (epochs_given) opt.epochs = epochs;
       opt.stop_after_steps = int64_t(stop);
       opt.step_delay_ms = delay;
       opt.out = resume;
-      has_checkpoint = fs::exists(fs::path(resume) / "checkpoint-last.safetensors");
+      try {
+        opt.validate();
+      } catch (const Error& e) {
+        fail(cfg.string(), ": ", e.what());
+      }
+      if (overwrite)
+        fail(resume, ": --resume continues this run and --overwrite would replace it: pass one of them");
+      // checkpoint-last is the newest; checkpoint-best (the end of the best epoch, written the same way) is the
+      // fall-back. Model files (model-epochN, final_model) hold no optimizer state: not resumable.
+      for (const char* f : {"checkpoint-last.safetensors", "checkpoint-best.safetensors"})
+        if (fs::exists(fs::path(resume) / f)) checkpoints.push_back(fs::path(resume) / f);
     } else if (fs::is_regular_file(resume)) {
       resume_notebook = true;
       notebook = std::make_unique<NotebookCheckpoint>(read_notebook_checkpoint(resume));
@@ -374,13 +482,31 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     }
   }
   if (opt.data.empty()) fail("no dataset: pass --data DIR (the Volleyball videos/ folder or its parent)");
-  if (opt.epochs <= 0 || opt.batch_size <= 0 || opt.image_size.h < 32 || opt.image_size.w < 32 || opt.lr <= 0 ||
-      opt.step_size <= 0)
-    fail("invalid settings: epochs, batch size and step size must be positive, image size at least 32, lr > 0");
+  opt.validate();
   const fs::path out(opt.out);
+  if (fs::exists(out) && !fs::is_directory(out)) fail(opt.out, ": exists and is not a folder");
+  // Never over a finished or unfinished run without being told: its model, checkpoints and metrics. With
+  // --overwrite its files are removed once the data and the model have been set up (so a typo in another
+  // option does not cost the old run).
+  bool remove_old_run = false;
+  if (!resume_run) {
+    const std::string existing = run_file_in(opt.out);
+    if (!existing.empty() && !overwrite)
+      fail(opt.out, ": already holds a training run (", existing, "); continue it with --resume ", opt.out,
+           ", or pass --overwrite to replace it");
+    remove_old_run = !existing.empty();
+  }
   fs::create_directories(out);
-  if (resume_run && !has_checkpoint) {
-    std::printf("%s: stopped before its first checkpoint; starting it again from epoch 1\n", out.string().c_str());
+  if (resume_run && checkpoints.empty()) {
+    // Nothing to continue from. Starting again is right only when nothing beyond the first epoch would be
+    // lost (a run killed before its first checkpoint; the first epoch is redone identically).
+    const std::vector<EpochRow> done = read_metrics(out);
+    if (done.size() > 1 || fs::exists(out / "final_model.safetensors"))
+      fail(resume, ": no checkpoint to continue from (checkpoint-last.safetensors and checkpoint-best.safetensors "
+                   "are missing), but the folder holds ", done.size(), " finished epochs; model files hold no "
+                   "optimizer state, so the run cannot continue exactly: start a new run (a new --out, or "
+                   "--overwrite to replace this one)");
+    std::printf("%s: stopped before its first checkpoint; starting it again from epoch 1\n", escape(opt.out).c_str());
     resume_run = false;
   }
   // Temporary files of saves that a crash interrupted (write_file_atomic names them <file>.tmp.<pid>).
@@ -389,7 +515,7 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
 
   // ---- data ----
   data::DatasetIndex index = data::build_index(opt.data);
-  for (const auto& s : index.skipped_entries) std::printf("note: %s\n", s.c_str());
+  for (const auto& s : index.skipped_entries) std::printf("note: %s\n", escape(s).c_str());
   std::vector<data::Sample> train = data::select_split(index.samples, data::Split::Train);
   std::vector<data::Sample> val = data::select_split(index.samples, data::Split::Val);
   std::vector<data::Sample> test = data::select_split(index.samples, data::Split::Test);
@@ -429,7 +555,24 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   std::vector<EpochRow> rows;
   std::unique_ptr<Confusion> best_confusion;
   if (resume_run) {
-    pos = load_checkpoint((out / "checkpoint-last.safetensors").string(), model, adamw, sched);
+    std::string why;  // why the newer checkpoints were passed over
+    for (size_t i = 0;; ++i) {
+      if (i == checkpoints.size())
+        fail(resume, ": no readable checkpoint to continue from (", why, ")");
+      try {
+        pos = load_checkpoint(checkpoints[i].string(), model, adamw, sched);
+      } catch (const Error& e) {
+        std::fprintf(stderr, "warning: %s\n", escape(e.what(), 1000).c_str());
+        why += std::string(why.empty() ? "" : "; ") + e.what();
+        continue;
+      }
+      if (checkpoints[i].filename() != "checkpoint-last.safetensors")
+        std::printf("note: %s: checkpoint-last.safetensors is %s; continuing from %s (the end of epoch %lld): "
+                    "the epochs after it are trained again\n",
+                    escape(opt.out).c_str(), why.empty() ? "missing" : "unreadable",
+                    checkpoints[i].filename().string().c_str(), (long long)pos.epoch);
+      break;
+    }
     rows = read_metrics(out);
     while (!rows.empty() && rows.back().epoch > pos.epoch) rows.pop_back();  // epochs after the checkpoint
     if (!pos.best_confusion.empty())
@@ -460,6 +603,14 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     std::printf("continuing the notebook's checkpoint %s: epoch %lld done, next epoch %lld, lr %g\n", resume.c_str(),
                 (long long)nb.epoch + 1, (long long)pos.epoch + 1, sched.lr());
   }
+  if (remove_old_run) {
+    for (const auto& e : std::vector<fs::directory_entry>(fs::directory_iterator(out), fs::directory_iterator())) {
+      const std::string n = e.path().filename().string();
+      if (std::find(std::begin(kRunFiles), std::end(kRunFiles), n) != std::end(kRunFiles) || is_epoch_model_file(n))
+        fs::remove(e.path());
+    }
+    std::printf("--overwrite: removed the previous run's files from %s\n", escape(opt.out).c_str());
+  }
   nlohmann::json config = opt.to_json();
   config["model"] = cfg.describe();
   config["backend"] = be->description();
@@ -468,12 +619,24 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   config["val_clips"] = val.size();
   config["test_clips"] = test.size();
   config["class_weights"] = cw;
-  write_text_atomic(out / "config.json", config.dump(2) + "\n");
+  write_text_atomic(out / "config.json", json_dump(config, 2) + "\n");
 
   data::Loader train_loader(train, loader_options(opt, true, *be));
   std::unique_ptr<data::Loader> val_loader;
   if (!val.empty()) val_loader = std::make_unique<data::Loader>(val, loader_options(opt, false, *be));
   LossBuffers dev(*be, cw, opt.batch_size);
+  SkipList skipped;
+  if (resume_run && fs::exists(out / "skipped.csv")) {
+    const fs::path p = out / "skipped.csv";
+    skipped.merge(data::parse_skipped_csv(read_file(p.string()), p.string()));
+    skipped.announced = skipped.frames.size();
+  }
+  if (val.empty())
+    std::fprintf(stderr, "warning: %s: no validation clips (no annotated videos of the val split): the validation "
+                         "loss and accuracy stay empty and no checkpoint-best is written\n", escape(opt.data).c_str());
+  if (test.empty() && opt.evaluate_test)
+    std::fprintf(stderr, "warning: %s: no test clips: the final model is not evaluated on a test split\n",
+                 escape(opt.data).c_str());
 
   std::printf("vbtrain: %s on %s (%s); %zu train / %zu val / %zu test clips; batch %d, image %s, %d epochs\n",
               cfg.describe().c_str(), be->description().c_str(), precision_name(be->precision()), train.size(),
@@ -549,12 +712,16 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
         p.step_in_epoch = step;
         p.partial_loss_sum = loss_sum;
         save_last(p);
+        skipped.merge(train_loader.skipped("train"));
+        skipped.save(out);
         announce_stop();
         return 130;
       }
     }
     read_losses(true);
     progress.finish();
+    skipped.merge(train_loader.skipped("train"));
+    if (step == 0) fail_all_skipped(opt.data, "training", train.size(), skipped, out);
     const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EpochRow row;
     row.epoch = epoch + 1;
@@ -564,6 +731,8 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     std::unique_ptr<Confusion> conf;
     if (val_loader) {
       EvalResult v = evaluate(model, *val_loader, dev);
+      skipped.merge(val_loader->skipped("val"));
+      if (v.images == 0) fail_all_skipped(opt.data, "validation", val.size(), skipped, out);
       row.val_loss = v.loss;
       row.val_accuracy = v.confusion.accuracy();
       for (int c = 0; c < data::kNumClasses; ++c) row.class_accuracy.push_back(v.confusion.recall(c));
@@ -594,11 +763,13 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
     write_report(out, opt, cfg.describe(), rows, best_confusion.get(), pos.best_epoch, nullptr);
     save_last(pos);
 
+    skipped.save(out);
     const data::LoaderStats ls = train_loader.stats();
-    std::printf("epoch %lld/%d  train loss %.4f  val loss %.4f  val acc %.4f  lr %.3g  %.0f img/s  %.1f s  "
-                "(waited %.1f s for data)%s\n",
-                (long long)epoch + 1, opt.epochs, row.train_loss, row.val_loss, row.val_accuracy, lr,
-                row.images_per_s, row.seconds, ls.wait_seconds, best ? "  (best)" : "");
+    char val_text[64] = "no validation split";
+    if (conf) std::snprintf(val_text, sizeof val_text, "val loss %.4f  val acc %.4f", row.val_loss, row.val_accuracy);
+    std::printf("epoch %lld/%d  train loss %.4f  %s  lr %.3g  %.0f img/s  %.1f s  (waited %.1f s for data)%s\n",
+                (long long)epoch + 1, opt.epochs, row.train_loss, val_text, lr, row.images_per_s, row.seconds,
+                ls.wait_seconds, best ? "  (best)" : "");
     if (conf) {
       std::printf("  per class:");
       for (int c = 0; c < data::kNumClasses; ++c)
@@ -617,27 +788,22 @@ int run_training(TrainOptions opt, const std::string& resume, bool epochs_given)
   if (opt.evaluate_test && !test.empty()) {
     data::Loader test_loader(test, loader_options(opt, false, *be));
     EvalResult t = evaluate(model, test_loader, dev);
+    skipped.merge(test_loader.skipped("test"));
+    if (t.images == 0) fail_all_skipped(opt.data, "test", test.size(), skipped, out);
     test_conf = std::make_unique<Confusion>(t.confusion);
     write_text_atomic(out / "test_confusion.csv", t.confusion.to_csv(names));
     write_text_atomic(out / "test_confusion.svg", t.confusion.to_svg(names, "test"));
-    nlohmann::json tj = {{"loss", t.loss}, {"accuracy", t.confusion.accuracy()}, {"images", t.images}};
-    write_text_atomic(out / "test_metrics.json", tj.dump(2) + "\n");
+    nlohmann::json tj = {{"loss", t.loss}, {"accuracy", t.confusion.accuracy()}, {"images", t.images},
+                         {"skipped", skipped.count("test")}};
+    write_text_atomic(out / "test_metrics.json", json_dump(tj, 2) + "\n");
     std::printf("test: loss %.4f  accuracy %.4f (%lld / %lld)\n%s", t.loss, t.confusion.accuracy(),
                 (long long)t.confusion.correct(), (long long)t.confusion.total(),
                 t.confusion.report_text(names).c_str());
   }
   write_report(out, opt, cfg.describe(), rows, best_confusion.get(), pos.best_epoch, test_conf.get());
-  std::vector<std::string> skipped = train_loader.skipped_files();
-  if (val_loader)
-    for (const auto& s : val_loader->skipped_files()) skipped.push_back(s);
-  if (!skipped.empty()) {
-    std::string list;
-    for (const auto& s : skipped) list += s + "\n";
-    write_text_atomic(out / "skipped_images.txt", list);
-    std::printf("%zu unreadable images were skipped (listed in %s)\n", skipped.size(),
-                (out / "skipped_images.txt").string().c_str());
-  }
-  std::printf("done: %s (final model, checkpoints, metrics.csv, report.html)\n", out.string().c_str());
+  skipped.announced = 0;  // the summary once more, at the end, where it is seen
+  skipped.save(out);
+  std::printf("done: %s (final model, checkpoints, metrics.csv, report.html)\n", escape(opt.out).c_str());
   return 0;
 }
 

@@ -45,11 +45,21 @@ struct TrainOptions {
   int64_t stop_after_steps = 0;
   // For tests of kill -9: sleep this long after each training step (not saved in config.json).
   int step_delay_ms = 0;
+  // Replace a run already in `out` (its files are removed first); without it such a folder is refused.
+  // Not saved in config.json.
+  bool overwrite = false;
 
   nlohmann::json to_json() const;
   static TrainOptions from_json(const nlohmann::json& j);
   ModelConfig model_config() const;
+  // Throws, naming the setting, when one makes no sense (NaN or infinite rates, negative counts, absurd
+  // thread counts): they come from the command line or from a run's config.json.
+  void validate() const;
 };
+
+// The first file of a vbtrain run found in `dir` (config.json, metrics, checkpoints, model files), or ""
+// when there is none (or no such folder): what `train --out` will not replace without --overwrite.
+std::string run_file_in(const std::string& dir);
 
 // Runs (or resumes) a training run; returns the process exit code (130 when interrupted by Ctrl-C).
 // resume_dir: a run folder to continue, or a notebook checkpoint (.pth) to continue from.

@@ -29,17 +29,49 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Decodes every sample once on `threads` threads; images/s.
+// Decodes every sample once on `threads` threads; images/s. The frames were screened (screen_frames), so a
+// failure here is a file that changed since: counted as decoded, never thrown out of a thread (which would
+// end the process with std::terminate).
 double decode_rate(const std::vector<vb::data::Sample>& s, int threads, int min_side) {
   std::atomic<size_t> next{0};
   auto t0 = std::chrono::steady_clock::now();
   std::vector<std::thread> ts;
   for (int t = 0; t < threads; ++t)
     ts.emplace_back([&] {
-      for (size_t i; (i = next++) < s.size();) vb::data::decode_jpeg_file(s[i].path, min_side, min_side);
+      for (size_t i; (i = next++) < s.size();) {
+        try {
+          vb::data::decode_jpeg_file(s[i].path, min_side, min_side);
+        } catch (...) {
+        }
+      }
     });
   for (auto& t : ts) t.join();
   return double(s.size()) / seconds_since(t0);
+}
+
+// Decodes every frame once (this also warms the page cache): the unreadable ones are listed, file and
+// reason, and left out of the measurements, which are of decoding JPEGs, not of failing to.
+std::vector<vb::data::Sample> screen_frames(const std::vector<vb::data::Sample>& s, int min_side) {
+  std::vector<vb::data::Sample> good;
+  std::vector<vb::data::SkippedFrame> bad;
+  for (const auto& x : s) {
+    try {
+      vb::data::decode_jpeg_file(x.path, min_side, min_side);
+      good.push_back(x);
+    } catch (const std::bad_alloc&) {
+      bad.push_back({vb::data::split_name(x.split), x.path, "out of memory while decoding the frame"});
+    } catch (const std::exception& e) {
+      std::string reason = e.what();
+      if (reason.rfind(x.path + ": ", 0) == 0) reason.erase(0, x.path.size() + 2);
+      bad.push_back({vb::data::split_name(x.split), x.path, reason});
+    }
+  }
+  if (!bad.empty()) {
+    std::printf("bench-loader: %s\n", vb::data::skipped_summary(bad, 3).c_str());
+    for (const auto& b : bad) std::printf("  skipped: %s: %s\n", vb::escape(b.path).c_str(), vb::escape(b.reason).c_str());
+  }
+  if (good.empty()) vb::fail("every one of the ", s.size(), " frames is unreadable (first: ", bad[0].path, ": ", bad[0].reason, ")");
+  return good;
 }
 
 // One epoch of the loader (after `warm` epochs that fill the cache); images/s and consumer wait.
@@ -69,10 +101,11 @@ int run_bench(const BenchArgs& a) {
   if (s.empty()) vb::fail(a.data, ": no samples");
   if (int64_t(s.size()) > a.images) s.resize(size_t(a.images));
   const int N = a.threads > 0 ? a.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  const int min_side = a.dct ? vb::data::resize_size(std::max(a.size.h, a.size.w)) : 0;
+  s = screen_frames(s, min_side);
   JpegHeader h = read_jpeg_header(read_file_bytes(s[0].path), s[0].path);
   std::printf("bench-loader: %zu frames of %s (first %dx%d), image size %s, batch %d, DCT scaling %s, %d threads max\n",
-              s.size(), idx.videos_dir.c_str(), h.width, h.height, a.size.str().c_str(), a.batch, a.dct ? "on" : "off", N);
-  const int min_side = a.dct ? vb::data::resize_size(std::max(a.size.h, a.size.w)) : 0;
+              s.size(), vb::escape(idx.videos_dir).c_str(), h.width, h.height, a.size.str().c_str(), a.batch, a.dct ? "on" : "off", N);
   decode_rate(std::vector<Sample>(s.begin(), s.begin() + long(std::min<size_t>(s.size(), 20))), 1, min_side);  // warm
   // Each figure is the best of `repeat` rounds, a round measuring everything once: on a shared machine the
   // best is the least disturbed, and spreading the runs over time keeps one busy spell from spoiling a column.
@@ -115,7 +148,7 @@ VB_COMMAND("bench-loader", "Measure the data loader: decode-only and full-pipeli
            [](CLI::App& app) -> std::function<int()> {
              auto a = std::make_shared<BenchArgs>();
              app.add_option("--data", a->data, "the videos/ folder or its parent")->required();
-             app.add_option("--threads", a->threads, "largest thread count (0 = all cores)");
+             app.add_option("--threads", a->threads, "largest thread count (0 = all cores)")->check(vb::tools::thread_count());
              app.add_option("--images", a->images, "frames to use (default 300)")->check(CLI::Range(1, 1000000));
              app.add_option("--batch", a->batch, "batch size (default 50)")->check(CLI::Range(1, 100000));
              vb::tools::add_image_size_option(app, a->size, "image size S or HxW (default 224)");

@@ -147,14 +147,14 @@ VB_COMMAND(
     [](CLI::App& app) -> std::function<int()> {
       auto o = std::make_shared<BenchOpsOptions>();
       app.add_option("--threads", o->threads, "CPU threads (0 = all cores)")
-          ->check(CLI::NonNegativeNumber)
+          ->check(thread_count())
           ->capture_default_str();
       app.add_option("--batch", o->batch, "batch size of the convolutions")
-          ->check(CLI::PositiveNumber)
+          ->check(integer_in(1, 4096))
           ->capture_default_str();
-      app.add_option("--image", o->image, "input image side")->check(CLI::Range(32, 1024))->capture_default_str();
+      app.add_option("--image", o->image, "input image side")->check(integer_in(32, 1024))->capture_default_str();
       app.add_option("--min-seconds", o->min_seconds, "time spent per measurement (median of the repetitions)")
-          ->check(CLI::PositiveNumber)
+          ->check(finite_number(0, 3600, true))
           ->capture_default_str();
       app.add_flag("--skip-gemm", o->skip_gemm, "only the convolutions");
       return [o] { return run_bench_ops(*o); };

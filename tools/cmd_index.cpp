@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "data/dataset.h"
+#include "kernels/check.h"
 #include "tools/commands.h"
 
 namespace {
@@ -16,7 +17,7 @@ int run_index(const IndexArgs& a) {
   using namespace vb::data;
   DatasetIndex idx = build_index(a.data);
   std::printf("index: %s: %zu clips\n", idx.videos_dir.c_str(), idx.samples.size());
-  for (const std::string& s : idx.skipped_entries) std::printf("  skipped: %s\n", s.c_str());
+  for (const std::string& s : idx.skipped_entries) std::printf("  skipped: %s\n", vb::escape(s).c_str());
   write_dataset_csv(a.out, idx.samples);
   std::printf("wrote %s (FrameID,Label,video_names,Mapped_Label,img_path)\n\n", a.out.c_str());
   std::printf("%-12s %7s %7s %7s %7s\n", "class", "train", "val", "test", "other");

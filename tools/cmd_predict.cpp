@@ -7,6 +7,7 @@
 
 #include "data/jpeg.h"
 #include "data/transforms.h"
+#include "engine/text.h"
 #include "engine/trainer.h"
 #include "kernels/cpu/ops.h"
 #include "tools/commands.h"
@@ -65,7 +66,7 @@ int run_predict(const PredictArgs& a) {
         ok.push_back(files[i]);
       } catch (const std::exception& e) {
         ++failures;
-        std::fprintf(stderr, "skipped: %s\n", e.what());
+        std::fprintf(stderr, "skipped: %s\n", vb::escape(e.what(), 1000).c_str());
         if (a.json) results.push_back({{"image", files[i]}, {"error", e.what()}});
       }
     }
@@ -83,14 +84,16 @@ int run_predict(const PredictArgs& a) {
         for (int c = 0; c < C; ++c) pj[names[size_t(c)]] = p[c];
         results.push_back({{"image", ok[size_t(i)]}, {"class", names[size_t(best)]}, {"index", best}, {"probabilities", pj}});
       } else {
-        std::printf("%s  %-10s %.3f  [", ok[size_t(i)].c_str(), names[size_t(best)].c_str(), p[best]);
+        std::printf("%s  %-10s %.3f  [", vb::escape(ok[size_t(i)]).c_str(), names[size_t(best)].c_str(), p[best]);
         for (int c = 0; c < C; ++c) std::printf("%s%s %.3f", c ? ", " : "", names[size_t(c)].c_str(), p[c]);
         std::printf("]\n");
       }
     }
   }
-  if (a.json) std::printf("%s\n", results.dump(2).c_str());
-  return failures == int(files.size()) ? 1 : 0;
+  if (a.json) std::printf("%s\n", vb::json_dump(results, 2).c_str());
+  if (failures == int(files.size()))
+    vb::fail("none of the ", files.size(), files.size() == 1 ? " image" : " images", " could be read (the reasons are above)");
+  return 0;
 }
 
 }  // namespace
@@ -102,7 +105,7 @@ VB_COMMAND("predict", "Classify images (files or folders of .jpg) with a trained
              app.add_option("images", a->inputs, "JPEG files or folders")->required();
              app.add_flag("--json", a->json, "print JSON");
              app.add_option("--device", a->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-             app.add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+             app.add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(vb::tools::thread_count());
              vb::tools::add_image_size_option(app, a->image_size, "input size S or HxW (default: the model file's, else 224)");
              return [a] { return run_predict(*a); };
            });

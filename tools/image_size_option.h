@@ -5,6 +5,7 @@
 #include <string>
 
 #include "data/image.h"
+#include "kernels/check.h"
 
 namespace vb::tools {
 
@@ -14,7 +15,10 @@ inline CLI::Option* add_image_size_option(CLI::App& app, data::ImageSize& target
           "--image-size",
           [&target](const std::string& s) {
             try {
-              target = data::parse_image_size(s);
+              const data::ImageSize v = data::parse_image_size(s);
+              if (v.h < 32 || v.w < 32 || v.h > 4096 || v.w > 4096)
+                fail("image size '", escape(s), "': each side must be from 32 to 4096");
+              target = v;
             } catch (const std::exception& e) {  // a parse error, reported by CLI11 with exit code 2
               throw CLI::ValidationError("--image-size", e.what());
             }

@@ -33,6 +33,7 @@
 
 #include "engine/backend.h"
 #include "kernels/cuda/transforms.cuh"
+#include "tools/commands.h"
 
 namespace {
 
@@ -500,12 +501,13 @@ int main(int argc, char** argv) {
   app.add_option("--json", o.json, "also write the rows as JSON");
   app.add_option("--max-seconds", o.max_seconds, "start no new op after this many seconds (0: no limit)");
   app.add_flag("--versions", o.versions, "print the loaded cuDNN, cuBLAS, CUDA runtime and driver, and the GPU, then exit");
-  CLI11_PARSE(app, argc, argv);
   try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return vb::tools::parse_error(app, e, "vbbench");
+  }
+  return vb::tools::run_guarded("vbbench", "benchmarking", [&] {
     if (o.iters < 1 || o.warmup < 1 || o.batch < 1 || o.size < 32) vb::fail("bad --iters, --warmup, --batch-size or --image-size");
     return o.versions ? print_versions(o) : run(o);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "vbbench: %s\n", e.what());
-    return 1;
-  }
+  });
 }

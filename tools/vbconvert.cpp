@@ -18,6 +18,7 @@
 #include "engine/sha256.h"
 #include "engine/state_dict.h"
 #include "engine/weights.h"
+#include "tools/commands.h"
 
 namespace {
 
@@ -213,14 +214,8 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;  // --help is a success; bad flags exit 2, as vbtrain's do
+    return vb::tools::parse_error(app, e, "vbconvert");  // --help is a success; bad flags exit 2, as vbtrain's do
   }
   a.hidden_given = hid->count() > 0;
-  try {
-    return run(a);
-  } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "vbconvert: error: %s\n", e.what());
-    return 1;
-  }
+  return vb::tools::run_guarded("vbconvert", "converting " + a.in, [&] { return run(a); });
 }
