@@ -164,6 +164,10 @@ TEST_CASE("nonsense options are refused with the option's name, one line, exit 2
       {"bench-ops --threads -1", "--threads"},
       {"bench-ops --min-seconds nan", "--min-seconds"},
       {"bench-ops --batch 0", "--batch"},
+      {"bench --threads 100000", "--threads"},
+      {"bench --batch-size -1", "--batch-size"},
+      {"bench --width 0", "--width"},
+      {"verify --weights w --reference r --threads -2", "--threads"},
   };
   for (const auto& [args, option] : cases) {
     Result r = run(args);

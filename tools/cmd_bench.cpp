@@ -192,13 +192,13 @@ VB_COMMAND("bench", "Time the training step and the evaluation forward on random
              auto a = std::make_shared<BenchArgs>();
              app.add_option("--device", a->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
              app.add_option("--precision", a->precision, "tf32 or fp32")->check(CLI::IsMember({"tf32", "fp32"}));
-             app.add_option("--batch-size", a->batch_size, "batch (default 150 on CUDA, 1 on the CPU)");
-             app.add_option("--steps", a->steps, "timed steps (default 30 on CUDA, 3 on the CPU)");
-             app.add_option("--warmup", a->warmup, "untimed steps first (default 5 / 1)");
+             app.add_option("--batch-size", a->batch_size, "batch (default 150 on CUDA, 1 on the CPU)")->check(vb::tools::integer_in(0, 65536));
+             app.add_option("--steps", a->steps, "timed steps (default 30 on CUDA, 3 on the CPU)")->check(vb::tools::integer_in(0, 100000));
+             app.add_option("--warmup", a->warmup, "untimed steps first (default 5 / 1)")->check(vb::tools::integer_in(0, 100000));
              app.add_option("--blocks", a->blocks, "blocks per stage (default 3,4,6,3)");
-             app.add_option("--width", a->width, "base width (default 64)");
+             app.add_option("--width", a->width, "base width (default 64)")->check(vb::tools::integer_in(1, 4096));
              vb::tools::add_image_size_option(app, a->image_size, "input size S or HxW (default 224)");
-             app.add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+             app.add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(vb::tools::thread_count());
              app.add_option("--json", a->json, "also write the figures as JSON");
              return [a] { return run_bench(*a); };
            });

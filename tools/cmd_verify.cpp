@@ -144,7 +144,7 @@ VB_COMMAND("verify", "Check the engine against a PyTorch golden run (logits, los
              app.add_option("--device", a->device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
              app.add_option("--precision", a->precision, "auto (CPU: fp64, CUDA: fp32; with --against: the file's), fp64 (CPU), fp32, tf32 (CUDA)")
                  ->check(CLI::IsMember({"auto", "fp64", "fp32", "tf32"}));
-             app.add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+             app.add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(vb::tools::thread_count());
              app.add_option("--json", a->json, "write {name: relative error} to this file (with --against: groups, "
                                                "strict entries and every entry beside PyTorch's)");
              app.add_option("--against", a->against,

@@ -207,9 +207,9 @@ int main(int argc, char** argv) {
   Args a;
   app.add_option("IN", a.in, "torchvision / timm / notebook weights or checkpoint")->required();
   app.add_option("OUT", a.out, "output .safetensors")->required();
-  app.add_option("--num-classes", a.num_classes, "classes of the new head")->capture_default_str();
+  app.add_option("--num-classes", a.num_classes, "classes of the new head")->capture_default_str()->check(vb::tools::integer_in(1, 100000));
   auto* hid = app.add_option("--hidden-layers", a.hidden, "hidden sizes of the head, e.g. 512,256 (default: none, or the file's)");
-  app.add_option("--seed", a.seed, "seed of a newly initialised head")->capture_default_str();
+  app.add_option("--seed", a.seed, "seed of a newly initialised head")->capture_default_str()->check(vb::tools::seed_value());
   app.add_flag("--ignore-hash", a.ignore_hash, "convert even when the SHA-256 does not match the file name's prefix");
   try {
     app.parse(argc, argv);
