@@ -216,9 +216,10 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const A* x, const A* re
 #pragma unroll
       for (int k = 0; k < V; ++k) v[k] += rv[k];
     }
-    if (relu)  // v < 0 ? 0 : v lets NaN through, as cpu::relu_fwd
+    if (relu) {  // v < 0 ? 0 : v lets NaN through, as cpu::relu_fwd
 #pragma unroll
       for (int k = 0; k < V; ++k) v[k] = v[k] < 0.f ? 0.f : v[k];
+    }
     store_vec<V>(y + o, v);
   }
 }
