@@ -5,7 +5,8 @@
 // the H200's peak for the unit doing the work: 4.8 TB/s HBM; dense tensor cores 494 TFLOP/s TF32 (989 bf16,
 // for when bf16 kernels exist); 67 TFLOP/s FP32 without tensor cores (strict fp32 convolutions and the head,
 // which cuBLAS computes in fp32 in both modes). A last section weights each layer by how often ResNet-50 uses
-// it: the time one training step spends in convolutions and batch norm.
+// it: the time one training step spends in convolutions and batch norm. Last come issue 11's NHWC kernels
+// (batch norm fused with add + ReLU, max pool, global average pool) with bf16 and float activations.
 //
 // --versions prints what the process actually loaded (cuDNN, cuBLAS, the CUDA runtime and driver, the
 // library files) and the GPU's name, clocks and memory, and exits: the first thing tools/gpu-check.sh asks.
@@ -29,9 +30,13 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "engine/backend.h"
+#include "kernels/cuda/bf16_convert.cuh"
+#include "kernels/cuda/bn_nhwc.cuh"
+#include "kernels/cuda/pool_nhwc.cuh"
 #include "kernels/cuda/transforms.cuh"
 #include "tools/commands.h"
 
@@ -215,6 +220,101 @@ void resnet50_layers(int N, int S, std::map<vb::ConvShape, int, ConvKeyLess>& co
       in_c = 4 * p;
       H = Ho;
     }
+}
+
+// A device tensor of n activations of type A (issue 11's NHWC kernels): random in [lo, hi) through a float
+// buffer (converted on the device for bf16), or zero (lo == hi).
+template <class A>
+struct ABuf {
+  vb::Backend& be;
+  A* p;
+  size_t n;
+  ABuf(vb::Backend& b, size_t count, uint32_t seed = 1, float lo = -1.f, float hi = 1.f)
+      : be(b), p(static_cast<A*>(b.alloc(count * sizeof(A)))), n(count) {
+    if (lo == hi) return;
+    if constexpr (std::is_same_v<A, float>) {
+      Buf f(b, count, seed, lo, hi);
+      VB_CUDA_CHECK(cudaMemcpy(p, f.p, count * sizeof(float), cudaMemcpyDeviceToDevice));
+    } else {
+      Buf f(b, count, seed, lo, hi);
+      vb::cuda::float_to_bf16(nullptr, int64_t(count), f.p, p);
+      VB_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+  }
+  ABuf(const ABuf&) = delete;
+  ABuf& operator=(const ABuf&) = delete;
+  ~ABuf() { be.release(p); }
+};
+
+// Issue 11's NHWC kernels at every distinct ResNet-50 batch norm and the two pools, activations of type A.
+// Bytes counted are those that must move at least once (statistics and parameters, a few KB, left out):
+// train fwd reads x twice (statistics, apply) and the residual, writes y; backward pass 1 reads x, dy (and y
+// with ReLU) and writes dresidual on residual layers, pass 2 reads x and g (dresidual, else dy and y) and
+// writes dx. Adds each layer's fwd + bwd, times its use count, to step_ms.
+template <class A>
+void bench_nhwc(Bench& bench, vb::Backend& be, int N, int S, const std::map<BnLayer, int>& bns,
+                std::map<std::string, double>& step_ms) {
+  const std::string tn = std::is_same_v<A, float> ? "float" : "bf16";
+  std::printf("NHWC kernels, %s activations (issue 11; memory-bound, limit about %.0f GB/s):\n", tn.c_str(), kHbmGBs);
+  const double es = sizeof(A);
+  for (const auto& [b, count] : bns) {
+    char nm[128];
+    std::snprintf(nm, sizeof nm, "bn nhwc %s %4d @%3dx%-3d%s%s", tn.c_str(), b.C, b.H, b.W,
+                  b.residual ? " +res" : "", b.relu ? " relu" : "");
+    if (!bench.wanted(nm)) continue;
+    const int64_t M = int64_t(N) * b.H * b.W;
+    const size_t n = size_t(M) * b.C;
+    ABuf<A> x(be, n, 1), r(be, n, 2), y(be, n, 3), dy(be, n, 4), dx(be, n, 5, kZero, kZero),
+        dres(be, n, 6, kZero, kZero);
+    Buf g(be, size_t(b.C), 7, 0.5f, 1.5f), bt(be, size_t(b.C), 8), sm(be, size_t(b.C), 9),
+        si(be, size_t(b.C), 10, 0.5f, 1.5f), rm(be, size_t(b.C), 11), rv(be, size_t(b.C), 12, 0.5f, 1.5f),
+        dg(be, size_t(b.C), 13), db(be, size_t(b.C), 14);
+    void* work = be.alloc(vb::cuda::bn_nhwc_work_bytes(b.C));
+    const double e = double(n) * es;
+    const A* res = b.residual ? r.p : nullptr;
+    const double tf = bench.time_ms([&] {
+      vb::cuda::bn_nhwc_train_fwd<A>(nullptr, M, b.C, x.p, g.p, bt.p, res, b.relu, y.p, sm.p, si.p, rm.p, rv.p, 0.1,
+                                     1e-5, work);
+    });
+    bench.mem("bn_nhwc_" + tn, std::string(nm) + " train fwd", e * (3 + (b.residual ? 1 : 0)), tf);
+    const double te = bench.time_ms([&] {
+      vb::cuda::bn_nhwc_eval_fwd<A>(nullptr, M, b.C, x.p, g.p, bt.p, rm.p, rv.p, 1e-5, res, b.relu, y.p);
+    });
+    bench.mem("bn_nhwc_" + tn, std::string(nm) + " eval fwd", e * (2 + (b.residual ? 1 : 0)), te);
+    const double tb = bench.time_ms([&] {
+      vb::cuda::bn_nhwc_bwd<A>(nullptr, M, b.C, x.p, y.p, dy.p, g.p, sm.p, si.p, b.relu, dx.p,
+                               b.residual ? dres.p : nullptr, dg.p, db.p, work);
+    });
+    const int pass1 = 2 + (b.relu ? 1 : 0) + (b.residual ? 1 : 0);
+    const int pass2 = 2 + (b.residual ? 1 : (b.relu ? 2 : 1));
+    bench.mem("bn_nhwc_" + tn, std::string(nm) + " bwd", e * (pass1 + pass2), tb);
+    step_ms["NHWC batch norm " + tn + " (train fwd + bwd)"] += count * (tf + tb);
+    be.release(work);
+  }
+  {
+    const int H = (S + 2 * 3 - 7) / 2 + 1, P = (H + 2 - 3) / 2 + 1, C = 64;
+    const std::string nm = "maxpool nhwc " + tn + " 3x3/2 64 @" + std::to_string(H);
+    if (bench.wanted(nm)) {
+      const size_t nx = size_t(N) * H * H * C, ny = size_t(N) * P * P * C;
+      ABuf<A> x(be, nx, 1), y(be, ny, 2), dy(be, ny, 3), dx(be, nx, 4, kZero, kZero);
+      bench.mem("pool_nhwc_" + tn, nm + " fwd", es * double(nx + ny),
+                bench.time_ms([&] { vb::cuda::maxpool_nhwc_fwd<A>(nullptr, N, H, H, C, 3, 2, 1, x.p, y.p); }));
+      bench.mem("pool_nhwc_" + tn, nm + " bwd", es * double(2 * nx + ny),
+                bench.time_ms([&] { vb::cuda::maxpool_nhwc_bwd<A>(nullptr, N, H, H, C, 3, 2, 1, x.p, dy.p, dx.p); }));
+    }
+  }
+  {
+    const int F = 2048, H = (S + 31) / 32;
+    const std::string nm = "avgpool nhwc " + tn + " 2048 @" + std::to_string(H);
+    if (bench.wanted(nm)) {
+      const size_t nx = size_t(N) * H * H * F;
+      ABuf<A> x(be, nx, 1), y(be, size_t(N) * F, 2), dx(be, nx, 3, kZero, kZero);
+      bench.mem("pool_nhwc_" + tn, nm + " fwd", es * double(nx + size_t(N) * F),
+                bench.time_ms([&] { vb::cuda::avgpool_nhwc_fwd<A>(nullptr, N, H * H, F, x.p, y.p); }));
+      bench.mem("pool_nhwc_" + tn, nm + " bwd", es * double(nx + size_t(N) * F),
+                bench.time_ms([&] { vb::cuda::avgpool_nhwc_bwd<A>(nullptr, N, H * H, F, y.p, dx.p); }));
+    }
+  }
 }
 
 // What this process really runs on: library versions as loaded (cuDNN picks its sub-libraries at run time,
@@ -462,6 +562,11 @@ int run(const Options& o) {
     be->release(d_smp);
     be->release(frames);
   }
+
+  // ---- issue 11: NHWC batch norm and pooling, bf16 and float activations (last: new rows never push the
+  // existing ones past --max-seconds) ----
+  bench_nhwc<vb::bf16>(bench, *be, N, S, bns, step_ms);
+  bench_nhwc<float>(bench, *be, N, S, bns, step_ms);
 
   if (!step_ms.empty()) {
     std::printf("per training step at batch %d (each distinct layer times its use count):\n", N);
