@@ -83,7 +83,7 @@ std::vector<int64_t> int_tuple(const ValuePtr& v, const char* what) {
 // The loader of one file: the unpickler's callbacks, the storages seen, and the final copy-out.
 class PthReader {
  public:
-  PthReader(std::string_view bytes, const std::string& path) : buf_(bytes), path_(escape(path)) {}
+  PthReader(std::string_view bytes, const std::string& path) : buf_(bytes), raw_path_(path), path_(escape(path)) {}
 
   ValuePtr read() {
     if (looks_like_zip(buf_)) return read_zip();
@@ -95,6 +95,7 @@ class PthReader {
 
  private:
   std::string_view buf_;
+  const std::string& raw_path_;
   const std::string path_;  // escaped: a path may hold any byte, and messages are one line
   bool legacy_ = false;
   bool big_endian_ = false;
@@ -216,7 +217,7 @@ class PthReader {
 
   // ---- zip ----
   ValuePtr read_zip() {
-    for (auto& e : read_zip_directory(buf_, path_)) zip_entries_[e.name] = e;
+    for (auto& e : read_zip_directory(buf_, raw_path_)) zip_entries_[e.name] = e;
     const ZipEntry* pkl = nullptr;
     for (const auto& [name, e] : zip_entries_) {
       size_t slash = name.find('/');

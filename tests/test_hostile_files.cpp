@@ -475,4 +475,17 @@ TEST_CASE("special files as frames, models and checkpoints give a clear error, n
   e = error_of([&] { load_state_dict_file(tmp().file("no\nsuch\x01.pth")); });
   CHECK(one_clean_line(e));
   CHECK(contains(e, "no\\x0asuch\\x01.pth: cannot open"));
+  // Escaped once, whichever reader fails: the zip directory, the pickle, safetensors, a checkpoint.
+  const std::string odd = save_file("odd\nname.pth", pth_zip("\x80\x02}.").substr(0, 60));
+  e = error_of([&] { load_state_dict_file(odd); });
+  INFO(e);
+  CHECK(one_clean_line(e));
+  CHECK(contains(e, "odd\\x0aname.pth: truncated"));
+  PickleWriter list;
+  list.op(']').op('.');
+  const std::string odd2 = save_file("odd\\2.pth", pth_zip(list.s));
+  e = error_of([&] { read_notebook_checkpoint(odd2); });
+  CHECK(contains(e, "odd\\x5c2.pth: not a training checkpoint"));
+  e = error_of([&] { load_state_dict_file(odd2); });
+  CHECK(contains(e, "odd\\x5c2.pth: no state dict found (the file holds list (0 items))"));
 }
