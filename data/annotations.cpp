@@ -1,8 +1,8 @@
 #include "data/annotations.h"
 
 #include <charconv>
-#include <fstream>
 
+#include "engine/file_io.h"
 #include "kernels/check.h"
 
 namespace vb::data {
@@ -76,19 +76,19 @@ bool parse_int(std::string_view s, int64_t& v) {
 }  // namespace
 
 ClipAnnotation parse_annotation_line(std::string_view line, const std::string& file, int line_no) {
-  auto where = [&] { return detail::concat(file, ":", line_no); };
+  auto where = [&] { return detail::concat(escape(file), ":", line_no); };
   std::vector<std::string_view> f = split_ws(line);
-  if (f.size() < 2) fail(where(), ": expected '<frame>.jpg <group_activity> [boxes...]', got '", line, "'");
+  if (f.size() < 2) fail(where(), ": expected '<frame>.jpg <group_activity> [boxes...]', got '", escape(line, 80), "'");
   ClipAnnotation a;
   a.frame_file = std::string(f[0]);
   std::string_view stem = f[0];
   if (stem.size() <= 4 || stem.substr(stem.size() - 4) != ".jpg")
-    fail(where(), ": frame '", f[0], "' does not end in .jpg");
+    fail(where(), ": frame '", escape(f[0]), "' does not end in .jpg");
   stem.remove_suffix(4);
-  if (!parse_int(stem, a.frame_id) || a.frame_id < 0) fail(where(), ": frame '", f[0], "' is not <number>.jpg");
+  if (!parse_int(stem, a.frame_id) || a.frame_id < 0) fail(where(), ": frame '", escape(f[0]), "' is not <number>.jpg");
   a.label = std::string(f[1]);
   a.label_index = label_index(f[1]);
-  if (a.label_index < 0) fail(where(), ": unknown group activity '", f[1], "'");
+  if (a.label_index < 0) fail(where(), ": unknown group activity '", escape(f[1]), "'");
   if ((f.size() - 2) % 5 != 0)
     fail(where(), ": player boxes come in fives (x y w h action); ", f.size() - 2, " fields follow the label");
   for (size_t i = 2; i < f.size(); i += 5) {
@@ -96,11 +96,11 @@ ClipAnnotation parse_annotation_line(std::string_view line, const std::string& f
     int64_t v[4];
     for (int k = 0; k < 4; ++k)
       if (!parse_int(f[i + size_t(k)], v[k]))
-        fail(where(), ": player box ", (i - 2) / 5, " field ", k, " '", f[i + size_t(k)], "' is not an integer");
+        fail(where(), ": player box ", (i - 2) / 5, " field ", k, " '", escape(f[i + size_t(k)]), "' is not an integer");
     if (v[2] < 0 || v[3] < 0) fail(where(), ": player box ", (i - 2) / 5, " has a negative size");
     b.x = int(v[0]), b.y = int(v[1]), b.w = int(v[2]), b.h = int(v[3]);
     int64_t dummy;
-    if (parse_int(f[i + 4], dummy)) fail(where(), ": player box ", (i - 2) / 5, " has no action (found '", f[i + 4], "')");
+    if (parse_int(f[i + 4], dummy)) fail(where(), ": player box ", (i - 2) / 5, " has no action (found '", escape(f[i + 4]), "')");
     b.action = std::string(f[i + 4]);
     a.players.push_back(std::move(b));
   }
@@ -108,17 +108,20 @@ ClipAnnotation parse_annotation_line(std::string_view line, const std::string& f
 }
 
 std::vector<ClipAnnotation> read_annotations(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(path, ": cannot open annotations file");
+  // A regular file of at most 64 MiB (the real ones are a few KB): a directory or a FIFO named
+  // annotations.txt is an error naming it, not a library exception or a hang.
+  const std::string text = read_file(path, uint64_t(64) << 20);
   std::vector<ClipAnnotation> out;
-  std::string line;
   int n = 0;
-  while (std::getline(in, line)) {
+  for (size_t pos = 0; pos < text.size();) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    const std::string_view line(text.data() + pos, nl - pos);
+    pos = nl + 1;
     ++n;
     if (split_ws(line).empty()) continue;
     out.push_back(parse_annotation_line(line, path, n));
   }
-  if (in.bad()) fail(path, ": read error");
   return out;
 }
 

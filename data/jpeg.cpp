@@ -2,10 +2,11 @@
 
 #include <turbojpeg.h>
 
+#include <algorithm>
 #include <cstdio>
-#include <fstream>
 #include <memory>
 
+#include "engine/file_io.h"
 #include "kernels/check.h"
 
 namespace vb::data {
@@ -65,33 +66,45 @@ inline uint8_t cmyk_channel(int inv_c, int inv_k) {
 }  // namespace
 
 std::vector<uint8_t> read_file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) fail(path, ": cannot open (missing or unreadable)");
-  std::streamoff n = in.tellg();
-  if (n < 0) fail(path, ": cannot read its size");
-  std::vector<uint8_t> b(static_cast<size_t>(n));
-  in.seekg(0);
-  if (n > 0 && !in.read(reinterpret_cast<char*>(b.data()), n)) fail(path, ": read error");
-  return b;
+  return read_whole_file<std::vector<uint8_t>>(path, kMaxJpegFileBytes);
 }
 
-JpegHeader read_jpeg_header(const std::vector<uint8_t>& bytes, const std::string& name) {
-  if (bytes.empty()) fail(name, ": empty file");
+void check_jpeg_dimensions(int w, int h, const std::string& name) {
+  if (w <= 0 || h <= 0) fail(escape(name), ": JPEG header declares an empty frame (", w, "x", h, ")");
+  if (w > kMaxJpegSide || h > kMaxJpegSide)
+    fail(escape(name), ": frame of ", w, "x", h, " is too large (the limit is ", kMaxJpegSide, " pixels per side)");
+  if (int64_t(w) * h > kMaxJpegPixels)
+    fail(escape(name), ": frame of ", w, "x", h, " is too large (", int64_t(w) * h, " pixels; the limit is ",
+         kMaxJpegPixels, ")");
+  const int lo = std::min(w, h), hi = std::max(w, h);
+  if (int64_t(hi) > int64_t(kMaxJpegAspect) * lo)
+    fail(escape(name), ": frame of ", w, "x", h, " is too elongated (the long side may be at most ", kMaxJpegAspect,
+         " times the short one; no training crop fits such a frame)");
+}
+
+namespace {
+// The header of a file that starts as a JPEG, its dimensions checked; leaves the subsampling and colour space.
+void header(const std::vector<uint8_t>& bytes, const std::string& name, int& w, int& h, int& sub, int& cs) {
+  if (bytes.empty()) fail(escape(name), ": empty file");
   if (bytes.size() < 3 || bytes[0] != 0xFF || bytes[1] != 0xD8)
-    fail(name, ": not a JPEG file (no SOI marker; first bytes ", int(bytes[0]), " ", bytes.size() > 1 ? int(bytes[1]) : -1, ")");
-  int w = 0, h = 0, sub = 0, cs = 0;
+    fail(escape(name), ": not a JPEG file (no SOI marker; first bytes ", int(bytes[0]), " ",
+         bytes.size() > 1 ? int(bytes[1]) : -1, ")");
   if (tjDecompressHeader3(decompressor(), bytes.data(), (unsigned long)bytes.size(), &w, &h, &sub, &cs) != 0)
-    fail_decode(name, "bad JPEG header");
+    fail_decode(escape(name), "bad JPEG header");
+  check_jpeg_dimensions(w, h, name);
+}
+}  // namespace
+
+JpegHeader read_jpeg_header(const std::vector<uint8_t>& bytes, const std::string& name) {
+  int w = 0, h = 0, sub = 0, cs = 0;
+  header(bytes, name, w, h, sub, cs);
   return {w, h};
 }
 
 Image decode_jpeg(const std::vector<uint8_t>& bytes, const std::string& name, int min_width, int min_height) {
-  tjhandle d = decompressor();
-  if (bytes.empty()) fail(name, ": empty file");
-  if (bytes.size() < 3 || bytes[0] != 0xFF || bytes[1] != 0xD8) fail(name, ": not a JPEG file (no SOI marker)");
   int w = 0, h = 0, sub = 0, cs = 0;
-  if (tjDecompressHeader3(d, bytes.data(), (unsigned long)bytes.size(), &w, &h, &sub, &cs) != 0)
-    fail_decode(name, "bad JPEG header");
+  header(bytes, name, w, h, sub, cs);  // the limits hold before a pixel is allocated
+  tjhandle d = decompressor();
   int sw = w, sh = h;
   if (min_width > 0 || min_height > 0) {
     int n = 0;
@@ -114,7 +127,7 @@ Image decode_jpeg(const std::vector<uint8_t>& bytes, const std::string& name, in
   } else {
     rc = tjDecompress2(d, bytes.data(), (unsigned long)bytes.size(), img.pixels.data(), sw, 0, sh, TJPF_RGB, flags);
   }
-  if (rc != 0) fail_decode(name, "JPEG decode failed");
+  if (rc != 0) fail_decode(escape(name), "JPEG decode failed");
   if (cmyk) {
     size_t n = size_t(sw) * sh;
     for (size_t i = 0; i < n; ++i) {

@@ -1,7 +1,9 @@
 #include "engine/pickle.h"
 
+#include <algorithm>
 #include <cstring>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace vb::pickle {
 
@@ -41,42 +43,159 @@ int64_t Value::as_int() const {
   }
 }
 
+namespace {
+
+constexpr size_t kIndexFrom = 16;  // below this many keys a scan is as fast as a hash
+
+uint64_t mix(uint64_t h) {  // splitmix64's finaliser
+  h ^= h >> 30;
+  h *= 0xbf58476d1ce4e5b9ULL;
+  h ^= h >> 27;
+  h *= 0x94d049bb133111ebULL;
+  return h ^ (h >> 31);
+}
+uint64_t hash_int(int64_t x) { return mix(uint64_t(x) ^ 0x1000); }
+uint64_t hash_text(Type t, std::string_view s) { return mix(std::hash<std::string_view>{}(s) + uint64_t(t)); }
+
+// A hash consistent with same_key below: equal keys hash alike. Not recursive: a tuple hashes its size and
+// its scalar members only (nested containers add their type), so no key can make this walk deep.
+uint64_t hash_key(const Value& v) {
+  auto shallow = [](const Value& x) -> uint64_t {
+    switch (x.type) {
+      case Type::Int: return hash_int(x.i);
+      case Type::Bool: return hash_int(x.b ? 1 : 0);  // True == 1, as in Python
+      case Type::None: return 0x2000;
+      case Type::Float: {
+        if (x.f == 0) return 0x3000;  // 0.0 == -0.0
+        uint64_t u;
+        std::memcpy(&u, &x.f, 8);
+        return mix(u);
+      }
+      case Type::Str: case Type::Bytes: case Type::BigInt: return hash_text(x.type, x.str);
+      default: return 0x4000 + uint64_t(x.type);
+    }
+  };
+  switch (v.type) {
+    case Type::Int: case Type::Bool: case Type::None: case Type::Float: case Type::Str: case Type::Bytes:
+    case Type::BigInt:
+      return shallow(v);
+    case Type::Tuple: {
+      uint64_t h = mix(v.items.size() + 0x5000);
+      for (const auto& x : v.items) h = mix(h ^ shallow(*x));
+      return h;
+    }
+    default: return mix(uint64_t(reinterpret_cast<uintptr_t>(&v)));  // compared by identity
+  }
+}
+
+// Python's key equality for the key types a checkpoint uses; anything else compares by identity. Tuples
+// are compared with an explicit work list, not by recursion.
+bool same_key(const Value& a0, const Value& b0) {
+  std::vector<std::pair<const Value*, const Value*>> todo{{&a0, &b0}};
+  while (!todo.empty()) {
+    const auto [pa, pb] = todo.back();
+    todo.pop_back();
+    const Value &a = *pa, &b = *pb;
+    if (&a == &b) continue;
+    const bool an = a.type == Type::Int || a.type == Type::Bool, bn = b.type == Type::Int || b.type == Type::Bool;
+    if (an && bn) {
+      if (a.as_int() != b.as_int()) return false;
+      continue;
+    }
+    if (a.type != b.type) return false;
+    switch (a.type) {
+      case Type::None: break;
+      case Type::Float:
+        if (!(a.f == b.f)) return false;
+        break;
+      case Type::Str: case Type::Bytes: case Type::BigInt:
+        if (a.str != b.str) return false;
+        break;
+      case Type::Tuple:
+        if (a.items.size() != b.items.size()) return false;
+        for (size_t k = 0; k < a.items.size(); ++k) todo.emplace_back(a.items[k].get(), b.items[k].get());
+        break;
+      default: return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Value::~Value() {
+  // Take the children of every value that dies with this one, so that each destructor runs on a value
+  // with no children left: the depth of the tree never reaches the call stack.
+  std::vector<ValuePtr> todo;
+  auto take = [&todo](Value& v) {
+    for (auto& x : v.items) todo.push_back(std::move(x));
+    for (auto& [k, x] : v.dict) {
+      todo.push_back(std::move(k));
+      todo.push_back(std::move(x));
+    }
+    if (v.state) todo.push_back(std::move(v.state));
+    v.items.clear();
+    v.dict.clear();
+  };
+  take(*this);
+  while (!todo.empty()) {
+    ValuePtr v = std::move(todo.back());
+    todo.pop_back();
+    if (v && v.use_count() == 1) take(*v);
+    // v is released here: when this was the last reference, its (now childless) destructor runs.
+  }
+}
+
+const std::unordered_multimap<uint64_t, size_t>* Value::sync_index() const {
+  if (dict.size() < kIndexFrom) {
+    index_.reset();
+    return nullptr;
+  }
+  if (!index_ || index_size_ > dict.size()) {
+    index_ = std::make_unique<std::unordered_multimap<uint64_t, size_t>>();
+    index_size_ = 0;
+  }
+  for (; index_size_ < dict.size(); ++index_size_) index_->emplace(hash_key(*dict[index_size_].first), index_size_);
+  return index_.get();
+}
+
 ValuePtr Value::get(std::string_view key) const {
+  if (const auto* idx = sync_index()) {
+    auto [lo, hi] = idx->equal_range(hash_text(Type::Str, key));
+    for (auto it = lo; it != hi; ++it)
+      if (const auto& [k, v] = dict[it->second]; k->type == Type::Str && k->str == key) return v;
+    return nullptr;
+  }
   for (const auto& [k, v] : dict)
     if (k->type == Type::Str && k->str == key) return v;
   return nullptr;
 }
 
 ValuePtr Value::get_int(int64_t key) const {
+  if (const auto* idx = sync_index()) {
+    auto [lo, hi] = idx->equal_range(hash_int(key));
+    for (auto it = lo; it != hi; ++it)
+      if (const auto& [k, v] = dict[it->second]; (k->type == Type::Int || k->type == Type::Bool) && k->as_int() == key)
+        return v;
+    return nullptr;
+  }
   for (const auto& [k, v] : dict)
-    if (k->type == Type::Int && k->i == key) return v;
+    if ((k->type == Type::Int || k->type == Type::Bool) && k->as_int() == key) return v;
   return nullptr;
 }
 
-namespace {
-// Python's key equality for the key types a checkpoint uses; anything else compares by identity.
-bool same_key(const Value& a, const Value& b) {
-  if (&a == &b) return true;
-  const bool an = a.type == Type::Int || a.type == Type::Bool, bn = b.type == Type::Int || b.type == Type::Bool;
-  if (an && bn) return a.as_int() == b.as_int();
-  if (a.type != b.type) return false;
-  switch (a.type) {
-    case Type::None: return true;
-    case Type::Float: return a.f == b.f;
-    case Type::Str: case Type::Bytes: case Type::BigInt: return a.str == b.str;
-    case Type::Tuple:
-      if (a.items.size() != b.items.size()) return false;
-      for (size_t k = 0; k < a.items.size(); ++k)
-        if (!same_key(*a.items[k], *b.items[k])) return false;
-      return true;
-    default: return false;
-  }
-}
-}  // namespace
-
 void Value::set_item(ValuePtr key, ValuePtr value) {
-  for (auto& kv : dict)
-    if (same_key(*kv.first, *key)) { kv.second = std::move(value); return; }
+  if (const auto* idx = sync_index()) {
+    auto [lo, hi] = idx->equal_range(hash_key(*key));
+    for (auto it = lo; it != hi; ++it)
+      if (same_key(*dict[it->second].first, *key)) {
+        dict[it->second].second = std::move(value);
+        return;
+      }
+  } else {
+    for (auto& kv : dict)
+      if (same_key(*kv.first, *key)) { kv.second = std::move(value); return; }
+  }
   dict.emplace_back(std::move(key), std::move(value));
 }
 
@@ -87,13 +206,13 @@ std::string describe(const Value& v) {
     case Type::Int: return "int " + std::to_string(v.i);
     case Type::BigInt: return "int (" + std::to_string(v.str.size()) + " bytes)";
     case Type::Float: return "float " + std::to_string(v.f);
-    case Type::Str: return "str '" + (v.str.size() > 40 ? v.str.substr(0, 40) + "..." : v.str) + "'";
+    case Type::Str: return "str '" + escape(v.str, 40) + "'";
     case Type::Bytes: return "bytes (" + std::to_string(v.str.size()) + ")";
     case Type::List: return "list (" + std::to_string(v.items.size()) + " items)";
     case Type::Tuple: return "tuple (" + std::to_string(v.items.size()) + " items)";
     case Type::Dict: return "dict (" + std::to_string(v.dict.size()) + " items)";
-    case Type::Global: return "global " + v.str;
-    case Type::Object: return "object " + v.str;
+    case Type::Global: return "global " + escape(v.str);
+    case Type::Object: return "object " + escape(v.str);
     case Type::Tensor: return v.tensor ? "tensor " + shape_str(v.tensor->shape) : "tensor";
   }
   return "?";
@@ -108,10 +227,11 @@ class Unpickler {
 
   ValuePtr run();
   size_t pos() const { return pos_; }
-  // A hostile pickle can make a container hold itself (DUP or a memo GET, then APPEND); shared pointers
-  // would leak such a cycle. Every value that passed through the stack is known here, so the cycle can be
-  // found and broken.
-  bool has_cycle(const ValuePtr& root) const;
+  // After STOP: "" when every value the pickle made is a tree (or a DAG) nested at most max_depth deep,
+  // else what is wrong. A hostile pickle can make a container hold itself (DUP or a memo GET, then
+  // APPEND); shared pointers would leak such a cycle. Every value that passed through the stack is known
+  // here, so the cycle can be found and broken (break_all).
+  std::string check_structure() const;
   void break_all();
 
  private:
@@ -154,6 +274,8 @@ class Unpickler {
   }
 
   void push(ValuePtr v) {
+    if (seen_.size() >= opt_.max_values)
+      bad("more than ", opt_.max_values, " values (no checkpoint holds that many; the pickle is malformed or hostile)");
     seen_.push_back(v);
     stack_.push_back(std::move(v));
   }
@@ -187,7 +309,7 @@ class Unpickler {
   ValuePtr make_global(const std::string& module, const std::string& name) {
     const std::string full = module + "." + name;
     if (full != "collections.OrderedDict" && !opt_.allowed_globals.count(full))
-      bad("global '", full, "' is not allowed (only tensors, storages and plain containers are read; no code runs)");
+      bad("global '", escape(full), "' is not allowed (only tensors, storages and plain containers are read; no code runs)");
     auto v = Value::make(Type::Global);
     v->str = full;
     return v;
@@ -195,7 +317,7 @@ class Unpickler {
 
   ValuePtr call(const ValuePtr& callable, const ValuePtr& args) {
     if (!callable->is(Type::Global)) bad("call of a ", type_name(callable->type), ", not of an allowed global");
-    if (!args->is(Type::Tuple)) bad("call of ", callable->str, " with ", describe(*args), " instead of an argument tuple");
+    if (!args->is(Type::Tuple)) bad("call of ", escape(callable->str), " with ", describe(*args), " instead of an argument tuple");
     if (callable->str == "collections.OrderedDict") {
       auto d = Value::make(Type::Dict);
       if (!args->items.empty()) {  // OrderedDict([(k, v), ...])
@@ -259,7 +381,7 @@ class Unpickler {
       if (used != t.size()) throw std::invalid_argument(t);
       return Value::make_int(x);
     } catch (const std::exception&) {
-      bad("bad integer literal '", t, "'");
+      bad("bad integer literal '", escape(t), "'");
     }
   }
 };
@@ -312,7 +434,7 @@ ValuePtr Unpickler::run() {
         try {
           v->f = std::stod(t);
         } catch (const std::exception&) {
-          bad("bad float literal '", t, "'");
+          bad("bad float literal '", escape(t), "'");
         }
         push(v);
         break;
@@ -434,39 +556,53 @@ ValuePtr Unpickler::run() {
   }
 }
 
-bool Unpickler::has_cycle(const ValuePtr& root) const {
-  // Depth-first with colours: reaching a value still on the path (grey) closes a cycle.
-  std::unordered_map<const Value*, int> colour;  // 1 grey, 2 black
-  auto children = [](const Value* v) {
-    std::vector<const Value*> c;
-    for (const auto& x : v->items) c.push_back(x.get());
-    for (const auto& [k, x] : v->dict) {
-      c.push_back(k.get());
-      c.push_back(x.get());
-    }
-    if (v->state) c.push_back(v->state.get());
-    return c;
+std::string Unpickler::check_structure() const {
+  // Depth-first from every value made (the result and anything left in the memo), without recursion.
+  // Reaching a value still on the path closes a cycle. A finished value keeps its height (1 + its highest
+  // child's), so a DAG is walked once and its nesting depth is known whatever the order of the walk.
+  std::unordered_map<const Value*, int> state;  // absent: unseen; -1: on the path; h > 0: done, of height h
+  struct Frame {
+    const Value* v;
+    size_t next = 0;  // children visited so far: items, then dict keys and values, then state
+    int height = 1;
   };
-  std::vector<std::pair<const Value*, std::vector<const Value*>>> path;
-  colour[root.get()] = 1;
-  path.emplace_back(root.get(), children(root.get()));
-  while (!path.empty()) {
-    auto& [v, todo] = path.back();
-    if (todo.empty()) {
-      colour[v] = 2;
-      path.pop_back();
-      continue;
-    }
-    const Value* c = todo.back();
-    todo.pop_back();
-    int& col = colour[c];
-    if (col == 1) return true;
-    if (col == 0) {
-      col = 1;
-      path.emplace_back(c, children(c));
+  auto child = [](const Value* v, size_t k) -> const Value* {
+    if (k < v->items.size()) return v->items[k].get();
+    k -= v->items.size();
+    if (k < 2 * v->dict.size()) return (k % 2 ? v->dict[k / 2].second : v->dict[k / 2].first).get();
+    return v->state.get();
+  };
+  auto n_children = [](const Value* v) { return v->items.size() + 2 * v->dict.size() + (v->state ? 1 : 0); };
+  const std::string too_deep = detail::concat("containers nested more than ", opt_.max_depth,
+                                              " levels deep (no checkpoint nests so deep; the pickle is malformed or hostile)");
+  std::vector<Frame> path;
+  for (const auto& w : seen_) {
+    const ValuePtr root = w.lock();
+    if (!root || state.count(root.get())) continue;
+    state[root.get()] = -1;
+    path.push_back({root.get()});
+    while (!path.empty()) {
+      Frame& f = path.back();
+      if (f.next == n_children(f.v)) {
+        if (f.height > opt_.max_depth) return too_deep;
+        state[f.v] = f.height;
+        const int h = f.height;
+        path.pop_back();
+        if (!path.empty()) path.back().height = std::max(path.back().height, h + 1);
+        continue;
+      }
+      const Value* c = child(f.v, f.next++);
+      auto [it, fresh] = state.try_emplace(c, -1);
+      if (!fresh) {
+        if (it->second < 0) return "the pickle holds a container that contains itself (no checkpoint does)";
+        f.height = std::max(f.height, it->second + 1);
+        continue;
+      }
+      if (path.size() >= size_t(opt_.max_depth)) return too_deep;
+      path.push_back({c});
     }
   }
-  return false;
+  return "";
 }
 
 void Unpickler::break_all() {
@@ -490,9 +626,9 @@ ValuePtr unpickle(std::string_view data, size_t& pos, const Options& opt, const 
     u.break_all();
     throw;
   }
-  if (u.has_cycle(v)) {
+  if (const std::string problem = u.check_structure(); !problem.empty()) {
     u.break_all();
-    fail(what, ": the pickle holds a container that contains itself (no checkpoint does)");
+    fail(what, ": ", problem);
   }
   pos = u.pos();
   return v;

@@ -83,7 +83,7 @@ std::vector<int64_t> int_tuple(const ValuePtr& v, const char* what) {
 // The loader of one file: the unpickler's callbacks, the storages seen, and the final copy-out.
 class PthReader {
  public:
-  PthReader(std::string_view bytes, const std::string& path) : buf_(bytes), path_(path) {}
+  PthReader(std::string_view bytes, const std::string& path) : buf_(bytes), raw_path_(path), path_(escape(path)) {}
 
   ValuePtr read() {
     if (looks_like_zip(buf_)) return read_zip();
@@ -95,7 +95,8 @@ class PthReader {
 
  private:
   std::string_view buf_;
-  const std::string& path_;
+  const std::string& raw_path_;
+  const std::string path_;  // escaped: a path may hold any byte, and messages are one line
   bool legacy_ = false;
   bool big_endian_ = false;
   std::map<std::string, std::shared_ptr<Storage>> storages_;  // by key: shared storages are one object
@@ -117,14 +118,15 @@ class PthReader {
       fail("expected a ('storage', ...) tuple, found ", pickle::describe(*pid));
     const auto& it = pid->items;
     if (it[0]->str == "module")
-      fail("the file holds a pickled module (", it.size() > 1 ? pickle::describe(*it[1]) : "?",
+      fail("the file holds a pickled module (", it.size() > 1 ? pickle::describe(*it[1]) : std::string("?"),
            "); save a state_dict instead");
     if (it[0]->str != "storage" || it.size() < 5) fail("unknown persistent id ", pickle::describe(*pid));
     if (!it[1]->is(Type::Global)) fail("storage type is ", pickle::describe(*it[1]));
     DType dt = storage_dtype(it[1]->str);
     if (!it[2]->is(Type::Str)) fail("storage key is ", pickle::describe(*it[2]));
     const std::string& key = it[2]->str;
-    if (!it[4]->is(Type::Int) || it[4]->i < 0) fail("storage '", key, "' has element count ", pickle::describe(*it[4]));
+    if (!it[4]->is(Type::Int) || it[4]->i < 0)
+      fail("storage '", escape(key), "' has element count ", pickle::describe(*it[4]));
     auto& st = storages_[key];
     if (!st) {
       st = std::make_shared<Storage>();
@@ -133,17 +135,19 @@ class PthReader {
       st->numel = it[4]->i;
       if (!legacy_) locate_zip_storage(*st);
     } else if (st->dtype != dt) {
-      fail("storage '", key, "' is read as both ", dtype_name(st->dtype), " and ", dtype_name(dt));
+      fail("storage '", escape(key), "' is read as both ", dtype_name(st->dtype), " and ", dtype_name(dt));
     }
     std::shared_ptr<Storage> result = st;
     if (legacy_ && it.size() >= 6 && !it[5]->is(Type::None)) {  // (view_key, offset, view_size)
       const auto& vm = it[5]->items;
       if (!it[5]->is(Type::Tuple) || vm.size() != 3 || !vm[0]->is(Type::Str) || !vm[1]->is(Type::Int) || !vm[2]->is(Type::Int))
-        fail("malformed storage view of '", key, "': ", pickle::describe(*it[5]));
+        fail("malformed storage view of '", escape(key), "': ", pickle::describe(*it[5]));
       auto& view = views_[vm[0]->str];
       if (!view) {
         const int64_t off = vm[1]->i, n = vm[2]->i;
-        if (off < 0 || n < 0 || off + n > st->numel) fail("storage view of '", key, "' is out of range");
+        // Compared without adding: off + n could overflow.
+        if (off < 0 || n < 0 || off > st->numel || n > st->numel - off)
+          fail("storage view of '", escape(key), "' (", n, " elements at ", off, ") is out of range of its ", st->numel);
         view = std::make_shared<Storage>();
         view->key = vm[0]->str;
         view->dtype = dt;
@@ -162,7 +166,7 @@ class PthReader {
   static DType storage_dtype(const std::string& global) {
     for (const auto& t : kStorageTypes)
       if (global == t.global) return t.dtype;
-    fail("tensors of type ", global, " are not supported (only float32/64, float16, bfloat16, int64, int32, uint8, bool)");
+    fail("tensors of type ", escape(global), " are not supported (only float32/64, float16, bfloat16, int64, int32, uint8, bool)");
   }
 
   ValuePtr call(const std::string& g, const std::vector<ValuePtr>& args) {
@@ -208,12 +212,12 @@ class PthReader {
     }
     if (n > 0 && last >= p.storage->numel)
       fail("tensor of size ", shape_str(p.size), ", stride ", shape_str(p.stride), " at offset ", p.offset,
-           " reaches element ", int64_t(last), " of storage '", p.storage->key, "' which has ", p.storage->numel);
+           " reaches element ", int64_t(last), " of storage '", escape(p.storage->key), "' which has ", p.storage->numel);
   }
 
   // ---- zip ----
   ValuePtr read_zip() {
-    for (auto& e : read_zip_directory(buf_, path_)) zip_entries_[e.name] = e;
+    for (auto& e : read_zip_directory(buf_, raw_path_)) zip_entries_[e.name] = e;
     const ZipEntry* pkl = nullptr;
     for (const auto& [name, e] : zip_entries_) {
       size_t slash = name.find('/');
@@ -228,29 +232,31 @@ class PthReader {
     if (bo != zip_entries_.end()) {
       std::string order(entry_bytes(bo->second));
       if (order == "big") big_endian_ = true;
-      else if (order != "little") fail(path_, ": unknown byteorder '", order, "'");
+      else if (order != "little") fail(path_, ": unknown byteorder '", escape(order), "'");
     }
     std::string_view pickle_bytes = entry_bytes(*pkl);
     size_t pos = 0;
-    ValuePtr root = pickle::unpickle(pickle_bytes, pos, options(), path_ + " (" + pkl->name + ")");
+    ValuePtr root = pickle::unpickle(pickle_bytes, pos, options(), path_ + " (" + escape(pkl->name) + ")");
     materialise(root);
     return root;
   }
 
   std::string_view entry_bytes(const ZipEntry& e) const {
     if (e.method != 0)
-      fail(path_, ": zip entry '", e.name, "' is compressed (method ", e.method,
+      fail(path_, ": zip entry '", escape(e.name), "' is compressed (method ", e.method,
            "); torch.save stores entries uncompressed, re-save the file with torch.save");
     return buf_.substr(size_t(e.data_offset), size_t(e.size));
   }
 
   void locate_zip_storage(Storage& st) {
     auto it = zip_entries_.find(archive_ + "data/" + st.key);
-    if (it == zip_entries_.end()) fail("storage '", st.key, "' has no entry ", archive_, "data/", st.key, " in the zip");
+    if (it == zip_entries_.end())
+      fail("storage '", escape(st.key), "' has no entry ", escape(archive_ + "data/" + st.key), " in the zip");
     std::string_view b = entry_bytes(it->second);
-    const uint64_t need = uint64_t(st.numel) * dtype_size(st.dtype);
-    if (b.size() < need)
-      fail("storage '", st.key, "' holds ", b.size(), " bytes, ", st.numel, " elements of ", dtype_name(st.dtype), " need ", need);
+    // Divided, not multiplied: a hostile element count times the element size could wrap past the check.
+    if (uint64_t(st.numel) > b.size() / dtype_size(st.dtype))
+      fail("storage '", escape(st.key), "' holds ", b.size(), " bytes, too few for the ", st.numel, " elements of ",
+           dtype_name(st.dtype), " it declares");
     st.data = reinterpret_cast<const uint8_t*>(b.data());
   }
 
@@ -274,21 +280,24 @@ class PthReader {
     for (const auto& k : keys->items) {
       if (!k->is(Type::Str)) fail(path_, ": storage key is ", pickle::describe(*k));
       auto it = storages_.find(k->str);
-      if (it == storages_.end()) fail(path_, ": storage '", k->str, "' is listed but no tensor uses it");
+      if (it == storages_.end()) fail(path_, ": storage '", escape(k->str), "' is listed but no tensor uses it");
       Storage& st = *it->second;
-      if (buf_.size() - pos < 8) fail(path_, ": truncated (storage '", st.key, "' is missing)");
+      if (st.data) fail(path_, ": storage '", escape(st.key), "' is listed twice");
+      if (buf_.size() - pos < 8) fail(path_, ": truncated (storage '", escape(st.key), "' is missing)");
       const uint64_t n = le(buf_, pos, 8);
       pos += 8;
       if (n != uint64_t(st.numel))
-        fail(path_, ": storage '", st.key, "' has ", n, " elements in the data but ", st.numel, " in the pickle");
+        fail(path_, ": storage '", escape(st.key), "' has ", n, " elements in the data but ", st.numel, " in the pickle");
+      // Divided, not multiplied: a hostile element count times the element size could wrap past the check.
+      if (n > (buf_.size() - pos) / dtype_size(st.dtype))
+        fail(path_, ": truncated (storage '", escape(st.key), "' declares ", n, " elements of ", dtype_name(st.dtype),
+             ", ", buf_.size() - pos, " bytes are left)");
       const uint64_t nbytes = n * dtype_size(st.dtype);
-      if (buf_.size() - pos < nbytes)
-        fail(path_, ": truncated (storage '", st.key, "' needs ", nbytes, " bytes, ", buf_.size() - pos, " are left)");
       st.data = reinterpret_cast<const uint8_t*>(buf_.data() + pos);
       pos += size_t(nbytes);
     }
     for (const auto& [key, st] : storages_)
-      if (!st->root && !st->data) fail(path_, ": storage '", key, "' is used but its data is missing");
+      if (!st->root && !st->data) fail(path_, ": storage '", escape(key), "' is used but its data is missing");
     materialise(root);
     return root;
   }
@@ -303,11 +312,14 @@ class PthReader {
       todo.pop_back();
       if (!v || !seen.insert(v).second) continue;
       if (v->is(Type::Tensor) && !v->tensor) {
-        // Views may repeat elements (stride 0), but not enough to turn a small file into a huge allocation.
+        // Views may repeat elements (stride 0, or tensors sharing a storage each copied out), but not enough
+        // to turn a small file into a huge allocation: checked before anything is allocated.
         const auto& p = *std::static_pointer_cast<PendingTensor>(v->payload);
         total += uint64_t(numel(p.size)) * dtype_size(p.storage->dtype);
-        if (total > 4 * uint64_t(buf_.size()) + (uint64_t(1) << 30))
-          fail(path_, ": malformed (its tensors would take ", total, " bytes, from a file of ", buf_.size(), ")");
+        const uint64_t limit = 2 * uint64_t(buf_.size()) + (uint64_t(64) << 20);
+        if (total > limit)
+          fail(path_, ": malformed or hostile (its tensors would expand to ", total, " bytes, more than twice the ",
+               buf_.size(), " bytes of the file; a view with stride 0 or overlapping views repeat elements)");
         v->tensor = std::make_shared<HostTensor>(copy_out(*std::static_pointer_cast<PendingTensor>(v->payload)));
         v->payload.reset();
       }
@@ -327,7 +339,7 @@ class PthReader {
     const int64_t n = t.numel();
     if (n == 0) return t;
     const uint8_t* src = st.bytes();
-    if (!src) fail(path_, ": storage '", st.key, "' has no data");
+    if (!src) fail(path_, ": storage '", escape(st.key), "' has no data");
     // Row-major contiguous views copy in one go; anything else walks the index.
     bool contiguous = true;
     int64_t expect = 1;
@@ -364,7 +376,8 @@ bool looks_like_legacy_pth(std::string_view b) {
   return b.size() >= 14 && b.substr(0, 4) == std::string_view("\x80\x02\x8a\x0a", 4) && b.substr(4, 10) == kLegacyMagic;
 }
 
-std::vector<ZipEntry> read_zip_directory(std::string_view b, const std::string& path) {
+std::vector<ZipEntry> read_zip_directory(std::string_view b, const std::string& path_raw) {
+  const std::string path = escape(path_raw);
   // The end-of-central-directory record sits in the last 22 + 65535 bytes (its comment may be that long).
   if (b.size() < 22) fail(path, ": truncated (", b.size(), " bytes: too short for a zip file)");
   size_t eocd = std::string_view::npos;
@@ -378,8 +391,10 @@ std::vector<ZipEntry> read_zip_directory(std::string_view b, const std::string& 
     if (eocd < 20 || b.substr(eocd - 20, 4) != std::string_view("PK\x06\x07", 4))
       fail(path, ": zip64 archive without its end-of-central-directory locator");
     const uint64_t z = le(b, eocd - 20 + 8, 8);
-    if (z > b.size() - 56 || b.substr(size_t(z), 4) != std::string_view("PK\x06\x06", 4))
-      fail(path, ": truncated or corrupt zip64 end-of-central-directory record");
+    // The record is 56 bytes: a file shorter than that cannot hold it wherever the locator points.
+    if (b.size() < 56 || z > b.size() - 56 || b.substr(size_t(z), 4) != std::string_view("PK\x06\x06", 4))
+      fail(path, ": truncated or corrupt zip64 end-of-central-directory record (the locator points at byte ", z,
+           " of a ", b.size(), "-byte file)");
     count = le(b, size_t(z) + 32, 8);
     cd_size = le(b, size_t(z) + 40, 8);
     cd_off = le(b, size_t(z) + 48, 8);
@@ -414,11 +429,11 @@ std::vector<ZipEntry> read_zip_directory(std::string_view b, const std::string& 
       x += 4 + size_t(sz);
     }
     p += 46 + nlen + xlen + clen;
-    if (local > b.size() - 30 || b.substr(size_t(local), 4) != std::string_view("PK\x03\x04", 4))
-      fail(path, ": truncated or corrupt zip (no local header for '", e.name, "')");
+    if (b.size() < 30 || local > b.size() - 30 || b.substr(size_t(local), 4) != std::string_view("PK\x03\x04", 4))
+      fail(path, ": truncated or corrupt zip (no local header for '", escape(e.name), "')");
     const uint64_t data = local + 30 + le(b, size_t(local) + 26, 2) + le(b, size_t(local) + 28, 2);
     if (data > b.size() || csize > b.size() - data)
-      fail(path, ": truncated (zip entry '", e.name, "' runs past the end of the file)");
+      fail(path, ": truncated (zip entry '", escape(e.name), "' runs past the end of the file)");
     e.data_offset = data;
     e.size = csize;
     out.push_back(std::move(e));

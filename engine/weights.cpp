@@ -28,8 +28,8 @@ WeightFormat detect_weight_format(const std::string& b, const std::string& path)
     std::memcpy(&n, b.data(), 8);
     if (n >= 2 && n < (uint64_t(1) << 32)) return WeightFormat::Safetensors;
   }
-  if (b.empty()) fail(path, ": not a checkpoint (the file is empty)");
-  fail(path, ": not a checkpoint (neither a PyTorch .pth, zip or legacy, nor a safetensors file)");
+  if (b.empty()) fail(escape(path), ": not a checkpoint (the file is empty)");
+  fail(escape(path), ": not a checkpoint (neither a PyTorch .pth, zip or legacy, nor a safetensors file)");
 }
 
 namespace {
@@ -43,7 +43,7 @@ bool is_tensor_dict(const ValuePtr& v) {
 
 std::vector<std::string> dict_keys(const ValuePtr& v) {
   std::vector<std::string> r;
-  for (const auto& [k, x] : v->dict) r.push_back(k->is(Type::Str) ? k->str : pickle::describe(*k));
+  for (const auto& [k, x] : v->dict) r.push_back(k->is(Type::Str) ? escape(k->str, 60) : pickle::describe(*k));
   return r;
 }
 
@@ -90,13 +90,13 @@ StateDict state_dict_from_value(const ValuePtr& root, const std::string& path) {
   }
   if (!is_tensor_dict(d)) {
     if (root && root->is(Type::Dict))
-      fail(path, ": no state dict found (top-level keys: ", join(dict_keys(root)),
+      fail(escape(path), ": no state dict found (top-level keys: ", join(dict_keys(root)),
            "; expected tensors, or a dict under state_dict / model_state_dict / model)");
-    fail(path, ": no state dict found (the file holds ", root ? pickle::describe(*root) : "nothing", ")");
+    fail(escape(path), ": no state dict found (the file holds ", root ? pickle::describe(*root) : "nothing", ")");
   }
   StateDict sd;
   for (const auto& [k, v] : d->dict) {
-    if (sd.has(k->str)) fail(path, ": key '", k->str, "' appears twice");
+    if (sd.has(k->str)) fail(escape(path), ": key '", escape(k->str), "' appears twice");
     sd.set(k->str, *v->tensor);
   }
   strip_key_prefixes(sd);
@@ -109,7 +109,7 @@ StateDict load_state_dict_bytes(const std::string& bytes, const std::string& pat
   StateDict sd = f == WeightFormat::Safetensors ? parse_safetensors(bytes, path)
                                                 : state_dict_from_value(parse_pth(bytes, path), path);
   if (f == WeightFormat::Safetensors) {
-    if (sd.order.empty()) fail(path, ": no tensors in the safetensors file");
+    if (sd.order.empty()) fail(escape(path), ": no tensors in the safetensors file");
     strip_key_prefixes(sd);
   }
   return sd;
@@ -128,9 +128,9 @@ void check_against_specs(const StateDict& sd, const std::vector<TensorSpec>& spe
       shapes.push_back(s.name + " is " + shape_str(it->second.shape) + ", expected " + shape_str(s.shape));
   }
   for (const auto& k : sd.order)
-    if (!known.count(k)) unexpected.push_back(k);
+    if (!known.count(k)) unexpected.push_back(escape(k, 80));
   if (missing.empty() && unexpected.empty() && shapes.empty()) return;
-  std::string msg = path + ": does not fit the model:";
+  std::string msg = escape(path) + ": does not fit the model:";
   if (!missing.empty()) msg += " missing keys: " + join(missing) + ";";
   if (!unexpected.empty()) msg += " unexpected keys: " + join(unexpected) + ";";
   if (!shapes.empty()) msg += " wrong shapes: " + join(shapes, 4) + ";";
@@ -155,7 +155,8 @@ struct Reader {
   }
   int64_t integer(const ValuePtr& v, const std::string& what) const {
     const double x = num(v, what);
-    if (x != std::floor(x)) fail(path, ": ", what, " is ", x, ", not an integer");
+    // In range before the cast: converting 1e300 or inf to int64 is undefined.
+    if (x != std::floor(x) || std::fabs(x) >= 9.2e18) fail(path, ": ", what, " is ", x, ", not an integer");
     return int64_t(x);
   }
   std::vector<double> nums(const ValuePtr& v, const std::string& what) const {
@@ -175,22 +176,23 @@ struct Reader {
 NotebookCheckpoint read_notebook_checkpoint(const std::string& path) {
   const std::string bytes = read_file(path);
   const WeightFormat f = detect_weight_format(bytes, path);
-  if (f == WeightFormat::Safetensors) fail(path, ": a safetensors file holds weights only, not a training checkpoint");
+  const std::string file = escape(path);  // for messages
+  if (f == WeightFormat::Safetensors) fail(file, ": a safetensors file holds weights only, not a training checkpoint");
   const ValuePtr root = parse_pth(bytes, path);
-  const Reader r{path};
+  const Reader r{file};
   if (!root->is(Type::Dict) || !root->get("model_state_dict"))
-    fail(path, ": not a training checkpoint (expected a dict with epoch, model_state_dict, optimizer_state_dict)");
+    fail(file, ": not a training checkpoint (expected a dict with epoch, model_state_dict, optimizer_state_dict)");
   NotebookCheckpoint ck;
   ck.epoch = r.integer(r.need(root, "epoch", "the checkpoint"), "epoch");
   ValuePtr msd = root->get("model_state_dict");
-  if (!is_tensor_dict(msd)) fail(path, ": model_state_dict is ", pickle::describe(*msd), ", not a dict of tensors");
+  if (!is_tensor_dict(msd)) fail(file, ": model_state_dict is ", pickle::describe(*msd), ", not a dict of tensors");
   ck.model = state_dict_from_value(msd, path);
 
   ValuePtr opt = r.need(root, "optimizer_state_dict", "the checkpoint");
   ValuePtr state = r.need(opt, "state", "optimizer_state_dict");
-  if (!state->is(Type::Dict)) fail(path, ": optimizer_state_dict.state is ", pickle::describe(*state));
+  if (!state->is(Type::Dict)) fail(file, ": optimizer_state_dict.state is ", pickle::describe(*state));
   for (const auto& [k, v] : state->dict) {
-    if (!k->is(Type::Int)) fail(path, ": optimizer state key ", pickle::describe(*k), " is not a parameter index");
+    if (!k->is(Type::Int)) fail(file, ": optimizer state key ", pickle::describe(*k), " is not a parameter index");
     const std::string where = "optimizer state of parameter " + std::to_string(k->i);
     AdamWParamState s;
     s.step = r.integer(r.need(v, "step", where), where + ": step");
@@ -199,14 +201,14 @@ NotebookCheckpoint read_notebook_checkpoint(const std::string& path) {
     ck.optimizer_state[k->i] = std::move(s);
   }
   ValuePtr groups = r.need(opt, "param_groups", "optimizer_state_dict");
-  if (!groups->is(Type::List)) fail(path, ": param_groups is ", pickle::describe(*groups));
+  if (!groups->is(Type::List)) fail(file, ": param_groups is ", pickle::describe(*groups));
   for (size_t gi = 0; gi < groups->items.size(); ++gi) {
     const ValuePtr& g = groups->items[gi];
     const std::string where = "param_groups[" + std::to_string(gi) + "]";
     AdamWParamGroup pg;
     pg.lr = r.num(r.need(g, "lr", where), where + ".lr");
     auto betas = r.nums(r.need(g, "betas", where), where + ".betas");
-    if (betas.size() != 2) fail(path, ": ", where, ".betas has ", betas.size(), " values");
+    if (betas.size() != 2) fail(file, ": ", where, ".betas has ", betas.size(), " values");
     pg.beta1 = betas[0];
     pg.beta2 = betas[1];
     pg.eps = r.num(r.need(g, "eps", where), where + ".eps");
@@ -214,7 +216,10 @@ NotebookCheckpoint read_notebook_checkpoint(const std::string& path) {
     if (ValuePtr il = g->get("initial_lr")) pg.initial_lr = r.num(il, where + ".initial_lr");
     if (ValuePtr a = g->get("amsgrad"); a && a->is(Type::Bool)) pg.amsgrad = a->b;
     if (ValuePtr m = g->get("maximize"); m && m->is(Type::Bool)) pg.maximize = m->b;
-    for (double p : r.nums(r.need(g, "params", where), where + ".params")) pg.params.push_back(int64_t(p));
+    const ValuePtr params = r.need(g, "params", where);
+    if (!params->is(Type::List) && !params->is(Type::Tuple))
+      fail(file, ": ", where, ".params is ", pickle::describe(*params), ", not a list");
+    for (const auto& p : params->items) pg.params.push_back(r.integer(p, where + ".params"));
     ck.param_groups.push_back(std::move(pg));
   }
 

@@ -440,7 +440,7 @@ TEST_CASE("views: storage offset, strides and shared storages are honoured") {
   huge.op('}').str("x").tensor("FloatStorage", "0", 7, 0, {1 << 16, 1 << 16}, {0, 0}).op('s').op('.');
   wide.op('}').str("x").tensor("FloatStorage", "0", 7, 0, {1 << 20, 1 << 20, 2}, {0, 0, 0}).op('s').op('.');
   CHECK(contains(error_of([&] { load_state_dict_bytes(make_zip({{"a/data.pkl", huge.s}, {"a/data/0", s0}}), "huge.pth"); }),
-                 "huge.pth: malformed (its tensors would take 17179869184 bytes"));
+                 "huge.pth: malformed or hostile (its tensors would expand to 17179869184 bytes"));
   CHECK(contains(error_of([&] { load_state_dict_bytes(make_zip({{"a/data.pkl", wide.s}, {"a/data/0", s0}}), "wide.pth"); }),
                  "is too large"));
 
