@@ -56,7 +56,7 @@ double golden_tolerance(const std::string& name, Device device, Precision precis
 template <class T>
 std::vector<GoldenEntry> run_golden_t(BackendT<T>& be, const StateDict& weights, const StateDict& ref,
                                       const GoldenOptions& opt) {
-  const ModelConfig cfg = infer_model_config(weights);
+  const ModelConfig cfg = infer_model_config(weights, "the weights");
   ModelT<T> model(be, cfg);
   model.load_state_dict(weights, "weights");
   const StateDict init = model.state_dict();

@@ -65,40 +65,52 @@ std::vector<TensorSpec> model_tensor_specs(const ModelConfig& cfg) {
   return v;
 }
 
-ModelConfig infer_model_config(const StateDict& sd) {
+ModelConfig infer_model_config(const StateDict& sd, const std::string& source) {
+  const std::string at = source.empty() ? std::string() : escape(source) + ": ";
   ModelConfig cfg;
-  if (!sd.has("conv1.weight")) fail("not a ResNet state dict: no 'conv1.weight'");
+  if (!sd.has("conv1.weight"))
+    fail(at, "not the weights of a ResNet: it has no 'conv1.weight' (expected torchvision's names: conv1.weight, "
+         "layer1.0.conv1.weight, ..., fc.weight; the notebook's model.* and module.* prefixes are accepted)");
   const HostTensor& c1 = sd.at("conv1.weight");
-  if (c1.shape.size() != 4 || c1.shape[1] != 3 || c1.shape[2] != 7 || c1.shape[3] != 7)
-    fail("conv1.weight has shape ", shape_str(c1.shape), ", expected [width, 3, 7, 7]");
+  if (c1.shape.size() != 4 || c1.shape[1] != 3 || c1.shape[2] != 7 || c1.shape[3] != 7 || c1.shape[0] < 1 ||
+      c1.shape[0] > 4096)
+    fail(at, "conv1.weight has shape ", shape_str(c1.shape), ", expected [width, 3, 7, 7] with width 1..4096");
   cfg.width = int(c1.shape[0]);
   std::map<int, int> blocks;
-  static const std::regex re(R"(^layer(\d+)\.(\d+)\.)");
+  static const std::regex re(R"(^layer(\d{1,9})\.(\d{1,9})\.)");
   for (const auto& k : sd.order) {
     std::smatch m;
     if (std::regex_search(k, m, re)) {
-      int st = std::stoi(m[1]), b = std::stoi(m[2]);
-      blocks[st] = std::max(blocks[st], b + 1);
+      const long st = std::stol(m[1]), b = std::stol(m[2]);
+      if (st < 1 || st > 16 || b > 1000)
+        fail(at, "'", escape(k), "' is not a ResNet layer (stages 1..16, at most 1,000 blocks each)");
+      blocks[int(st)] = std::max(blocks[int(st)], int(b) + 1);
     }
   }
-  if (blocks.empty()) fail("not a ResNet state dict: no layerN.M.* keys");
+  if (blocks.empty()) fail(at, "not the weights of a ResNet: no layerN.M.* keys (e.g. layer1.0.conv1.weight)");
   cfg.blocks.clear();
   for (int st = 1; st <= int(blocks.size()); ++st) {
-    if (!blocks.count(st)) fail("state dict has no layer", st, " but has later stages");
+    if (!blocks.count(st)) fail(at, "the weights have no layer", st, " but have later stages");
     cfg.blocks.push_back(blocks[st]);
   }
   cfg.hidden.clear();
+  auto rows_of = [&](const std::string& k) {
+    const HostTensor& t = sd.at(k);
+    if (t.shape.size() != 2 || t.shape[0] < 1 || t.shape[0] > 1000000)
+      fail(at, k, " has shape ", shape_str(t.shape), ", expected [out, in] with 1..1000000 outputs");
+    return int(t.shape[0]);
+  };
   if (sd.has("fc.weight")) {  // torchvision's single Linear head (an ImageNet head)
-    cfg.num_classes = int(sd.at("fc.weight").shape[0]);
+    cfg.num_classes = rows_of("fc.weight");
     return cfg;
   }
   std::vector<int> outs;
   for (int idx = 0;; idx += 2) {
     const std::string k = "fc." + std::to_string(idx) + ".weight";
     if (!sd.has(k)) break;
-    outs.push_back(int(sd.at(k).shape[0]));
+    outs.push_back(rows_of(k));
   }
-  if (outs.empty()) fail("state dict has no head (neither fc.weight nor fc.0.weight)");
+  if (outs.empty()) fail(at, "the weights have no head (neither fc.weight nor fc.0.weight)");
   cfg.num_classes = outs.back();
   outs.pop_back();
   cfg.hidden = outs;

@@ -41,7 +41,8 @@ std::vector<TensorSpec> model_tensor_specs(const ModelConfig& cfg);
 
 // Reads the configuration from a state dict with torchvision names (no prefix): stages and blocks from the
 // layerN.M keys, width from conv1.weight, head from fc.* (a plain `fc.weight` is an ImageNet-style head).
-ModelConfig infer_model_config(const StateDict& sd);
+// Errors start with `source` (the file the weights came from) when it is given.
+ModelConfig infer_model_config(const StateDict& sd, const std::string& source = "");
 
 // Parses "3,4,6,3" or "" into integers; errors name the flag.
 std::vector<int> parse_int_list(const std::string& s, const std::string& what);

@@ -27,16 +27,16 @@ using namespace vb;
 bool is_head_key(const std::string& k) { return k.rfind("fc.", 0) == 0; }
 
 // The backbone's configuration (blocks, width) from the file, whatever head it has (or none).
-ModelConfig backbone_config(const StateDict& sd) {
+ModelConfig backbone_config(const StateDict& sd, const std::string& source) {
   bool has_head = false;
   for (const auto& k : sd.order) has_head |= is_head_key(k);
-  if (has_head) return infer_model_config(sd);
+  if (has_head) return infer_model_config(sd, source);
   StateDict probe;  // infer_model_config wants a head: lend it a placeholder (only names and conv1's shape count)
   for (const auto& k : sd.order)
     if (k.rfind("layer", 0) == 0) probe.set(k, HostTensor());
   if (sd.has("conv1.weight")) probe.set("conv1.weight", HostTensor(sd.at("conv1.weight").shape, DType::U8));
   probe.set("fc.weight", HostTensor({1, 1}, DType::U8));
-  return infer_model_config(probe);
+  return infer_model_config(probe, source);
 }
 
 // nn.Linear's default initialisation: kaiming_uniform_(a=sqrt(5)) on the weight and the bias both come to
@@ -101,7 +101,7 @@ int run(const Args& a) {
     std::printf("hash:    no torch-hub hash prefix in the file name to check\n");
   }
 
-  ModelConfig cfg = backbone_config(sd);
+  ModelConfig cfg = backbone_config(sd, a.in);
   cfg.num_classes = a.num_classes;
   if (a.num_classes <= 0) fail("--num-classes must be positive");
   // Without --hidden-layers a notebook head with the requested class count keeps its hidden layers.
@@ -109,7 +109,7 @@ int run(const Args& a) {
   if (a.hidden_given) {
     cfg.hidden = parse_int_list(a.hidden, "--hidden-layers");
   } else if (sd.has("fc.0.weight") && !sd.has("fc.weight")) {
-    const ModelConfig in_cfg = infer_model_config(sd);
+    const ModelConfig in_cfg = infer_model_config(sd, a.in);
     if (in_cfg.num_classes == cfg.num_classes) cfg.hidden = in_cfg.hidden;
   }
   const std::vector<TensorSpec> specs = model_tensor_specs(cfg);
