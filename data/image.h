@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/check.h"
+
 namespace vb::data {
 
 struct Image {
@@ -34,8 +36,20 @@ struct ImageSize {
 };
 
 // Reads "S" or "HxW" (also "HXW"); throws vb::Error naming the text on anything else or a side outside
-// [1, 16384].
-ImageSize parse_image_size(const std::string& text);
+// [1, 16384]. Inline (as the rest of this header), so the engine reads sizes without linking data/.
+inline ImageSize parse_image_size(const std::string& text) {
+  auto side = [&](const std::string& t) {
+    if (t.empty() || t.size() > 6 || t.find_first_not_of("0123456789") != std::string::npos)
+      fail("image size '", escape(text), "': expected S or HxW (height x width), e.g. 224 or 224x400");
+    const int v = std::stoi(t);
+    if (v < 1 || v > 16384) fail("image size '", escape(text), "': each side must be 1..16384");
+    return v;
+  };
+  const size_t x = text.find_first_of("xX");
+  if (x == std::string::npos) return ImageSize(side(text));
+  return ImageSize(side(text.substr(0, x)), side(text.substr(x + 1)));
+}
+
 // JSON (config.json, model metadata): a square size is a number (224, as before), any other "HxW"; reads
 // numbers, "S"/"HxW" strings and [h, w] arrays (templates: any nlohmann basic_json, ordered or not).
 template <class Json>

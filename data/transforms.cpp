@@ -485,19 +485,6 @@ Image resized_crop_reference(const Image& src, const CropBox& box, int out_w, in
   return out;
 }
 
-ImageSize parse_image_size(const std::string& text) {
-  auto side = [&](const std::string& t) {
-    if (t.empty() || t.size() > 6 || t.find_first_not_of("0123456789") != std::string::npos)
-      fail("image size '", escape(text), "': expected S or HxW (height x width), e.g. 224 or 224x400");
-    const int v = std::stoi(t);
-    if (v < 1 || v > 16384) fail("image size '", escape(text), "': each side must be 1..16384");
-    return v;
-  };
-  const size_t x = text.find_first_of("xX");
-  if (x == std::string::npos) return ImageSize(side(text));
-  return ImageSize(side(text.substr(0, x)), side(text.substr(x + 1)));
-}
-
 CropBox resize_shorter_size(int width, int height, int short_side) {
   VB_CHECK(width > 0 && height > 0 && short_side > 0, "resize of a ", width, "x", height, " image to ", short_side);
   const int short_ = std::min(width, height), long_ = std::max(width, height);

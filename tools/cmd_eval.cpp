@@ -8,7 +8,8 @@
 #include "data/dataset.h"
 #include "data/loader.h"
 #include "engine/text.h"
-#include "engine/trainer.h"
+#include "engine/train/evaluate.h"
+#include "engine/train/options.h"
 #include "tools/commands.h"
 #include "tools/image_size_option.h"
 

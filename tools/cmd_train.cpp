@@ -7,7 +7,7 @@
 #include "data/synth.h"
 #include "engine/backend.h"
 #include "engine/model_config.h"
-#include "engine/trainer.h"
+#include "engine/train/trainer.h"
 #include "tools/commands.h"
 #include "tools/image_size_option.h"
 
