@@ -79,7 +79,7 @@ LoadedModel load_model_file(Backend& be, const std::string& path, data::ImageSiz
   StateDict sd = load_state_dict_file(path);
   LoadedModel lm;
   lm.image_size = image_size_default;
-  ModelConfig cfg = infer_model_config(sd);
+  ModelConfig cfg = infer_model_config(sd, path);
   auto it = sd.metadata.find("vbtrain.config");
   if (it != sd.metadata.end()) {
     try {

@@ -25,7 +25,7 @@ bool is_epoch_model_file(const std::string& n) {
 
 // The notebook's checkpoint decides the model.
 void take_notebook_model(TrainOptions& opt, const NotebookCheckpoint& nb, const std::string& path) {
-  const ModelConfig nc = infer_model_config(nb.model);
+  const ModelConfig nc = infer_model_config(nb.model, path);
   opt.blocks = nc.blocks;
   opt.width = nc.width;
   opt.hidden = nc.hidden;

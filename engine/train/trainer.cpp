@@ -165,7 +165,7 @@ void Trainer::build_model() {
 // --weights: they decide the model's blocks, width and hidden layers.
 StateDict Trainer::load_initial_weights() {
   StateDict init = load_state_dict_file(opt_.weights);
-  ModelConfig wc = infer_model_config(init);
+  ModelConfig wc = infer_model_config(init, opt_.weights);
   if (wc.num_classes != data::kNumClasses)
     fail(opt_.weights, ": the weights have a ", wc.num_classes, "-class head; B1 has ", data::kNumClasses,
          " classes: convert them first (vbconvert ", opt_.weights, " engine.safetensors)");
