@@ -4,7 +4,8 @@
 #
 # usage: tools/gpu-check.sh [--deadline SECONDS] [build-folder]
 #   --deadline   the whole check ends within this many seconds (default 480), whatever each step does
-#   build-folder default: $VB_BUILD, else build-gpu, else build-cuda, else build. A folder that already
+#   build-folder default: $VB_BUILD, else build-gpu, else build-cuda, else build; or the archive that
+#                tools/pack-gpu-build.sh makes (.gpu-tools/build.tar.xz), unpacked into build-carried/. A folder that already
 #                holds the binaries is used as it is (a build carried from another checkout names paths
 #                that do not exist here: its tests find their fixtures through a link made at that path);
 #                one without them is configured and built first (VB_REBUILD=1 rebuilds a present one).
@@ -67,6 +68,13 @@ if [[ -z "$BUILD" ]]; then
   [[ -n "$BUILD" ]] || BUILD=$ROOT/build-gpu
 fi
 [[ "$BUILD" = /* ]] || BUILD=$PWD/$BUILD
+# An archive of tools/pack-gpu-build.sh (what fits the device tool's carry): unpacked beside the checkout.
+if [[ -f "$BUILD" && "$BUILD" == *.tar.xz ]]; then
+  rm -rf "$ROOT/build-carried" && mkdir -p "$ROOT/build-carried" &&
+    tar -C "$ROOT/build-carried" --strip-components=1 -xJf "$BUILD" ||
+    { echo "gpu-check: cannot unpack $BUILD" >&2; exit 2; }
+  BUILD=$ROOT/build-carried
+fi
 DATE=$(date -u +%Y-%m-%d)
 OUT=${OUT:-$BUILD/gpu-check-$DATE}
 mkdir -p "$OUT" || { echo "gpu-check: cannot create $OUT" >&2; exit 2; }
