@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build needs (Debian packages) when it is missing, then configures and builds vbtrain
 # into build/ (Release). Safe to run again: it only installs and rebuilds what is out of date.
-# Environment: BUILD_DIR (default build), VB_JOBS (default: all cores), VB_CMAKE_ARGS (extra cmake flags).
+# Environment: BUILD_DIR (default build), VB_JOBS (default: all cores), VB_CMAKE_ARGS (extra cmake flags),
+# VB_TARGETS (build only these targets; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
@@ -27,4 +28,4 @@ fi
 if [ ! -f "$BUILD_DIR/build.ninja" ]; then
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${VB_CMAKE_ARGS:-}
 fi
-cmake --build "$BUILD_DIR" -j "${VB_JOBS:-$(nproc)}"
+cmake --build "$BUILD_DIR" -j "${VB_JOBS:-$(nproc)}" ${VB_TARGETS:+--target $VB_TARGETS}
