@@ -9,7 +9,7 @@ BUILD_DIR=${BUILD_DIR:-build}
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in cmake ninja-build g++ pkg-config libturbojpeg0-dev doctest-dev nlohmann-json3-dev libcli11-dev; do
+for p in cmake ninja-build g++ pkg-config ccache libturbojpeg0-dev doctest-dev nlohmann-json3-dev libcli11-dev; do
   have_pkg "$p" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
