@@ -12,33 +12,15 @@
 #include <sstream>
 
 #include "data/dataset.h"
-#include "tests/test_util.h"
+#include "tests/test_process.h"
 #include "tools/commands.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct Result {
-  int code = -1;
-  std::string out;  // stdout and stderr together
-  size_t lines() const { return size_t(std::count(out.begin(), out.end(), '\n')); }
-  bool has(const std::string& s) const { return out.find(s) != std::string::npos; }
-};
-
-// `args` go through sh: quote paths with q().
-Result run_tool(const std::string& tool, const std::string& args) {
-  Result r;
-  const std::string cmd = vbtest::binary_dir() + "/tools/" + tool + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
+using vbtest::Result;
+using vbtest::run_tool;
 Result run(const std::string& args) { return run_tool("vbtrain", args); }
 
 // A shell word: single-quoted, so any byte but NUL passes (newlines and 0xff included).
@@ -48,33 +30,11 @@ std::string q(const std::string& s) {
   return o + "'";
 }
 
-std::string read(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-std::vector<std::string> learning_rows(const fs::path& run_dir) {
-  std::vector<std::string> rows;
-  std::ifstream f(run_dir / "metrics.jsonl");
-  std::string line;
-  while (std::getline(f, line)) {
-    auto j = nlohmann::json::parse(line);
-    j.erase("images_per_s");
-    j.erase("seconds");
-    rows.push_back(j.dump());
-  }
-  return rows;
-}
+std::string read(const fs::path& p) { return vbtest::read_text(p); }
+using vbtest::learning_rows;
 
 const fs::path& work() {
-  static const fs::path w = [] {
-    fs::path d = fs::temp_directory_path() / ("vbtrain_hostile_" + std::to_string(::getpid()));
-    fs::remove_all(d);
-    fs::create_directories(d);
-    return d;
-  }();
+  static const fs::path w = vbtest::scratch_dir("vbtrain_hostile");
   return w;
 }
 

@@ -29,6 +29,7 @@
 #include "kernels/check.h"
 #include "kernels/cpu/nhwc.h"
 #include "tests/nhwc_util.h"
+#include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 
 #ifdef VB_WITH_CUDA
@@ -41,32 +42,7 @@ using namespace vb;
 
 namespace {
 
-bool has_gpu() {
-  static const bool v = cuda_available();
-  return v;
-}
-
-struct GpuSkipNotice : doctest::IReporter {
-  explicit GpuSkipNotice(const doctest::ContextOptions&) {}
-  void report_query(const doctest::QueryData&) override {}
-  void test_run_start() override {}
-  void test_run_end(const doctest::TestRunStats& s) override {
-    if (!has_gpu() && s.numTestCasesFailed == 0 && s.numAssertsFailed == 0) {
-      std::printf("[GPU tests skipped: no CUDA device]\n");
-      std::fflush(stdout);
-    }
-  }
-  void test_case_start(const doctest::TestCaseData&) override {}
-  void test_case_reenter(const doctest::TestCaseData&) override {}
-  void test_case_end(const doctest::CurrentTestCaseStats&) override {}
-  void test_case_exception(const doctest::TestCaseException&) override {}
-  void subcase_start(const doctest::SubcaseSignature&) override {}
-  void subcase_end() override {}
-  void log_assert(const doctest::AssertData&) override {}
-  void log_message(const doctest::MessageData&) override {}
-  void test_case_skipped(const doctest::TestCaseData&) override {}
-};
-DOCTEST_REGISTER_LISTENER("gpu_skip_notice", 1, GpuSkipNotice);
+using vbtest::has_gpu;
 
 }  // namespace
 

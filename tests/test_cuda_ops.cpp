@@ -34,6 +34,7 @@
 #include "engine/backend.h"
 #include "engine/golden.h"
 #include "engine/weights.h"
+#include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 
 #ifdef VB_WITH_CUDA
@@ -44,34 +45,7 @@ using namespace vb;
 
 namespace {
 
-bool has_gpu() {
-  static const bool v = cuda_available();
-  return v;
-}
-
-// Prints the skip line at the end of a run without a GPU, only when the checks that did run passed (a
-// failure must not be hidden behind CTest's SKIPPED).
-struct GpuSkipNotice : doctest::IReporter {
-  explicit GpuSkipNotice(const doctest::ContextOptions&) {}
-  void report_query(const doctest::QueryData&) override {}
-  void test_run_start() override {}
-  void test_run_end(const doctest::TestRunStats& s) override {
-    if (!has_gpu() && s.numTestCasesFailed == 0 && s.numAssertsFailed == 0) {
-      std::printf("[GPU tests skipped: no CUDA device]\n");
-      std::fflush(stdout);
-    }
-  }
-  void test_case_start(const doctest::TestCaseData&) override {}
-  void test_case_reenter(const doctest::TestCaseData&) override {}
-  void test_case_end(const doctest::CurrentTestCaseStats&) override {}
-  void test_case_exception(const doctest::TestCaseException&) override {}
-  void subcase_start(const doctest::SubcaseSignature&) override {}
-  void subcase_end() override {}
-  void log_assert(const doctest::AssertData&) override {}
-  void log_message(const doctest::MessageData&) override {}
-  void test_case_skipped(const doctest::TestCaseData&) override {}
-};
-DOCTEST_REGISTER_LISTENER("gpu_skip_notice", 1, GpuSkipNotice);
+using vbtest::has_gpu;
 
 // Never destroyed: tearing down cuDNN/cuBLAS handles from a static destructor, after the CUDA runtime has
 // begun its own exit, is not safe.

@@ -16,21 +16,11 @@ using vbtest::run_vbtrain;
 namespace {
 
 const fs::path& work() {
-  static const fs::path w = [] {
-    fs::path d = fs::temp_directory_path() / ("vbtrain_shapes_" + std::to_string(::getpid()));
-    fs::remove_all(d);
-    fs::create_directories(d);
-    return d;
-  }();
+  static const fs::path w = vbtest::scratch_dir("vbtrain_shapes");
   return w;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
+std::string slurp(const fs::path& p) { return vbtest::read_text(p); }
 
 }  // namespace
 

@@ -14,7 +14,7 @@
 
 #include "engine/backend.h"
 #include "engine/state_dict.h"
-#include "tests/test_util.h"
+#include "tests/test_process.h"
 
 namespace fs = std::filesystem;
 
@@ -25,52 +25,13 @@ const std::string& vbtrain() {
   return b;
 }
 
-struct Result {
-  int code = -1;
-  std::string out;
-};
-
-Result run(const std::string& args) {
-  Result r;
-  const std::string cmd = vbtrain() + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
-
-std::string read(const fs::path& p) {
-  std::ifstream f(p);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-// The learning columns of metrics.jsonl (timings excluded), as text: equal means bit-for-bit equal.
-std::vector<std::string> learning_rows(const fs::path& run_dir) {
-  std::vector<std::string> rows;
-  std::ifstream f(run_dir / "metrics.jsonl");
-  std::string line;
-  while (std::getline(f, line)) {
-    auto j = nlohmann::json::parse(line);
-    j.erase("images_per_s");
-    j.erase("seconds");
-    rows.push_back(j.dump());
-  }
-  return rows;
-}
+using vbtest::learning_rows;
+using vbtest::Result;
+Result run(const std::string& args) { return vbtest::run_vbtrain(args); }
+std::string read(const fs::path& p) { return vbtest::read_text(p); }
 
 const fs::path& work() {
-  static const fs::path w = [] {
-    fs::path d = fs::temp_directory_path() / ("vbtrain_e2e_" + std::to_string(::getpid()));
-    fs::remove_all(d);
-    fs::create_directories(d);
-    return d;
-  }();
+  static const fs::path w = vbtest::scratch_dir("vbtrain_e2e");
   return w;
 }
 
