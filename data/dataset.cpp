@@ -125,11 +125,11 @@ void write_dataset_csv(const std::string& path, const std::vector<Sample>& sampl
 }
 
 std::vector<Sample> read_dataset_csv(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(path, ": cannot open dataset csv");
+  // read_file: regular files only, within a size limit, errors naming the file (escaped).
+  std::istringstream in(read_file(path));
   std::string line;
-  if (!std::getline(in, line)) fail(path, ": empty file (expected a header line)");
-  std::vector<std::string> head = csv_split(line, path + ":1");
+  if (!std::getline(in, line)) fail(escape(path), ": empty file (expected a header line)");
+  std::vector<std::string> head = csv_split(line, escape(path) + ":1");
   auto col = [&](const char* name) {
     for (size_t i = 0; i < head.size(); ++i)
       if (head[i] == name) return i;
@@ -142,21 +142,21 @@ std::vector<Sample> read_dataset_csv(const std::string& path) {
   while (std::getline(in, line)) {
     ++n;
     if (line.empty() || line == "\r") continue;
-    std::string where = detail::concat(path, ":", n);
+    std::string where = detail::concat(escape(path), ":", n);
     std::vector<std::string> f = csv_split(line, where);
     if (f.size() != head.size()) fail(where, ": ", f.size(), " fields, the header has ", head.size());
     Sample s;
     s.frame_file = f[c_frame];
     s.label_name = f[c_label];
     s.label = label_index(s.label_name);
-    if (s.label < 0) fail(where, ": unknown group activity '", s.label_name, "'");
+    if (s.label < 0) fail(where, ": unknown group activity '", escape(s.label_name), "'");
     if (f[c_mapped] != std::to_string(s.label))
-      fail(where, ": Mapped_Label ", f[c_mapped], " does not match '", s.label_name, "' (", s.label, ")");
-    if (!parse_video_id(f[c_video], s.video)) fail(where, ": video_names '", f[c_video], "' is not a video id");
+      fail(where, ": Mapped_Label ", escape(f[c_mapped]), " does not match '", escape(s.label_name), "' (", s.label, ")");
+    if (!parse_video_id(f[c_video], s.video)) fail(where, ": video_names '", escape(f[c_video]), "' is not a video id");
     std::string stem = s.frame_file.size() > 4 ? s.frame_file.substr(0, s.frame_file.size() - 4) : "";
     auto r = std::from_chars(stem.data(), stem.data() + stem.size(), s.clip);
     if (stem.empty() || r.ec != std::errc() || r.ptr != stem.data() + stem.size())
-      fail(where, ": FrameID '", s.frame_file, "' is not <number>.jpg");
+      fail(where, ": FrameID '", escape(s.frame_file), "' is not <number>.jpg");
     s.split = video_split(s.video);
     s.path = f[c_path];
     out.push_back(std::move(s));
