@@ -317,6 +317,47 @@ void same_bits_for_1_2_3_threads(const std::string& what, F&& fn) {
 
 }  // namespace
 
+TEST_CASE("conv on a batch (samples grouped into one GEMM on small maps) matches the convolution of each sample") {
+  // Small feature maps take several samples per GEMM (kernels/cpu/conv.cpp): the forward and data gradient
+  // must be the per-sample results bit for bit, the filter gradient their sum up to rounding. Shapes: 20x20
+  // (3 samples per group, so a batch of 4 ends with a group of 1), 7x7, 2x2, 1x1 and strided variants.
+  const cpu::ConvShape shapes[] = {{4, 16, 20, 20, 24, 3, 3, 1, 1}, {5, 32, 7, 7, 16, 3, 3, 1, 1},
+                                   {6, 24, 4, 4, 40, 3, 3, 2, 1},   {5, 48, 7, 7, 64, 1, 1, 1, 0},
+                                   {3, 40, 2, 2, 24, 1, 1, 1, 0},   {4, 32, 8, 8, 48, 1, 1, 2, 0}};
+  for (const auto& s : shapes) {
+    const int64_t xs = int64_t(s.C) * s.H * s.W, ys = int64_t(s.K) * s.P() * s.Q(), ws = int64_t(s.K) * s.C * s.R * s.S;
+    const auto x = random_floats(size_t(s.N * xs), 11), w = random_floats(size_t(ws), 12),
+               dy = random_floats(size_t(s.N * ys), 13);
+    std::vector<float> y(size_t(s.N * ys)), dx(size_t(s.N * xs)), dw(static_cast<size_t>(ws));
+    cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
+    cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data());
+    cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data());
+    cpu::ConvShape one = s;
+    one.N = 1;
+    std::vector<float> y1(size_t(s.N * ys)), dx1(size_t(s.N * xs)), dw_sum(static_cast<size_t>(ws), 0.0f), dw1(static_cast<size_t>(ws));
+    for (int n = 0; n < s.N; ++n) {
+      cpu::conv2d_fwd<float>(one, x.data() + n * xs, w.data(), y1.data() + n * ys);
+      cpu::conv2d_bwd_data<float>(one, dy.data() + n * ys, w.data(), dx1.data() + n * xs);
+      cpu::conv2d_bwd_filter<float>(one, x.data() + n * xs, dy.data() + n * ys, dw1.data());
+      for (size_t i = 0; i < dw1.size(); ++i) dw_sum[i] += dw1[i];
+    }
+    INFO("N" << s.N << " C" << s.C << " " << s.H << "x" << s.W << " K" << s.K << " " << s.R << "x" << s.S << " s"
+             << s.stride);
+    CHECK(std::memcmp(y.data(), y1.data(), y.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(dx.data(), dx1.data(), dx.size() * sizeof(float)) == 0);
+    // Sums of thousands of products, some cancelling to near zero: held to the tensor's scale, not per element.
+    const double r = vbtest::rel_err(dw, dw_sum);
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < dw.size(); ++i) {
+      worst = std::max(worst, double(std::fabs(dw[i] - dw_sum[i])));
+      scale = std::max(scale, double(std::fabs(dw_sum[i])));
+    }
+    INFO("filter gradient: rel_err " << r << ", largest difference " << worst << " of largest value " << scale);
+    CHECK(r <= 1e-6);
+    CHECK(worst <= 1e-6 * scale);
+  }
+}
+
 TEST_CASE("conv and batch norm results are bit-identical for 1, 2 and 3 threads") {
   // Batches of 1, 3 and 4 take both paths (batch split or not) depending on the thread count; C*R*S = 576
   // spans two K blocks of the GEMM.
@@ -324,6 +365,8 @@ TEST_CASE("conv and batch norm results are bit-identical for 1, 2 and 3 threads"
                                    {3, 64, 20, 19, 48, 3, 3, 1, 1},
                                    {4, 32, 15, 15, 40, 3, 3, 2, 1},
                                    {4, 96, 9, 9, 80, 1, 1, 1, 0},
+                                   {7, 16, 20, 20, 24, 3, 3, 1, 1},  // groups of 3 samples: 3 + 3 + 1
+                                   {5, 64, 4, 4, 32, 3, 3, 2, 1},
                                    {2, 3, 41, 37, 16, 7, 7, 2, 3}};
   for (const auto& s : shapes) {
     const auto x = random_floats(size_t(s.N) * s.C * s.H * s.W, 1);
