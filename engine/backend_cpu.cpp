@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 
@@ -133,38 +134,29 @@ class CpuBackend final : public BackendT<T> {
                     const T* residual, bool relu, T* y, T* save_mean, T* save_invstd,
                     T* running_mean, T* running_var, double momentum, double eps) override {
     VB_PROF(shape_key("bn_train_fwd", C, H, W), {
-      cpu::batchnorm_train_fwd<T>(N, C, H * W, x, gamma, beta, y, save_mean, save_invstd, running_mean,
-                                  running_var, momentum, eps);
-      epilogue(int64_t(N) * C * H * W, residual, relu, y);
+      cpu::bn_train_fwd_fused<T>(N, C, H * W, x, gamma, beta, residual, relu, y, save_mean, save_invstd,
+                                 running_mean, running_var, momentum, eps);
     });
   }
   void bn_eval_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                    const T* running_mean, const T* running_var, double eps, const T* residual,
                    bool relu, T* y) override {
     VB_PROF(shape_key("bn_eval_fwd", C, H, W), {
-      cpu::batchnorm_eval_fwd<T>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, y);
-      epilogue(int64_t(N) * C * H * W, residual, relu, y);
+      cpu::bn_eval_fwd_fused<T>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, residual, relu, y);
     });
   }
   void bn_apply(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta, const T* save_mean,
                 const T* save_invstd, bool relu, T* y) override {
     VB_PROF(shape_key("bn_apply", C, H, W), {
-      cpu::batchnorm_apply<T>(N, C, H * W, x, gamma, beta, save_mean, save_invstd, y);
-      epilogue(int64_t(N) * C * H * W, nullptr, relu, y);
+      cpu::bn_apply_fused<T>(N, C, H * W, x, gamma, beta, save_mean, save_invstd, relu, y);
     });
   }
   void bn_bwd(int N, int C, int H, int W, const T* x, const T* y, const T* dy, const T* gamma,
               const T* save_mean, const T* save_invstd, bool relu, T* dx, T* dresidual,
               T* dgamma, T* dbeta, T* scratch) override {
     VB_PROF(shape_key("bn_bwd", C, H, W), {
-      const int64_t n = int64_t(N) * C * H * W;
-      const T* g = dy;  // gradient of bn's output, before the residual add
-      if (relu) {
-        cpu::relu_bwd<T>(n, y, dy, scratch);
-        g = scratch;
-      }
-      if (dresidual && dresidual != g) std::memcpy(dresidual, g, sizeof(T) * size_t(n));
-      cpu::batchnorm_bwd<T>(N, C, H * W, x, g, gamma, save_mean, save_invstd, dx, dgamma, dbeta);
+      cpu::bn_bwd_fused<T>(N, C, H * W, x, y, dy, gamma, save_mean, save_invstd, relu, dx, dresidual, dgamma,
+                           dbeta);
     });
   }
 
@@ -207,10 +199,6 @@ class CpuBackend final : public BackendT<T> {
   std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
   size_t in_use_ = 0, peak_ = 0;
 
-  static void epilogue(int64_t n, const T* residual, bool relu, T* y) {
-    if (residual) cpu::add<T>(n, y, residual, y);
-    if (relu) cpu::relu_fwd<T>(n, y, y);
-  }
 };
 
 }  // namespace

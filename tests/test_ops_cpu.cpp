@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/state_dict.h"
+#include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "tests/test_util.h"
@@ -355,6 +356,77 @@ TEST_CASE("conv on a batch (samples grouped into one GEMM on small maps) matches
     INFO("filter gradient: rel_err " << r << ", largest difference " << worst << " of largest value " << scale);
     CHECK(r <= 1e-6);
     CHECK(worst <= 1e-6 * scale);
+  }
+}
+
+TEST_CASE("fused batch norm (+ residual + ReLU, and its backward) is the unfused ops composed, bit for bit") {
+  // bn_fused.h against batchnorm_* followed by add / relu_fwd / relu_bwd (which are checked against PyTorch
+  // above): planes of 2x2 (the deep stages of a small input), odd 5x3, and 17x16, with and without each part.
+  struct Case {
+    int N, C, HW;
+  };
+  const bool bools[] = {false, true};
+  for (const Case& k : {Case{6, 70, 4}, Case{3, 5, 15}, Case{2, 9, 272}}) {
+    const size_t n = size_t(k.N) * k.C * k.HW, nc = size_t(k.C);
+    const auto x = random_floats(n, 21), r = random_floats(n, 22), dy = random_floats(n, 23);
+    const auto gamma = random_floats(nc, 24), beta = random_floats(nc, 25);
+    for (bool use_res : bools)
+      for (bool relu : bools) {
+        INFO("N" << k.N << " C" << k.C << " HW" << k.HW << (use_res ? " residual" : "") << (relu ? " relu" : ""));
+        const float* res = use_res ? r.data() : nullptr;
+        auto epilogue = [&](std::vector<float>& y) {
+          if (res) cpu::add<float>(int64_t(n), y.data(), res, y.data());
+          if (relu) cpu::relu_fwd<float>(int64_t(n), y.data(), y.data());
+        };
+        auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+          return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+        };
+        // Training forward.
+        std::vector<float> y0(n), m0(nc), s0(nc), rm0(nc, 0.5f), rv0(nc, 2.0f);
+        cpu::batchnorm_train_fwd<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), y0.data(), m0.data(),
+                                        s0.data(), rm0.data(), rv0.data(), 0.1, 1e-5);
+        epilogue(y0);
+        std::vector<float> y1(n), m1(nc), s1(nc), rm1(nc, 0.5f), rv1(nc, 2.0f);
+        cpu::bn_train_fwd_fused<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), res, relu, y1.data(),
+                                       m1.data(), s1.data(), rm1.data(), rv1.data(), 0.1, 1e-5);
+        CHECK(same(y0, y1));
+        CHECK(same(m0, m1));
+        CHECK(same(s0, s1));
+        CHECK(same(rm0, rm1));
+        CHECK(same(rv0, rv1));
+        // Evaluation forward (running statistics).
+        std::vector<float> e0(n), e1(n);
+        cpu::batchnorm_eval_fwd<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), rm0.data(), rv0.data(),
+                                       1e-5, e0.data());
+        epilogue(e0);
+        cpu::bn_eval_fwd_fused<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), rm0.data(), rv0.data(),
+                                      1e-5, res, relu, e1.data());
+        CHECK(same(e0, e1));
+        // Recomputation from the saved statistics (no residual), as backward does.
+        if (!use_res) {
+          std::vector<float> a1(n);
+          cpu::bn_apply_fused<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), m1.data(), s1.data(), relu,
+                                     a1.data());
+          CHECK(same(y1, a1));
+        }
+        // Backward of y = act(bn(x) + residual).
+        std::vector<float> g(dy), dx0(n), dg0(nc), db0(nc);
+        if (relu) cpu::relu_bwd<float>(int64_t(n), y0.data(), dy.data(), g.data());
+        cpu::batchnorm_bwd<float>(k.N, k.C, k.HW, x.data(), g.data(), gamma.data(), m0.data(), s0.data(), dx0.data(),
+                                  dg0.data(), db0.data());
+        std::vector<float> dx1(n), dr1(n), dg1(nc), db1(nc);
+        cpu::bn_bwd_fused<float>(k.N, k.C, k.HW, x.data(), y1.data(), dy.data(), gamma.data(), m1.data(), s1.data(),
+                                 relu, dx1.data(), dr1.data(), dg1.data(), db1.data());
+        CHECK(same(dx0, dx1));
+        CHECK(same(g, dr1));
+        CHECK(same(dg0, dg1));
+        CHECK(same(db0, db1));
+        // dx written over dy, as the model's scratch plan may do.
+        std::vector<float> inplace(dy);
+        cpu::bn_bwd_fused<float>(k.N, k.C, k.HW, x.data(), y1.data(), inplace.data(), gamma.data(), m1.data(),
+                                 s1.data(), relu, inplace.data(), nullptr, nullptr, nullptr);
+        CHECK(same(dx0, inplace));
+      }
   }
 }
 
