@@ -13,6 +13,7 @@
 #include "engine/backend.h"
 #include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/pool_fast.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb {
@@ -161,11 +162,11 @@ class CpuBackend final : public BackendT<T> {
   }
 
   void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const T* x, T* y) override {
-    VB_PROF(shape_key("maxpool_fwd", C, H, W), cpu::maxpool_fwd<T>(N, C, H, W, k, s, p, x, y));
+    VB_PROF(shape_key("maxpool_fwd", C, H, W), cpu::maxpool_fwd_fast<T>(N, C, H, W, k, s, p, x, y));
   }
   void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const T* x, const T*,
                    const T* dy, T* dx) override {
-    VB_PROF(shape_key("maxpool_bwd", C, H, W), cpu::maxpool_bwd<T>(N, C, H, W, k, s, p, x, dy, dx));
+    VB_PROF(shape_key("maxpool_bwd", C, H, W), cpu::maxpool_bwd_fast<T>(N, C, H, W, k, s, p, x, dy, dx));
   }
   void avgpool_fwd(int N, int C, int H, int W, const T* x, T* y) override {
     VB_PROF(shape_key("avgpool_fwd", C, H, W), cpu::avgpool_fwd<T>(N, C, H * W, x, y));

@@ -18,6 +18,7 @@
 #include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/cpu/pool_fast.h"
 #include "tests/test_util.h"
 
 using namespace vb;
@@ -427,6 +428,37 @@ TEST_CASE("fused batch norm (+ residual + ReLU, and its backward) is the unfused
                                  s1.data(), relu, inplace.data(), nullptr, nullptr, nullptr);
         CHECK(same(dx0, inplace));
       }
+  }
+}
+
+TEST_CASE("fast max pooling gives maxpool_fwd / maxpool_bwd's results") {
+  // pool_fast.h against pool.cpp's definitions (checked against PyTorch above): values on a coarse grid, so
+  // windows tie often (the backward must pick the same first maximum), planes all -inf, planes with a NaN
+  // (handed to the definitions), and the stem's 3x3/2/1 as well as other kernels, strides and paddings.
+  struct Case {
+    int N, C, H, W, k, s, p;
+  };
+  for (const Case& t : {Case{2, 3, 32, 32, 3, 2, 1}, Case{3, 2, 17, 13, 3, 2, 1}, Case{2, 2, 9, 10, 2, 2, 0},
+                        Case{1, 3, 11, 7, 5, 3, 2}, Case{2, 2, 6, 6, 3, 1, 1}}) {
+    const size_t in = size_t(t.N) * t.C * t.H * t.W;
+    std::mt19937 gen(31);
+    std::uniform_int_distribution<int> level(-3, 3);
+    std::vector<float> x(in);
+    for (float& v : x) v = 0.5f * float(level(gen));
+    const size_t plane = size_t(t.H) * t.W;
+    std::fill(x.begin() + plane, x.begin() + 2 * plane, -std::numeric_limits<float>::infinity());  // plane 1
+    x[2 * plane + 5] = std::numeric_limits<float>::quiet_NaN();                                      // plane 2
+    const int P = (t.H + 2 * t.p - t.k) / t.s + 1, Q = (t.W + 2 * t.p - t.k) / t.s + 1;
+    const size_t out = size_t(t.N) * t.C * P * Q;
+    const auto dy = random_floats(out, 32);
+    std::vector<float> y0(out), y1(out), dx0(in), dx1(in);
+    cpu::maxpool_fwd<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), y0.data());
+    cpu::maxpool_fwd_fast<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), y1.data());
+    cpu::maxpool_bwd<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), dy.data(), dx0.data());
+    cpu::maxpool_bwd_fast<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), dy.data(), dx1.data());
+    INFO(t.H << "x" << t.W << " k" << t.k << " s" << t.s << " p" << t.p);
+    CHECK(std::memcmp(y0.data(), y1.data(), out * sizeof(float)) == 0);
+    CHECK(std::memcmp(dx0.data(), dx1.data(), in * sizeof(float)) == 0);
   }
 }
 
