@@ -21,7 +21,12 @@
 // Scratch (the im2col matrix) is grow-only and thread_local: no allocation in steady state.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "kernels/check.h"
 #include "kernels/cpu/ops.h"
@@ -48,6 +53,24 @@ inline void valid_q(int Q, int W, int stride, int pad, int s_, int& q0, int& q1)
   if (q1 < q0) q1 = q0;
 }
 
+// dst[q] = src[2q] for q in [q0, q1); src[i] may be read for i < limit only. Floats with AVX2 take 8 at a time
+// from two loads and a shuffle (the stem's im2col is this gather: a scalar loop made it cost as much as its
+// GEMM).
+template <class T>
+inline void gather_stride2(const T* src, T* dst, int q0, int q1, int limit) {
+  int q = q0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; q + 8 <= q1 && 2 * q + 16 <= limit; q += 8) {
+      const __m256 a = _mm256_loadu_ps(src + 2 * q), b = _mm256_loadu_ps(src + 2 * q + 8);
+      const __m256 t = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 | a4 a6 b4 b6
+      _mm256_storeu_ps(dst + q, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), _MM_SHUFFLE(3, 1, 2, 0))));
+    }
+  }
+#endif
+  for (; q < q1; ++q) dst[q] = src[2 * q];
+}
+
 // Rows [row_begin, row_end) of col [CRS, PQ] (row stride ld) from one sample x [C, H, W].
 template <class T>
 void im2col_rows(const ConvShape& s, const T* x, T* col, int64_t row_begin, int64_t row_end, int64_t ld) {
@@ -69,6 +92,8 @@ void im2col_rows(const ConvShape& s, const T* x, T* col, int64_t row_begin, int6
       std::fill(dst, dst + q0, T(0));
       if (s.stride == 1) {
         if (q1 > q0) std::memcpy(dst + q0, xrow + q0 + off, sizeof(T) * size_t(q1 - q0));
+      } else if (s.stride == 2) {
+        gather_stride2(xrow + off, dst, q0, q1, s.W - off);
       } else {
         for (int q = q0; q < q1; ++q) dst[q] = xrow[q * s.stride + off];
       }
