@@ -319,6 +319,50 @@ void same_bits_for_1_2_3_threads(const std::string& what, F&& fn) {
 
 }  // namespace
 
+TEST_CASE("conv2d on shapes that take the banded and grouped paths matches the definition (direct loops in double)") {
+  // The PyTorch fixtures' shapes are small; these take conv.cpp's other paths: im2col a band of output rows
+  // at a time (C*R*S*P*Q over 64k elements: 16x3x3 on 24x24, the stem's 7x7/2 on 80x72) and several samples
+  // per GEMM (4x4, 7x7 maps).
+  const cpu::ConvShape shapes[] = {{2, 16, 24, 24, 8, 3, 3, 1, 1},
+                                   {2, 3, 80, 72, 8, 7, 7, 2, 3},
+                                   {3, 24, 30, 26, 8, 3, 3, 2, 1},
+                                   {5, 12, 7, 7, 10, 3, 3, 1, 1},
+                                   {6, 20, 4, 4, 12, 1, 1, 1, 0}};
+  for (const auto& s : shapes) {
+    const int P = s.P(), Q = s.Q();
+    const size_t nx = size_t(s.N) * s.C * s.H * s.W, nw = size_t(s.K) * s.C * s.R * s.S, ny = size_t(s.N) * s.K * P * Q;
+    const auto x = random_floats(nx, 41), w = random_floats(nw, 42), dy = random_floats(ny, 43);
+    std::vector<double> ry(ny, 0.0), rdx(nx, 0.0), rdw(nw, 0.0);
+    for (int n = 0; n < s.N; ++n)
+      for (int k = 0; k < s.K; ++k)
+        for (int p = 0; p < P; ++p)
+          for (int q = 0; q < Q; ++q) {
+            const size_t yi = ((size_t(n) * s.K + k) * P + p) * Q + q;
+            for (int c = 0; c < s.C; ++c)
+              for (int r = 0; r < s.R; ++r)
+                for (int t = 0; t < s.S; ++t) {
+                  const int h = p * s.stride - s.pad + r, ww = q * s.stride - s.pad + t;
+                  if (h < 0 || h >= s.H || ww < 0 || ww >= s.W) continue;
+                  const size_t xi = ((size_t(n) * s.C + c) * s.H + h) * s.W + ww;
+                  const size_t wi = ((size_t(k) * s.C + c) * s.R + r) * s.S + t;
+                  ry[yi] += double(x[xi]) * w[wi];
+                  rdx[xi] += double(dy[yi]) * w[wi];
+                  rdw[wi] += double(dy[yi]) * x[xi];
+                }
+          }
+    std::vector<float> y(ny), dx(nx), dw(nw);
+    cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
+    cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data());
+    cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data());
+    INFO("N" << s.N << " C" << s.C << " " << s.H << "x" << s.W << " K" << s.K << " " << s.R << "x" << s.S << " s"
+             << s.stride);
+    auto f = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+    CHECK(vbtest::rel_err(y, f(ry)) <= 1e-6);
+    CHECK(vbtest::rel_err(dx, f(rdx)) <= 1e-6);
+    CHECK(vbtest::rel_err(dw, f(rdw)) <= 1e-6);
+  }
+}
+
 TEST_CASE("conv on a batch (samples grouped into one GEMM on small maps) matches the convolution of each sample") {
   // Small feature maps take several samples per GEMM (kernels/cpu/conv.cpp): the forward and data gradient
   // must be the per-sample results bit for bit, the filter gradient their sum up to rounding. Shapes: 20x20

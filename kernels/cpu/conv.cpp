@@ -71,10 +71,12 @@ inline void gather_stride2(const T* src, T* dst, int q0, int q1, int limit) {
   for (; q < q1; ++q) dst[q] = src[2 * q];
 }
 
-// Rows [row_begin, row_end) of col [CRS, PQ] (row stride ld) from one sample x [C, H, W].
+// Rows [row_begin, row_end) of col [CRS, PQ] (row stride ld) from one sample x [C, H, W]; only the output
+// rows [p_begin, p_end) of each (the columns [p_begin*Q, p_end*Q)), stored from column 0 of dst.
 template <class T>
-void im2col_rows(const ConvShape& s, const T* x, T* col, int64_t row_begin, int64_t row_end, int64_t ld) {
-  const int P = s.P(), Q = s.Q();
+void im2col_rows(const ConvShape& s, const T* x, T* col, int64_t row_begin, int64_t row_end, int64_t ld,
+                 int p_begin = 0, int p_end = -1) {
+  const int P = p_end < 0 ? s.P() : p_end, Q = s.Q();
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int c = int(row / (s.R * s.S)), r = int(row / s.S % s.R), s_ = int(row % s.S);
     int q0, q1;
@@ -82,7 +84,7 @@ void im2col_rows(const ConvShape& s, const T* x, T* col, int64_t row_begin, int6
     const int off = s_ - s.pad;
     const T* xc = x + int64_t(c) * s.H * s.W;
     T* dst = col + row * ld;
-    for (int p = 0; p < P; ++p, dst += Q) {
+    for (int p = p_begin; p < P; ++p, dst += Q) {
       const int ih = p * s.stride - s.pad + r;
       if (ih < 0 || ih >= s.H) {
         std::fill(dst, dst + Q, T(0));
@@ -148,6 +150,14 @@ void im2col(const ConvShape& s, const T* x, T* col, int g = 1) {
   });
 }
 
+// col [CRS, (p1-p0)*Q]: the columns of output rows [p0, p1) of one sample.
+template <class T>
+void im2col_band(const ConvShape& s, const T* x, T* col, int p0, int p1) {
+  const int64_t rows = int64_t(s.C) * s.R * s.S, ld = int64_t(p1 - p0) * s.Q();
+  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(ld, 1)),
+               [&](int64_t b, int64_t e) { im2col_rows(s, x, col, b, e, ld, p0, p1); });
+}
+
 template <class T>
 void col2im(const ConvShape& s, const T* col, T* dx, int g = 1) {
   const int64_t pq = int64_t(s.P()) * s.Q(), per_channel = int64_t(s.R) * s.S * pq * g;
@@ -173,6 +183,21 @@ void gather_group(int K, int64_t pq, int g, const T* y, T* block) {
       for (int64_t k = b; k < e; ++k)
         std::memcpy(block + k * g * pq + i * pq, y + (int64_t(i) * K + k) * pq, sizeof(T) * size_t(pq));
   });
+}
+
+// Output rows per band of a large single-sample im2col (forward): col [CRS, PQ] larger than kBandElems is
+// built and multiplied a band of rows at a time, so that it stays in the L2 cache between im2col writing it
+// and the GEMM reading it, instead of a round trip through memory (the stem's col is 600 KB per image,
+// ResNet-50's first 3x3's 7 MB). 0 when the whole col fits. In the forward pass each output element is still
+// one GEMM sum over all of CRS (bit-identical to the unbanded form); the filter gradient sums band by band, in
+// order (a fixed order for the shape, whatever the thread count).
+constexpr int64_t kBandElems = int64_t(64) << 10;
+int band_rows(const ConvShape& s) {
+  const int64_t crs = int64_t(s.C) * s.R * s.S, q = s.Q();
+  if (crs * q * s.P() <= kBandElems) return 0;
+  // At least ~128 columns, or the GEMM runs on slivers too thin to amortise its set-up.
+  const int64_t rows = std::max(kBandElems / (crs * q), (128 + q - 1) / q);
+  return rows >= s.P() ? 0 : int(rows);
 }
 
 // Samples per GEMM: enough for ~kGroupCols columns, within a scratch budget; 1 for large feature maps.
@@ -228,12 +253,23 @@ void conv2d_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
       return;
     }
     const int cols = g * PQ;
-    T* col = scratch<T>(size_t(CRS) * cols);
-    im2col(s, xn, col, g);
     if (g == 1) {
+      if (const int band = band_rows(s)) {
+        T* col = scratch<T>(size_t(CRS) * band * Q);
+        for (int p0 = 0; p0 < P; p0 += band) {
+          const int p1 = std::min(P, p0 + band), bc = (p1 - p0) * Q;
+          im2col_band(s, xn, col, p0, p1);
+          gemm<T>(false, false, s.K, bc, CRS, T(1), w, CRS, col, bc, T(0), yn + int64_t(p0) * Q, PQ);
+        }
+        return;
+      }
+      T* col = scratch<T>(size_t(CRS) * PQ);
+      im2col(s, xn, col);
       gemm<T>(false, false, s.K, PQ, CRS, T(1), w, CRS, col, PQ, T(0), yn, PQ);
       return;
     }
+    T* col = scratch<T>(size_t(CRS) * cols);
+    im2col(s, xn, col, g);
     T* block = scratch<T, 1>(size_t(s.K) * cols);
     gemm<T>(false, false, s.K, cols, CRS, T(1), w, CRS, col, cols, T(0), block, cols);
     scatter_group(s.K, PQ, g, block, yn);
@@ -288,6 +324,16 @@ void conv2d_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
     if (g == 1) {
       if (is_pointwise(s)) {
         gemm<T>(false, true, s.K, s.C, PQ, T(1), dyn, PQ, xn, PQ, beta, dw, s.C);
+        continue;
+      }
+      if (const int band = band_rows(s)) {  // bands of output rows, summed in order
+        T* col = scratch<T>(size_t(CRS) * band * Q);
+        for (int p0 = 0; p0 < P; p0 += band) {
+          const int p1 = std::min(P, p0 + band), bc = (p1 - p0) * Q;
+          im2col_band(s, xn, col, p0, p1);
+          gemm<T>(false, true, s.K, CRS, bc, T(1), dyn + int64_t(p0) * Q, PQ, col, bc, p0 == 0 ? beta : T(1), dw,
+                  CRS);
+        }
         continue;
       }
       T* col = scratch<T>(size_t(CRS) * PQ);
