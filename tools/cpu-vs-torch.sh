@@ -4,12 +4,14 @@
 # with the ratios vbtrain / PyTorch.
 #
 #   tools/cpu-vs-torch.sh [--build DIR] [--rows small|full|all] [--threads "1 2"] [--steps N] [--warmup N]
+#                         [--repeat N]
 #
 # Rows: "full" = ResNet-50 ([3,4,6,3] width 64), batch 8, 224x224; "small" = the default run's CPU preset
 # ([1,1,1,1] width 16), batch 32, 64x64. The PyTorch side is tools/torch_cpu_bench.py, run with $VB_TORCH_PYTHON when
 # set, else /opt/torchcpu/bin/python or python3; when none of them imports torch, vbtrain's figures are printed
 # alone and the script says so. Each row runs vbtrain then PyTorch back to back, so on a busy machine both
-# see about the same load; the figures are still only as quiet as the machine.
+# see about the same load; the figures are still only as quiet as the machine. --repeat N alternates the two
+# N times per row and keeps each side's best training and best evaluation figure (for a busy machine).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
@@ -18,6 +20,7 @@ rows=all
 threads="1 2"
 steps=5
 warmup=2
+repeat=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --build) build="$2"; shift 2 ;;
@@ -25,7 +28,8 @@ while [[ $# -gt 0 ]]; do
     --threads) threads="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
     --warmup) warmup="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --repeat) repeat="$2"; shift 2 ;;
+    -h|--help) sed -n "2,14p" "$0"; exit 0 ;;
     *) echo "cpu-vs-torch: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -47,6 +51,7 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 field() { sed -n "s/.*\"$2\": *\([0-9.eE+-]*\).*/\1/p" "$1" | head -1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+best() { awk -v a="$1" -v b="$2" 'BEGIN { print (b == "" || a > b) ? a : b }'; }
 fmt() { awk -v a="$1" 'BEGIN { if (a >= 100) printf "%.0f", a; else printf "%.2f", a }'; }
 
 case "$rows" in
@@ -56,7 +61,7 @@ case "$rows" in
   *) echo "cpu-vs-torch: --rows is small, full or all" >&2; exit 2 ;;
 esac
 
-echo "# vbtrain vs PyTorch on the CPU, $(date -u +%Y-%m-%d) ($(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "# vbtrain vs PyTorch on the CPU, $(date -u +%Y-%m-%d) ($(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); median of $steps steps after $warmup, best of $repeat)"
 [[ -n "$py" ]] && echo "PyTorch: $("$py" -c 'import torch; print(torch.__version__)') via $py, channels_last"
 echo
 echo "| model | threads | vbtrain train / eval img/s | PyTorch train / eval img/s | vbtrain ÷ PyTorch |"
@@ -68,13 +73,18 @@ for c in "${configs[@]}"; do
     args=(--blocks 1,1,1,1 --width 16 --image-size 64 --batch-size 32); name="[1,1,1,1] width 16, batch 32, 64×64"
   fi
   for t in $threads; do
-    "$vbtrain" bench --device cpu --threads "$t" --steps "$steps" --warmup "$warmup" "${args[@]}" \
-      --json "$tmp/vb.json" >"$tmp/vb.log"
-    vt="$(field "$tmp/vb.json" train_img_s)"; ve="$(field "$tmp/vb.json" eval_img_s)"
+    vt=""; ve=""; pt=""; pe=""
+    for ((r = 0; r < repeat; ++r)); do
+      "$vbtrain" bench --device cpu --threads "$t" --steps "$steps" --warmup "$warmup" "${args[@]}" \
+        --json "$tmp/vb.json" >"$tmp/vb.log"
+      vt="$(best "$(field "$tmp/vb.json" train_img_s)" "$vt")"; ve="$(best "$(field "$tmp/vb.json" eval_img_s)" "$ve")"
+      if [[ -n "$py" ]]; then
+        "$py" "$here/torch_cpu_bench.py" --threads "$t" --steps "$steps" --warmup "$warmup" "${args[@]}" \
+          --json "$tmp/pt.json" >"$tmp/pt.log"
+        pt="$(best "$(field "$tmp/pt.json" train_img_s)" "$pt")"; pe="$(best "$(field "$tmp/pt.json" eval_img_s)" "$pe")"
+      fi
+    done
     if [[ -n "$py" ]]; then
-      "$py" "$here/torch_cpu_bench.py" --threads "$t" --steps "$steps" --warmup "$warmup" "${args[@]}" \
-        --json "$tmp/pt.json" >"$tmp/pt.log"
-      pt="$(field "$tmp/pt.json" train_img_s)"; pe="$(field "$tmp/pt.json" eval_img_s)"
       echo "| $name | $t | $(fmt "$vt") / $(fmt "$ve") | $(fmt "$pt") / $(fmt "$pe") | $(ratio "$vt" "$pt") / $(ratio "$ve" "$pe") |"
     else
       echo "| $name | $t | $(fmt "$vt") / $(fmt "$ve") | (no PyTorch) | - |"
