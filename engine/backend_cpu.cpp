@@ -1,16 +1,79 @@
 // The CPU backend: the reference ops of kernels/cpu (in float, or in double for the reference path),
 // composed where the CUDA path fuses.
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
-#include <unordered_map>
+#include <map>
+#include <string>
 #include <thread>
+#include <unordered_map>
+#include <vector>
 
 #include "engine/backend.h"
+#include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/pool_fast.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb {
 namespace {
+
+// VB_CPU_PROFILE=1: every op's wall time summed per (op, shape), printed to stderr by the backend's
+// destructor, largest first. For finding where a CPU step goes; off (one branch per op) otherwise.
+class OpProfile {
+ public:
+  OpProfile() {
+    const char* e = std::getenv("VB_CPU_PROFILE");
+    on_ = e && *e && std::string(e) != "0";
+  }
+  ~OpProfile() {
+    if (!on_ || ops_.empty()) return;
+    std::vector<std::pair<std::string, Entry>> v(ops_.begin(), ops_.end());
+    std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.second.s > b.second.s; });
+    double total = 0;
+    for (auto& [k, e] : v) total += e.s;
+    std::fprintf(stderr, "VB_CPU_PROFILE: %.3f s in backend ops\n%9s %6s %8s  %s\n", total, "ms", "%", "calls", "op");
+    for (auto& [k, e] : v)
+      std::fprintf(stderr, "%9.2f %6.2f %8ld  %s\n", e.s * 1e3, 100 * e.s / total, long(e.n), k.c_str());
+  }
+  bool on() const { return on_; }
+  template <class F>
+  void time(const std::string& key, F&& fn) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    Entry& e = ops_[key];
+    e.s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++e.n;
+  }
+
+ private:
+  struct Entry {
+    double s = 0;
+    int64_t n = 0;
+  };
+  bool on_ = false;
+  std::map<std::string, Entry> ops_;
+};
+
+std::string shape_key(const char* op, const ConvShape& s) {
+  char b[128];
+  std::snprintf(b, sizeof b, "%s C%d %dx%d K%d %dx%d/%d", op, s.C, s.H, s.W, s.K, s.R, s.S, s.stride);
+  return b;
+}
+std::string shape_key(const char* op, int C, int H, int W) {
+  char b[128];
+  std::snprintf(b, sizeof b, "%s C%d %dx%d", op, C, H, W);
+  return b;
+}
+#define VB_PROF(key, body)         \
+  do {                             \
+    if (prof_.on())                \
+      prof_.time((key), [&] { body; }); \
+    else {                         \
+      body;                        \
+    }                              \
+  } while (0)
 
 template <class T>
 class CpuBackend final : public BackendT<T> {
@@ -63,89 +126,85 @@ class CpuBackend final : public BackendT<T> {
   }
 
   void conv_fwd(const ConvShape& s, const T* x, const T* w, T* y) override {
-    cpu::conv2d_fwd<T>(s, x, w, y);
+    VB_PROF(shape_key("conv_fwd", s), cpu::conv2d_fwd<T>(s, x, w, y));
   }
   void conv_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) override {
-    cpu::conv2d_bwd_data<T>(s, dy, w, dx);
+    VB_PROF(shape_key("conv_bwd_data", s), cpu::conv2d_bwd_data<T>(s, dy, w, dx));
   }
   void conv_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) override {
-    cpu::conv2d_bwd_filter<T>(s, x, dy, dw);
+    VB_PROF(shape_key("conv_bwd_filter", s), cpu::conv2d_bwd_filter<T>(s, x, dy, dw));
   }
 
   void bn_train_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                     const T* residual, bool relu, T* y, T* save_mean, T* save_invstd,
                     T* running_mean, T* running_var, double momentum, double eps) override {
-    cpu::batchnorm_train_fwd<T>(N, C, H * W, x, gamma, beta, y, save_mean, save_invstd, running_mean,
-                                    running_var, momentum, eps);
-    epilogue(int64_t(N) * C * H * W, residual, relu, y);
+    VB_PROF(shape_key("bn_train_fwd", C, H, W), {
+      cpu::bn_train_fwd_fused<T>(N, C, H * W, x, gamma, beta, residual, relu, y, save_mean, save_invstd,
+                                 running_mean, running_var, momentum, eps);
+    });
   }
   void bn_eval_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                    const T* running_mean, const T* running_var, double eps, const T* residual,
                    bool relu, T* y) override {
-    cpu::batchnorm_eval_fwd<T>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, y);
-    epilogue(int64_t(N) * C * H * W, residual, relu, y);
+    VB_PROF(shape_key("bn_eval_fwd", C, H, W), {
+      cpu::bn_eval_fwd_fused<T>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, residual, relu, y);
+    });
   }
   void bn_apply(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta, const T* save_mean,
                 const T* save_invstd, bool relu, T* y) override {
-    cpu::batchnorm_apply<T>(N, C, H * W, x, gamma, beta, save_mean, save_invstd, y);
-    epilogue(int64_t(N) * C * H * W, nullptr, relu, y);
+    VB_PROF(shape_key("bn_apply", C, H, W), {
+      cpu::bn_apply_fused<T>(N, C, H * W, x, gamma, beta, save_mean, save_invstd, relu, y);
+    });
   }
   void bn_bwd(int N, int C, int H, int W, const T* x, const T* y, const T* dy, const T* gamma,
               const T* save_mean, const T* save_invstd, bool relu, T* dx, T* dresidual,
               T* dgamma, T* dbeta, T* scratch) override {
-    const int64_t n = int64_t(N) * C * H * W;
-    const T* g = dy;  // gradient of bn's output, before the residual add
-    if (relu) {
-      cpu::relu_bwd<T>(n, y, dy, scratch);
-      g = scratch;
-    }
-    if (dresidual && dresidual != g) std::memcpy(dresidual, g, sizeof(T) * size_t(n));
-    cpu::batchnorm_bwd<T>(N, C, H * W, x, g, gamma, save_mean, save_invstd, dx, dgamma, dbeta);
+    VB_PROF(shape_key("bn_bwd", C, H, W), {
+      cpu::bn_bwd_fused<T>(N, C, H * W, x, y, dy, gamma, save_mean, save_invstd, relu, dx, dresidual, dgamma,
+                           dbeta);
+    });
   }
 
   void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const T* x, T* y) override {
-    cpu::maxpool_fwd<T>(N, C, H, W, k, s, p, x, y);
+    VB_PROF(shape_key("maxpool_fwd", C, H, W), cpu::maxpool_fwd_fast<T>(N, C, H, W, k, s, p, x, y));
   }
   void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const T* x, const T*,
                    const T* dy, T* dx) override {
-    cpu::maxpool_bwd<T>(N, C, H, W, k, s, p, x, dy, dx);
+    VB_PROF(shape_key("maxpool_bwd", C, H, W), cpu::maxpool_bwd_fast<T>(N, C, H, W, k, s, p, x, dy, dx));
   }
   void avgpool_fwd(int N, int C, int H, int W, const T* x, T* y) override {
-    cpu::avgpool_fwd<T>(N, C, H * W, x, y);
+    VB_PROF(shape_key("avgpool_fwd", C, H, W), cpu::avgpool_fwd<T>(N, C, H * W, x, y));
   }
   void avgpool_bwd(int N, int C, int H, int W, const T* dy, T* dx) override {
-    cpu::avgpool_bwd<T>(N, C, H * W, dy, dx);
+    VB_PROF(shape_key("avgpool_bwd", C, H, W), cpu::avgpool_bwd<T>(N, C, H * W, dy, dx));
   }
   void linear_fwd(int N, int IN, int OUT, const T* x, const T* w, const T* b, T* y) override {
-    cpu::linear_fwd<T>(N, IN, OUT, x, w, b, y);
+    VB_PROF("linear_fwd", cpu::linear_fwd<T>(N, IN, OUT, x, w, b, y));
   }
   void linear_bwd(int N, int IN, int OUT, const T* x, const T* w, const T* dy, T* dx, T* dw,
                   T* db) override {
-    cpu::linear_bwd<T>(N, IN, OUT, x, w, dy, dx, dw, db);
+    VB_PROF("linear_bwd", cpu::linear_bwd<T>(N, IN, OUT, x, w, dy, dx, dw, db));
   }
   void relu_fwd(int64_t n, const T* x, T* y) override { cpu::relu_fwd<T>(n, x, y); }
   void relu_bwd(int64_t n, const T* y, const T* dy, T* dx) override {
     cpu::relu_bwd<T>(n, y, dy, dx);
   }
-  void add(int64_t n, const T* a, const T* b, T* y) override { cpu::add<T>(n, a, b, y); }
+  void add(int64_t n, const T* a, const T* b, T* y) override { VB_PROF("add", cpu::add<T>(n, a, b, y)); }
   void softmax_wce(int N, int C, const T* logits, const int64_t* labels, const T* class_weights,
                    T* probs, T* dlogits, T* loss) override {
     *loss = cpu::softmax_wce<T>(N, C, logits, labels, class_weights, probs, dlogits);
   }
   void adamw(int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
              double eps, double weight_decay, int64_t step) override {
-    cpu::adamw_step<T>(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+    VB_PROF("adamw", cpu::adamw_step<T>(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step));
   }
 
  private:
+  OpProfile prof_;
   std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
   size_t in_use_ = 0, peak_ = 0;
   size_t limit_ = 0;  // set_memory_limit; 0: none
 
-  static void epilogue(int64_t n, const T* residual, bool relu, T* y) {
-    if (residual) cpu::add<T>(n, y, residual, y);
-    if (relu) cpu::relu_fwd<T>(n, y, y);
-  }
 };
 
 }  // namespace

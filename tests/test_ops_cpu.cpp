@@ -18,8 +18,10 @@
 #include "engine/backend.h"
 #include "engine/conv_algo_cache.h"
 #include "engine/state_dict.h"
+#include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/cpu/pool_fast.h"
 #include "tests/test_util.h"
 
 using namespace vb;
@@ -320,6 +322,193 @@ void same_bits_for_1_2_3_threads(const std::string& what, F&& fn) {
 
 }  // namespace
 
+TEST_CASE("conv2d on shapes that take the banded and grouped paths matches the definition (direct loops in double)") {
+  // The PyTorch fixtures' shapes are small; these take conv.cpp's other paths: im2col a band of output rows
+  // at a time (C*R*S*P*Q over 64k elements: 16x3x3 on 24x24, the stem's 7x7/2 on 80x72) and several samples
+  // per GEMM (4x4, 7x7 maps).
+  const cpu::ConvShape shapes[] = {{2, 16, 24, 24, 8, 3, 3, 1, 1},
+                                   {2, 3, 80, 72, 8, 7, 7, 2, 3},
+                                   {3, 24, 30, 26, 8, 3, 3, 2, 1},
+                                   {5, 12, 7, 7, 10, 3, 3, 1, 1},
+                                   {6, 20, 4, 4, 12, 1, 1, 1, 0}};
+  for (const auto& s : shapes) {
+    const int P = s.P(), Q = s.Q();
+    const size_t nx = size_t(s.N) * s.C * s.H * s.W, nw = size_t(s.K) * s.C * s.R * s.S, ny = size_t(s.N) * s.K * P * Q;
+    const auto x = random_floats(nx, 41), w = random_floats(nw, 42), dy = random_floats(ny, 43);
+    std::vector<double> ry(ny, 0.0), rdx(nx, 0.0), rdw(nw, 0.0);
+    for (int n = 0; n < s.N; ++n)
+      for (int k = 0; k < s.K; ++k)
+        for (int p = 0; p < P; ++p)
+          for (int q = 0; q < Q; ++q) {
+            const size_t yi = ((size_t(n) * s.K + k) * P + p) * Q + q;
+            for (int c = 0; c < s.C; ++c)
+              for (int r = 0; r < s.R; ++r)
+                for (int t = 0; t < s.S; ++t) {
+                  const int h = p * s.stride - s.pad + r, ww = q * s.stride - s.pad + t;
+                  if (h < 0 || h >= s.H || ww < 0 || ww >= s.W) continue;
+                  const size_t xi = ((size_t(n) * s.C + c) * s.H + h) * s.W + ww;
+                  const size_t wi = ((size_t(k) * s.C + c) * s.R + r) * s.S + t;
+                  ry[yi] += double(x[xi]) * w[wi];
+                  rdx[xi] += double(dy[yi]) * w[wi];
+                  rdw[wi] += double(dy[yi]) * x[xi];
+                }
+          }
+    std::vector<float> y(ny), dx(nx), dw(nw);
+    cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
+    cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data());
+    cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data());
+    INFO("N" << s.N << " C" << s.C << " " << s.H << "x" << s.W << " K" << s.K << " " << s.R << "x" << s.S << " s"
+             << s.stride);
+    auto f = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+    CHECK(vbtest::rel_err(y, f(ry)) <= 1e-6);
+    CHECK(vbtest::rel_err(dx, f(rdx)) <= 1e-6);
+    CHECK(vbtest::rel_err(dw, f(rdw)) <= 1e-6);
+  }
+}
+
+TEST_CASE("conv on a batch (samples grouped into one GEMM on small maps) matches the convolution of each sample") {
+  // Small feature maps take several samples per GEMM (kernels/cpu/conv.cpp): the forward and data gradient
+  // must be the per-sample results bit for bit, the filter gradient their sum up to rounding. Shapes: 20x20
+  // (3 samples per group, so a batch of 4 ends with a group of 1), 7x7, 2x2, 1x1 and strided variants.
+  const cpu::ConvShape shapes[] = {{4, 16, 20, 20, 24, 3, 3, 1, 1}, {5, 32, 7, 7, 16, 3, 3, 1, 1},
+                                   {6, 24, 4, 4, 40, 3, 3, 2, 1},   {5, 48, 7, 7, 64, 1, 1, 1, 0},
+                                   {3, 40, 2, 2, 24, 1, 1, 1, 0},   {4, 32, 8, 8, 48, 1, 1, 2, 0}};
+  for (const auto& s : shapes) {
+    const int64_t xs = int64_t(s.C) * s.H * s.W, ys = int64_t(s.K) * s.P() * s.Q(), ws = int64_t(s.K) * s.C * s.R * s.S;
+    const auto x = random_floats(size_t(s.N * xs), 11), w = random_floats(size_t(ws), 12),
+               dy = random_floats(size_t(s.N * ys), 13);
+    std::vector<float> y(size_t(s.N * ys)), dx(size_t(s.N * xs)), dw(static_cast<size_t>(ws));
+    cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
+    cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data());
+    cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data());
+    cpu::ConvShape one = s;
+    one.N = 1;
+    std::vector<float> y1(size_t(s.N * ys)), dx1(size_t(s.N * xs)), dw_sum(static_cast<size_t>(ws), 0.0f), dw1(static_cast<size_t>(ws));
+    for (int n = 0; n < s.N; ++n) {
+      cpu::conv2d_fwd<float>(one, x.data() + n * xs, w.data(), y1.data() + n * ys);
+      cpu::conv2d_bwd_data<float>(one, dy.data() + n * ys, w.data(), dx1.data() + n * xs);
+      cpu::conv2d_bwd_filter<float>(one, x.data() + n * xs, dy.data() + n * ys, dw1.data());
+      for (size_t i = 0; i < dw1.size(); ++i) dw_sum[i] += dw1[i];
+    }
+    INFO("N" << s.N << " C" << s.C << " " << s.H << "x" << s.W << " K" << s.K << " " << s.R << "x" << s.S << " s"
+             << s.stride);
+    CHECK(std::memcmp(y.data(), y1.data(), y.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(dx.data(), dx1.data(), dx.size() * sizeof(float)) == 0);
+    // Sums of thousands of products, some cancelling to near zero: held to the tensor's scale, not per element.
+    const double r = vbtest::rel_err(dw, dw_sum);
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < dw.size(); ++i) {
+      worst = std::max(worst, double(std::fabs(dw[i] - dw_sum[i])));
+      scale = std::max(scale, double(std::fabs(dw_sum[i])));
+    }
+    INFO("filter gradient: rel_err " << r << ", largest difference " << worst << " of largest value " << scale);
+    CHECK(r <= 1e-6);
+    CHECK(worst <= 1e-6 * scale);
+  }
+}
+
+TEST_CASE("fused batch norm (+ residual + ReLU, and its backward) is the unfused ops composed, bit for bit") {
+  // bn_fused.h against batchnorm_* followed by add / relu_fwd / relu_bwd (which are checked against PyTorch
+  // above): planes of 2x2 (the deep stages of a small input), odd 5x3, and 17x16, with and without each part.
+  struct Case {
+    int N, C, HW;
+  };
+  const bool bools[] = {false, true};
+  for (const Case& k : {Case{6, 70, 4}, Case{3, 5, 15}, Case{2, 9, 272}}) {
+    const size_t n = size_t(k.N) * k.C * k.HW, nc = size_t(k.C);
+    const auto x = random_floats(n, 21), r = random_floats(n, 22), dy = random_floats(n, 23);
+    const auto gamma = random_floats(nc, 24), beta = random_floats(nc, 25);
+    for (bool use_res : bools)
+      for (bool relu : bools) {
+        INFO("N" << k.N << " C" << k.C << " HW" << k.HW << (use_res ? " residual" : "") << (relu ? " relu" : ""));
+        const float* res = use_res ? r.data() : nullptr;
+        auto epilogue = [&](std::vector<float>& y) {
+          if (res) cpu::add<float>(int64_t(n), y.data(), res, y.data());
+          if (relu) cpu::relu_fwd<float>(int64_t(n), y.data(), y.data());
+        };
+        auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+          return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+        };
+        // Training forward.
+        std::vector<float> y0(n), m0(nc), s0(nc), rm0(nc, 0.5f), rv0(nc, 2.0f);
+        cpu::batchnorm_train_fwd<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), y0.data(), m0.data(),
+                                        s0.data(), rm0.data(), rv0.data(), 0.1, 1e-5);
+        epilogue(y0);
+        std::vector<float> y1(n), m1(nc), s1(nc), rm1(nc, 0.5f), rv1(nc, 2.0f);
+        cpu::bn_train_fwd_fused<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), res, relu, y1.data(),
+                                       m1.data(), s1.data(), rm1.data(), rv1.data(), 0.1, 1e-5);
+        CHECK(same(y0, y1));
+        CHECK(same(m0, m1));
+        CHECK(same(s0, s1));
+        CHECK(same(rm0, rm1));
+        CHECK(same(rv0, rv1));
+        // Evaluation forward (running statistics).
+        std::vector<float> e0(n), e1(n);
+        cpu::batchnorm_eval_fwd<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), rm0.data(), rv0.data(),
+                                       1e-5, e0.data());
+        epilogue(e0);
+        cpu::bn_eval_fwd_fused<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), rm0.data(), rv0.data(),
+                                      1e-5, res, relu, e1.data());
+        CHECK(same(e0, e1));
+        // Recomputation from the saved statistics (no residual), as backward does.
+        if (!use_res) {
+          std::vector<float> a1(n);
+          cpu::bn_apply_fused<float>(k.N, k.C, k.HW, x.data(), gamma.data(), beta.data(), m1.data(), s1.data(), relu,
+                                     a1.data());
+          CHECK(same(y1, a1));
+        }
+        // Backward of y = act(bn(x) + residual).
+        std::vector<float> g(dy), dx0(n), dg0(nc), db0(nc);
+        if (relu) cpu::relu_bwd<float>(int64_t(n), y0.data(), dy.data(), g.data());
+        cpu::batchnorm_bwd<float>(k.N, k.C, k.HW, x.data(), g.data(), gamma.data(), m0.data(), s0.data(), dx0.data(),
+                                  dg0.data(), db0.data());
+        std::vector<float> dx1(n), dr1(n), dg1(nc), db1(nc);
+        cpu::bn_bwd_fused<float>(k.N, k.C, k.HW, x.data(), y1.data(), dy.data(), gamma.data(), m1.data(), s1.data(),
+                                 relu, dx1.data(), dr1.data(), dg1.data(), db1.data());
+        CHECK(same(dx0, dx1));
+        CHECK(same(g, dr1));
+        CHECK(same(dg0, dg1));
+        CHECK(same(db0, db1));
+        // dx written over dy, as the model's scratch plan may do.
+        std::vector<float> inplace(dy);
+        cpu::bn_bwd_fused<float>(k.N, k.C, k.HW, x.data(), y1.data(), inplace.data(), gamma.data(), m1.data(),
+                                 s1.data(), relu, inplace.data(), nullptr, nullptr, nullptr);
+        CHECK(same(dx0, inplace));
+      }
+  }
+}
+
+TEST_CASE("fast max pooling gives maxpool_fwd / maxpool_bwd's results") {
+  // pool_fast.h against pool.cpp's definitions (checked against PyTorch above): values on a coarse grid, so
+  // windows tie often (the backward must pick the same first maximum), planes all -inf, planes with a NaN
+  // (handed to the definitions), and the stem's 3x3/2/1 as well as other kernels, strides and paddings.
+  struct Case {
+    int N, C, H, W, k, s, p;
+  };
+  for (const Case& t : {Case{2, 3, 32, 32, 3, 2, 1}, Case{3, 2, 17, 13, 3, 2, 1}, Case{2, 2, 9, 10, 2, 2, 0},
+                        Case{1, 3, 11, 7, 5, 3, 2}, Case{2, 2, 6, 6, 3, 1, 1}}) {
+    const size_t in = size_t(t.N) * t.C * t.H * t.W;
+    std::mt19937 gen(31);
+    std::uniform_int_distribution<int> level(-3, 3);
+    std::vector<float> x(in);
+    for (float& v : x) v = 0.5f * float(level(gen));
+    const size_t plane = size_t(t.H) * t.W;
+    std::fill(x.begin() + plane, x.begin() + 2 * plane, -std::numeric_limits<float>::infinity());  // plane 1
+    x[2 * plane + 5] = std::numeric_limits<float>::quiet_NaN();                                      // plane 2
+    const int P = (t.H + 2 * t.p - t.k) / t.s + 1, Q = (t.W + 2 * t.p - t.k) / t.s + 1;
+    const size_t out = size_t(t.N) * t.C * P * Q;
+    const auto dy = random_floats(out, 32);
+    std::vector<float> y0(out), y1(out), dx0(in), dx1(in);
+    cpu::maxpool_fwd<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), y0.data());
+    cpu::maxpool_fwd_fast<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), y1.data());
+    cpu::maxpool_bwd<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), dy.data(), dx0.data());
+    cpu::maxpool_bwd_fast<float>(t.N, t.C, t.H, t.W, t.k, t.s, t.p, x.data(), dy.data(), dx1.data());
+    INFO(t.H << "x" << t.W << " k" << t.k << " s" << t.s << " p" << t.p);
+    CHECK(std::memcmp(y0.data(), y1.data(), out * sizeof(float)) == 0);
+    CHECK(std::memcmp(dx0.data(), dx1.data(), in * sizeof(float)) == 0);
+  }
+}
+
 TEST_CASE("conv and batch norm results are bit-identical for 1, 2 and 3 threads") {
   // Batches of 1, 3 and 4 take both paths (batch split or not) depending on the thread count; C*R*S = 576
   // spans two K blocks of the GEMM.
@@ -327,6 +516,8 @@ TEST_CASE("conv and batch norm results are bit-identical for 1, 2 and 3 threads"
                                    {3, 64, 20, 19, 48, 3, 3, 1, 1},
                                    {4, 32, 15, 15, 40, 3, 3, 2, 1},
                                    {4, 96, 9, 9, 80, 1, 1, 1, 0},
+                                   {7, 16, 20, 20, 24, 3, 3, 1, 1},  // groups of 3 samples: 3 + 3 + 1
+                                   {5, 64, 4, 4, 32, 3, 3, 2, 1},
                                    {2, 3, 41, 37, 16, 7, 7, 2, 3}};
   for (const auto& s : shapes) {
     const auto x = random_floats(size_t(s.N) * s.C * s.H * s.W, 1);

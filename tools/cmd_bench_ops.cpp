@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "engine/model_config.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "tools/commands.h"
@@ -25,6 +26,8 @@ struct BenchOpsOptions {
   int image = 224;
   double min_seconds = 0.3;
   bool skip_gemm = false;
+  std::string blocks = "3,4,6,3";
+  int width = 64;
 };
 
 // Median seconds per call of fn: one warm-up call, then repetitions until min_seconds have passed (at least 3).
@@ -52,19 +55,19 @@ std::vector<float> random_floats(size_t n, uint32_t seed) {
   return v;
 }
 
-// Every convolution of torchvision's ResNet-50 (stride on the 3x3, 1x1 downsample on each stage's first block).
-std::vector<cpu::ConvShape> resnet50_convs(int N, int image) {
+// Every convolution of the ResNet with these blocks per stage and base width (torchvision's ResNet-50 for
+// 3,4,6,3 and 64: stride on the 3x3, 1x1 downsample on each stage's first block).
+std::vector<cpu::ConvShape> resnet_convs(int N, int image, const std::vector<int>& blocks, int width) {
   std::vector<cpu::ConvShape> convs;
   auto add = [&](int C, int H, int K, int k, int stride, int pad) {
     convs.push_back(cpu::ConvShape{N, C, H, H, K, k, k, stride, pad});
     return convs.back().P();
   };
-  int H = add(3, image, 64, 7, 2, 3);
+  int H = add(3, image, width, 7, 2, 3);
   H = (H + 2 - 3) / 2 + 1;  // max pool 3x3 s2 p1
-  int in = 64;
-  const int blocks[4] = {3, 4, 6, 3};
-  for (int stage = 0; stage < 4; ++stage) {
-    const int planes = 64 << stage;
+  int in = width;
+  for (int stage = 0; stage < int(blocks.size()); ++stage) {
+    const int planes = width << stage;
     for (int b = 0; b < blocks[stage]; ++b) {
       const int stride = (stage > 0 && b == 0) ? 2 : 1;
       add(in, H, planes, 1, 1, 0);
@@ -99,7 +102,7 @@ int run_bench_ops(const BenchOpsOptions& o) {
   }
 
   // Distinct shapes with their number of occurrences, in network order.
-  const auto all = resnet50_convs(o.batch, o.image);
+  const auto all = resnet_convs(o.batch, o.image, parse_int_list(o.blocks, "--blocks"), o.width);
   std::vector<std::pair<cpu::ConvShape, int>> shapes;
   for (const auto& s : all) {
     auto key = [](const cpu::ConvShape& c) { return std::tie(c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad); };
@@ -109,8 +112,8 @@ int run_bench_ops(const BenchOpsOptions& o) {
     else
       ++it->second;
   }
-  std::printf("\nResNet-50 convolutions, batch %d, %dx%d input (%zu convolutions, %zu distinct)\n", o.batch, o.image,
-              o.image, all.size(), shapes.size());
+  std::printf("\nResNet [%s] width %d convolutions, batch %d, %dx%d input (%zu convolutions, %zu distinct)\n",
+              o.blocks.c_str(), o.width, o.batch, o.image, o.image, all.size(), shapes.size());
   std::printf("%5s %5s %5s %5s %6s %2s %9s %9s %9s %9s %8s\n", "C", "HxW", "K", "RxS", "stride", "n", "fwd ms", "dx ms",
               "dw ms", "GFLOP", "GFLOP/s");
   double total_fwd = 0, total_dx = 0, total_dw = 0, total_flop = 0;
@@ -157,6 +160,8 @@ VB_COMMAND(
           ->check(finite_number(0, 3600, true))
           ->capture_default_str();
       app.add_flag("--skip-gemm", o->skip_gemm, "only the convolutions");
+      app.add_option("--blocks", o->blocks, "blocks per stage")->capture_default_str();
+      app.add_option("--width", o->width, "base width")->check(CLI::PositiveNumber)->capture_default_str();
       return [o] { return run_bench_ops(*o); };
     });
 
