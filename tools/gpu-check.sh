@@ -71,11 +71,13 @@ fi
 # An archive of tools/pack-gpu-build.sh (what fits the device tool's carry): unpacked beside the checkout.
 if [[ -f "$BUILD" && "$BUILD" == *.tar.xz ]]; then
   # tar with xz where it can; Python's tarfile (standard library) where tar lacks xz.
+  unpack_py() {
+    rm -rf "$ROOT/build-carried" "$ROOT/build-carried.tmp" &&
+      python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BUILD" "$ROOT/build-carried.tmp" &&
+      mv "$ROOT/build-carried.tmp/build" "$ROOT/build-carried" && rm -rf "$ROOT/build-carried.tmp"
+  }
   rm -rf "$ROOT/build-carried" && mkdir -p "$ROOT/build-carried" &&
-    { tar -C "$ROOT/build-carried" --strip-components=1 -xJf "$BUILD" 2>/dev/null ||
-      python3 -c 'import sys, tarfile, os; t = tarfile.open(sys.argv[1]); t.extractall(sys.argv[2]); os.rename(os.path.join(sys.argv[2], "build"), sys.argv[3])' \
-        "$BUILD" "$ROOT/build-carried.tmp" "$ROOT/build-carried.new" && rm -rf "$ROOT/build-carried" "$ROOT/build-carried.tmp" &&
-      mv "$ROOT/build-carried.new" "$ROOT/build-carried"; } ||
+    if tar -C "$ROOT/build-carried" --strip-components=1 -xJf "$BUILD" 2>/dev/null; then :; else unpack_py; fi ||
     { echo "gpu-check: cannot unpack $BUILD" >&2; exit 2; }
   BUILD=$ROOT/build-carried
 fi
