@@ -18,6 +18,7 @@
 #include "engine/pth.h"
 #include "engine/state_dict.h"
 #include "engine/weights.h"
+#include "tests/pth_writer.h"
 #include "tests/test_util.h"
 
 using namespace vb;
@@ -71,65 +72,11 @@ bool one_clean_line(const std::string& s) {
   return true;
 }
 
-struct PickleWriter {
-  std::string s = "\x80\x02";
-  PickleWriter& op(char c) { s += c; return *this; }
-  PickleWriter& raw(const std::string& x) { s += x; return *this; }
-  PickleWriter& str(const std::string& x) {
-    s += 'X';
-    for (int i = 0; i < 4; ++i) s += char((x.size() >> (8 * i)) & 0xff);
-    s += x;
-    return *this;
-  }
-  PickleWriter& integer(int64_t v) {  // LONG1 with 8 bytes: any int64
-    s += '\x8a';
-    s += char(8);
-    for (int i = 0; i < 8; ++i) s += char((uint64_t(v) >> (8 * i)) & 0xff);
-    return *this;
-  }
-  PickleWriter& global(const std::string& m, const std::string& n) { s += 'c' + m + "\n" + n + "\n"; return *this; }
-  PickleWriter& ints(std::initializer_list<int64_t> v) {
-    op('(');
-    for (int64_t x : v) integer(x);
-    return op('t');
-  }
-  // _rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict()).
-  PickleWriter& tensor(const std::string& storage_type, const std::string& key, int64_t numel, int64_t offset,
-                       std::initializer_list<int64_t> size, std::initializer_list<int64_t> stride) {
-    global("torch._utils", "_rebuild_tensor_v2").op('(');
-    op('(').str("storage").global("torch", storage_type).str(key).str("cpu").integer(numel).op('t').op('Q');
-    integer(offset).ints(size).ints(stride).op('\x89').global("collections", "OrderedDict").op(')').op('R');
-    return op('t').op('R');
-  }
-};
-
-void put16(std::string& s, uint32_t v) { for (int i = 0; i < 2; ++i) s += char((v >> (8 * i)) & 0xff); }
-void put32(std::string& s, uint32_t v) { for (int i = 0; i < 4; ++i) s += char((v >> (8 * i)) & 0xff); }
-void put64(std::string& s, uint64_t v) { for (int i = 0; i < 8; ++i) s += char((v >> (8 * i)) & 0xff); }
-
-// A minimal stored zip, laid out as torch writes one.
-std::string make_zip(const std::vector<std::pair<std::string, std::string>>& entries) {
-  std::string z, cd;
-  for (const auto& [name, data] : entries) {
-    const uint32_t off = uint32_t(z.size());
-    z += "PK\x03\x04";
-    put16(z, 20); put16(z, 0); put16(z, 0); put16(z, 0); put16(z, 0);
-    put32(z, 0); put32(z, uint32_t(data.size())); put32(z, uint32_t(data.size()));
-    put16(z, uint32_t(name.size())); put16(z, 0);
-    z += name + data;
-    cd += "PK\x01\x02";
-    put16(cd, 20); put16(cd, 20); put16(cd, 0); put16(cd, 0); put16(cd, 0); put16(cd, 0);
-    put32(cd, 0); put32(cd, uint32_t(data.size())); put32(cd, uint32_t(data.size()));
-    put16(cd, uint32_t(name.size())); put16(cd, 0); put16(cd, 0); put16(cd, 0); put16(cd, 0); put32(cd, 0);
-    put32(cd, off);
-    cd += name;
-  }
-  const uint32_t cd_off = uint32_t(z.size());
-  z += cd + "PK\x05\x06";
-  put16(z, 0); put16(z, 0); put16(z, uint32_t(entries.size())); put16(z, uint32_t(entries.size()));
-  put32(z, uint32_t(cd.size())); put32(z, cd_off); put16(z, 0);
-  return z;
-}
+using vbtest::make_zip;
+using vbtest::PickleWriter;
+using vbtest::put16;
+using vbtest::put32;
+using vbtest::put64;
 
 std::string pth_zip(const std::string& pickle, const std::vector<std::pair<std::string, std::string>>& storages = {}) {
   std::vector<std::pair<std::string, std::string>> e = {{"arch/data.pkl", pickle}, {"arch/byteorder", "little"}};

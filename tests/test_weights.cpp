@@ -17,6 +17,7 @@
 #include "engine/sha256.h"
 #include "engine/state_dict.h"
 #include "engine/weights.h"
+#include "tests/pth_writer.h"
 #include "tests/test_util.h"
 
 using namespace vb;
@@ -100,67 +101,11 @@ int run_cmd(const std::string& cmd, std::string& out) {
 std::string vbconvert() { return vbtest::binary_dir() + "/tools/vbconvert"; }
 
 // ---- a hand-made PyTorch zip file, for views, strides and shared storages ----
-struct PickleWriter {
-  std::string s = "\x80\x02";
-  PickleWriter& op(char c) { s += c; return *this; }
-  PickleWriter& str(const std::string& x) {
-    s += 'X';
-    for (int i = 0; i < 4; ++i) s += char((x.size() >> (8 * i)) & 0xff);
-    s += x;
-    return *this;
-  }
-  PickleWriter& int1(int v) {  // BININT1, or BININT for larger values
-    if (v >= 0 && v < 256) {
-      s += 'K';
-      s += char(v);
-    } else {
-      s += 'J';
-      for (int i = 0; i < 4; ++i) s += char((uint32_t(v) >> (8 * i)) & 0xff);
-    }
-    return *this;
-  }
-  PickleWriter& global(const std::string& m, const std::string& n) { s += 'c' + m + "\n" + n + "\n"; return *this; }
-  PickleWriter& ints(std::initializer_list<int> v) {  // a tuple of small integers
-    op('(');
-    for (int x : v) int1(x);
-    return op('t');
-  }
-  // _rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict()).
-  PickleWriter& tensor(const std::string& storage_type, const std::string& key, int numel, int offset,
-                       std::initializer_list<int> size, std::initializer_list<int> stride) {
-    global("torch._utils", "_rebuild_tensor_v2").op('(');
-    op('(').str("storage").global("torch", storage_type).str(key).str("cpu").int1(numel).op('t').op('Q');
-    int1(offset).ints(size).ints(stride).op('\x89').global("collections", "OrderedDict").op(')').op('R');
-    return op('t').op('R');
-  }
-};
-
-void put16(std::string& s, uint32_t v) { for (int i = 0; i < 2; ++i) s += char((v >> (8 * i)) & 0xff); }
-void put32(std::string& s, uint32_t v) { for (int i = 0; i < 4; ++i) s += char((v >> (8 * i)) & 0xff); }
-
-// A minimal stored (uncompressed) zip, laid out as torch writes one: local headers, central directory, end record.
-std::string make_zip(const std::vector<std::pair<std::string, std::string>>& entries) {
-  std::string z, cd;
-  for (const auto& [name, data] : entries) {
-    const uint32_t off = uint32_t(z.size());
-    z += "PK\x03\x04";
-    put16(z, 20); put16(z, 0); put16(z, 0); put16(z, 0); put16(z, 0);
-    put32(z, 0); put32(z, uint32_t(data.size())); put32(z, uint32_t(data.size()));
-    put16(z, uint32_t(name.size())); put16(z, 0);
-    z += name + data;
-    cd += "PK\x01\x02";
-    put16(cd, 20); put16(cd, 20); put16(cd, 0); put16(cd, 0); put16(cd, 0); put16(cd, 0);
-    put32(cd, 0); put32(cd, uint32_t(data.size())); put32(cd, uint32_t(data.size()));
-    put16(cd, uint32_t(name.size())); put16(cd, 0); put16(cd, 0); put16(cd, 0); put16(cd, 0); put32(cd, 0);
-    put32(cd, off);
-    cd += name;
-  }
-  const uint32_t cd_off = uint32_t(z.size());
-  z += cd + "PK\x05\x06";
-  put16(z, 0); put16(z, 0); put16(z, uint32_t(entries.size())); put16(z, uint32_t(entries.size()));
-  put32(z, uint32_t(cd.size())); put32(z, cd_off); put16(z, 0);
-  return z;
-}
+using vbtest::make_zip;
+using vbtest::PickleWriter;
+using vbtest::put16;
+using vbtest::put32;
+using vbtest::put64;
 
 }  // namespace
 
