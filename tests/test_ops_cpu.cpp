@@ -1,5 +1,5 @@
 // The CPU reference ops (float) against PyTorch (tests/fixtures/ops.safetensors, computed in float64 from
-// float32 inputs and stored as float32; see tests/fixtures/README.md), and the ops' results
+// float32 inputs and stored as float32; see tests/fixtures/PYTORCH_REFERENCE.md), and the ops' results
 // being bit-identical for 1, 2 and 3 threads.
 //
 // Tolerances: every tensor within rel_err = ||got - want|| / ||want|| <= 1e-5 (kRel), and every element
