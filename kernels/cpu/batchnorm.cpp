@@ -12,60 +12,18 @@
 #include <cmath>
 
 #include "kernels/check.h"
+#include "kernels/cpu/bn_lanes.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb::cpu {
 namespace {
 
-// Sums of one contiguous run into 8 double lanes (lane i % 8), so the loop vectorises without reassociating:
-// the order is fixed by the data layout alone.
-constexpr int kLanes = 8;
-struct Lanes {
-  double v[kLanes] = {};
-  double total() const {
-    double t = 0;
-    for (double x : v) t += x;
-    return t;
-  }
-};
-
-template <class T>
-void add_sum(Lanes& acc, const T* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc.v[j] += double(x[i + j]);
-  for (int j = 0; i < n; ++i, ++j) acc.v[j] += double(x[i]);
-}
-template <class T>
-void add_sq_dev(Lanes& acc, const T* x, int64_t n, double mean) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const double d = double(x[i + j]) - mean;
-      acc.v[j] += d * d;
-    }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double d = double(x[i]) - mean;
-    acc.v[j] += d * d;
-  }
-}
-// sum(dy) and sum(dy * (x - mean)).
-template <class T>
-void add_grad_sums(Lanes& s_dy, Lanes& s_dyx, const T* x, const T* dy, int64_t n, double mean) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const double g = double(dy[i + j]);
-      s_dy.v[j] += g;
-      s_dyx.v[j] += g * (double(x[i + j]) - mean);
-    }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double g = double(dy[i]);
-    s_dy.v[j] += g;
-    s_dyx.v[j] += g * (double(x[i]) - mean);
-  }
-}
+using bn_lanes::add_grad_sums;
+using bn_lanes::add_sq_dev;
+using bn_lanes::add_sum;
+using bn_lanes::kLanes;
+using bn_lanes::Lanes;
 
 template <class T>
 void affine(const T* x, T* y, int64_t n, T a, T b) {

@@ -12,45 +12,18 @@
 #include <vector>
 
 #include "kernels/check.h"
+#include "kernels/cpu/bn_lanes.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb::cpu {
 namespace {
 
-constexpr int kLanes = 8;
-struct Lanes {
-  double v[kLanes] = {};
-  double total() const {
-    double t = 0;
-    for (double x : v) t += x;
-    return t;
-  }
-};
+using bn_lanes::add_grad_sums;
+using bn_lanes::add_sq_dev;
+using bn_lanes::add_sum;
+using bn_lanes::kLanes;
+using bn_lanes::Lanes;
 
-template <class T>
-inline void add_sum(Lanes& out, const T* x, int64_t n) {
-  Lanes acc = out;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc.v[j] += double(x[i + j]);
-  for (int j = 0; i < n; ++i, ++j) acc.v[j] += double(x[i]);
-  out = acc;
-}
-template <class T>
-inline void add_sq_dev(Lanes& out, const T* x, int64_t n, double mean) {
-  Lanes acc = out;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const double d = double(x[i + j]) - mean;
-      acc.v[j] += d * d;
-    }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double d = double(x[i]) - mean;
-    acc.v[j] += d * d;
-  }
-  out = acc;
-}
 // The ReLU's backward (elementwise.cpp's relu_bwd: 0 where y <= 0, dy elsewhere, NaN y passing dy), or dy.
 // dy is loaded unconditionally: as a conditional load the loop stays scalar and branches on every element
 // (5 ns per element on random signs), as a select it vectorises.
@@ -59,27 +32,6 @@ inline T relu_grad(const T* y, const T* dy, int64_t i) {
   const T g = dy[i];
   if constexpr (kRelu) return y[i] <= T(0) ? T(0) : g;
   return g;
-}
-
-// sum(g) and sum(g * (x - mean)) over one plane.
-template <class T>
-inline void add_grad_sums(Lanes& acc_dy, Lanes& acc_dyx, const T* x, const T* g, int64_t n, double mean) {
-  Lanes s_dy = acc_dy, s_dyx = acc_dyx;  // locals, so that they live in registers
-  auto grad = [&](int64_t i) { return g[i]; };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const double g = double(grad(i + j));
-      s_dy.v[j] += g;
-      s_dyx.v[j] += g * (double(x[i + j]) - mean);
-    }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double g = double(grad(i));
-    s_dy.v[j] += g;
-    s_dyx.v[j] += g * (double(x[i]) - mean);
-  }
-  acc_dy = s_dy;
-  acc_dyx = s_dyx;
 }
 
 // y = act(x * a + b + r): batchnorm.cpp's affine, then elementwise.cpp's add and relu_fwd.
