@@ -22,7 +22,6 @@ namespace {
 using bn_lanes::add_grad_sums;
 using bn_lanes::add_sq_dev;
 using bn_lanes::add_sum;
-using bn_lanes::kLanes;
 using bn_lanes::Lanes;
 
 template <class T>

@@ -5,30 +5,21 @@
 #include <limits>
 
 #include "kernels/check.h"
+#include "kernels/cpu/pool_geom.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb::cpu {
 namespace {
 
-int64_t plane_grain(int64_t per_plane) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(per_plane, 1)); }
-
-struct PoolGeom {
-  int H, W, k, s, p, P, Q;
-  PoolGeom(int H_, int W_, int k_, int s_, int p_) : H(H_), W(W_), k(k_), s(s_), p(p_) {
-    VB_CHECK(k > 0 && s > 0 && p >= 0 && 2 * p <= k, "max pool: bad kernel ", k, " stride ", s, " padding ", p);
-    P = (H + 2 * p - k) / s + 1;
-    Q = (W + 2 * p - k) / s + 1;
-    VB_CHECK(P > 0 && Q > 0, "max pool: ", H, "x", W, " input too small for kernel ", k);
-  }
-};
 
 // Index (in the plane) of the maximum of window (op, oq), as PyTorch's CPU kernel picks it: scan rows then
 // columns of the clipped window, take a strictly greater value or a NaN; start from the first element.
 template <class T>
 inline int64_t window_argmax(const PoolGeom& g, const T* x, int op, int oq) {
-  const int h0 = std::max(op * g.s - g.p, 0), h1 = std::min(op * g.s - g.p + g.k, g.H);
-  const int w0 = std::max(oq * g.s - g.p, 0), w1 = std::min(oq * g.s - g.p + g.k, g.W);
+  int h0, h1, w0, w1;
+  g.rows(op, h0, h1);
+  g.cols(oq, w0, w1);
   int64_t best = int64_t(h0) * g.W + w0;
   T best_v = -std::numeric_limits<T>::infinity();
   for (int h = h0; h < h1; ++h)

@@ -7,13 +7,13 @@
 #include <vector>
 
 #include "kernels/check.h"
+#include "kernels/cpu/pool_geom.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb::cpu {
 namespace {
 
-int64_t plane_grain(int64_t per_plane) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(per_plane, 1)); }
 
 template <class T>
 bool has_nan(const T* x, int64_t n) {
@@ -22,24 +22,7 @@ bool has_nan(const T* x, int64_t n) {
   return nan;
 }
 
-struct Geom {
-  int H, W, k, s, p, P, Q;
-  Geom(int H_, int W_, int k_, int s_, int p_) : H(H_), W(W_), k(k_), s(s_), p(p_) {
-    VB_CHECK(k > 0 && s > 0 && p >= 0 && 2 * p <= k, "max pool: bad kernel ", k, " stride ", s, " padding ", p);
-    P = (H + 2 * p - k) / s + 1;
-    Q = (W + 2 * p - k) / s + 1;
-    VB_CHECK(P > 0 && Q > 0, "max pool: ", H, "x", W, " input too small for kernel ", k);
-  }
-  // The window's clipped rows [h0, h1) and columns [w0, w1).
-  void rows(int op, int& h0, int& h1) const {
-    h0 = std::max(op * s - p, 0);
-    h1 = std::min(op * s - p + k, H);
-  }
-  void cols(int oq, int& w0, int& w1) const {
-    w0 = std::max(oq * s - p, 0);
-    w1 = std::min(oq * s - p + k, W);
-  }
-};
+using Geom = PoolGeom;
 
 template <class T>
 T* row_scratch(size_t n) {

@@ -5,19 +5,18 @@
 #include <vector>
 
 #include "kernels/check.h"
+#include "kernels/cpu/pool_geom.h"
 #include "kernels/cpu/nhwc.h"
 
 namespace vb::cpu {
 namespace {
 
-struct Geom {
-  int H, W, k, s, p, P, Q;
-  Geom(int H_, int W_, int k_, int s_, int p_) : H(H_), W(W_), k(k_), s(s_), p(p_) {
-    VB_CHECK(H > 0 && W > 0, "max pool NHWC: bad input ", H, "x", W);
-    VB_CHECK(k > 0 && s > 0 && p >= 0 && 2 * p <= k, "max pool NHWC: bad kernel ", k, " stride ", s, " padding ", p);
-    P = (H + 2 * p - k) / s + 1;
-    Q = (W + 2 * p - k) / s + 1;
-    VB_CHECK(P > 0 && Q > 0, "max pool NHWC: ", H, "x", W, " input too small for kernel ", k);
+// The NHWC twins also refuse an empty plane.
+struct Geom : PoolGeom {
+  Geom(int H_, int W_, int k_, int s_, int p_) : PoolGeom(checked(H_, W_), W_, k_, s_, p_, "max pool NHWC") {}
+  static int checked(int H_, int W_) {
+    VB_CHECK(H_ > 0 && W_ > 0, "max pool NHWC: bad input ", H_, "x", W_);
+    return H_;
   }
 };
 
@@ -25,8 +24,9 @@ struct Geom {
 // the clipped window, a strictly greater value or a NaN taken, starting from the first element.
 template <class A>
 int64_t window_argmax(const Geom& g, const A* img, int C, int c, int op, int oq) {
-  const int h0 = std::max(op * g.s - g.p, 0), h1 = std::min(op * g.s - g.p + g.k, g.H);
-  const int w0 = std::max(oq * g.s - g.p, 0), w1 = std::min(oq * g.s - g.p + g.k, g.W);
+  int h0, h1, w0, w1;
+  g.rows(op, h0, h1);
+  g.cols(oq, w0, w1);
   int64_t best = int64_t(h0) * g.W + w0;
   float best_v = -std::numeric_limits<float>::infinity();
   for (int h = h0; h < h1; ++h)
