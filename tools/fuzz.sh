@@ -22,24 +22,12 @@ BUILD=${FUZZ_BUILD_DIR:-build-fuzz}
 case "$SECONDS_PER_TARGET" in '' | *[!0-9]*) echo "fuzz: seconds must be a whole number, not '$SECONDS_PER_TARGET'" >&2; exit 2 ;; esac
 
 # --- what the build needs: clang, its libFuzzer runtime (libclang-rt-<major>-dev on Debian), the usual libraries
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-install_pkgs() {
-  [ $# -gt 0 ] || return 0
-  echo "fuzz: installing $*"
-  local sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
-}
-need=()
-for p in clang cmake ninja-build pkg-config libturbojpeg0-dev nlohmann-json3-dev libcli11-dev; do
-  have_pkg "$p" || need+=("$p")
-done
-install_pkgs "${need[@]}"
+source tools/apt-install.sh
+install_missing fuzz clang cmake ninja-build pkg-config libturbojpeg0-dev nlohmann-json3-dev libcli11-dev
 fuzzer_rt() { find "$(clang -print-resource-dir)/lib" -name 'libclang_rt.fuzzer-x86_64.a' -o -name 'libclang_rt.fuzzer.a' 2>/dev/null | head -1; }
 if [ -z "$(fuzzer_rt)" ]; then
   major=$(clang -dumpversion | cut -d. -f1)
-  install_pkgs "libclang-rt-${major}-dev"
+  install_pkgs fuzz "libclang-rt-${major}-dev"
   [ -n "$(fuzzer_rt)" ] || { echo "fuzz: libFuzzer's runtime (libclang_rt.fuzzer) is still missing after installing libclang-rt-${major}-dev" >&2; exit 1; }
 fi
 

@@ -16,7 +16,7 @@ modes=("$@")
 
 # GCC's sanitizer runtimes come in their own packages (libasan8 etc., pulled in by g++ but checked here
 # since a minimal install may lack them).
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+source tools/apt-install.sh
 need=()
 gcc_major=$(g++ -dumpversion 2>/dev/null | cut -d. -f1 || true)
 for lib in asan ubsan tsan; do
@@ -25,13 +25,7 @@ for lib in asan ubsan tsan; do
   fi
 done
 have_pkg util-linux || need+=(util-linux)   # setarch, for TSan below
-if [ ${#need[@]} -gt 0 ]; then
-  echo "sanitize: installing ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+install_pkgs sanitize ${need[@]+"${need[@]}"}
 
 # Reports land in files under this folder (as well as failing the process); any file there fails the run.
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/vb-sanitize.XXXXXX")

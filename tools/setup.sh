@@ -7,18 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 
-need=()
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in cmake ninja-build g++ pkg-config ccache libturbojpeg0-dev doctest-dev nlohmann-json3-dev libcli11-dev; do
-  have_pkg "$p" || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "setup: installing ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+source tools/apt-install.sh
+install_missing setup cmake ninja-build g++ pkg-config ccache libturbojpeg0-dev doctest-dev nlohmann-json3-dev libcli11-dev
 
 # The CUDA toolkit is optional for the build: without nvcc the CPU path alone is built.
 if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
