@@ -7,6 +7,7 @@
 // - Element-wise passes: one block per (n, c) plane, float4 when HW % 4 == 0.
 #include "kernels/check.h"
 #include "kernels/cuda/batchnorm.cuh"
+#include "kernels/cuda/bn_stats.cuh"
 #include "kernels/cuda/block_reduce.cuh"
 
 namespace vb::cuda {
@@ -105,20 +106,8 @@ __global__ void bn_stats_finalize_kernel(const float* __restrict__ x, const floa
     s += partial[(size_t(c) * kMaxSplits + k) * 2 + 0];
     q += partial[(size_t(c) * kMaxSplits + k) * 2 + 1];
   }
-  const double ms = s / double(M);
-  double var = q / double(M) - ms * ms;  // biased
-  if (var < 0) var = 0;
-  const double mean = double(x[int64_t(c) * HW]) + ms;
-  const float invstd = float(1.0 / sqrt(var + eps));
-  mean_out[c] = float(mean);
-  invstd_out[c] = invstd;
-  if (save_mean) save_mean[c] = float(mean);
-  if (save_invstd) save_invstd[c] = invstd;
-  if (running_mean) running_mean[c] = float((1.0 - momentum) * double(running_mean[c]) + momentum * mean);
-  if (running_var) {
-    const double unbiased = M > 1 ? var * double(M) / double(M - 1) : var;
-    running_var[c] = float((1.0 - momentum) * double(running_var[c]) + momentum * unbiased);
-  }
+  bn_write_channel_stats(c, s, q, M, double(x[int64_t(c) * HW]), momentum, eps, mean_out, invstd_out, save_mean,
+                         save_invstd, running_mean, running_var);
 }
 
 // y = act((x - mean) * gamma * invstd + beta + residual) over one (n, c) plane per block. invstd null: use

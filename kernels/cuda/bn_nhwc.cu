@@ -16,12 +16,14 @@
 
 #include "kernels/check.h"
 #include "kernels/cuda/bn_nhwc.cuh"
+#include "kernels/cuda/bn_stats.cuh"
 #include "kernels/cuda/nhwc_vec.cuh"
 
 namespace vb::cuda {
 namespace {
 
 using detail::kVec;
+using detail::with_vec;
 using detail::load1;
 using detail::load_vec;
 using detail::store_vec;
@@ -169,20 +171,8 @@ __global__ void stats_finalize_kernel(const A* __restrict__ x, const double* __r
   int c;
   double s, q;
   if (!finalize_sums(partial, C, splits, c, s, q)) return;
-  const double ms = s / double(M);
-  double var = q / double(M) - ms * ms;  // biased
-  if (var < 0) var = 0;
-  const double mean = double(load1(x + c)) + ms;
-  const float invstd = float(1.0 / sqrt(var + eps));
-  mean_out[c] = float(mean);
-  invstd_out[c] = invstd;
-  if (save_mean) save_mean[c] = float(mean);
-  if (save_invstd) save_invstd[c] = invstd;
-  if (running_mean) running_mean[c] = float((1.0 - momentum) * double(running_mean[c]) + momentum * mean);
-  if (running_var) {
-    const double unbiased = var * double(M) / double(M - 1);
-    running_var[c] = float((1.0 - momentum) * double(running_var[c]) + momentum * unbiased);
-  }
+  bn_write_channel_stats(c, s, q, M, double(load1(x + c)), momentum, eps, mean_out, invstd_out, save_mean,
+                         save_invstd, running_mean, running_var);
 }
 
 // y = act(fma(x - mean, gamma * invstd, beta) + residual). invstd null: 1 / sqrtf(var + eps) (evaluation).
@@ -317,14 +307,6 @@ __global__ void __launch_bounds__(kThreads) bwd_dx_kernel(const A* __restrict__ 
   }
 }
 
-// Runs f with the vector width as a compile-time constant: kVec<A> when allowed, else 1.
-template <class A, class F>
-void with_vec(bool vec, F&& f) {
-  if (vec)
-    f(std::integral_constant<int, kVec<A>>{});
-  else
-    f(std::integral_constant<int, 1>{});
-}
 
 template <class A>
 void launch_apply(cudaStream_t st, int64_t M, int C, const A* x, const A* residual, A* y, const float* mean,

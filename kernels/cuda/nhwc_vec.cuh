@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "kernels/bf16.h"
 #include "kernels/cuda/block_reduce.cuh"
@@ -91,6 +92,15 @@ inline bool nhwc_vec_ok(int C, std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs)
     if (p && !aligned16(p)) return false;
   return true;
+}
+
+// Runs f with the vector width as a compile-time constant: kVec<A> when allowed, else 1.
+template <class A, class F>
+void with_vec(bool vec, F&& f) {
+  if (vec)
+    f(std::integral_constant<int, kVec<A>>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 }  // namespace vb::cuda::detail

@@ -12,6 +12,7 @@ namespace vb::cuda {
 namespace {
 
 using detail::kVec;
+using detail::with_vec;
 using detail::load_vec;
 using detail::store_vec;
 
@@ -135,13 +136,6 @@ __global__ void avgpool_bwd_kernel(int64_t total, int HW, int C, const A* __rest
   }
 }
 
-template <class A, class F>
-void with_vec(bool vec, F&& f) {
-  if (vec)
-    f(std::integral_constant<int, kVec<A>>{});
-  else
-    f(std::integral_constant<int, 1>{});
-}
 
 }  // namespace
 
