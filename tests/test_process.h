@@ -48,6 +48,26 @@ inline std::filesystem::path scratch_dir(const std::string& prefix) {
   return d;
 }
 
+// A scratch folder of the test process, removed with everything in it at exit: <tmp>/<prefix>_<pid>.
+struct TempDir {
+  std::filesystem::path dir;
+  explicit TempDir(const std::string& prefix)
+      : dir(std::filesystem::temp_directory_path() / (prefix + "_" + std::to_string(::getpid()))) {
+    std::filesystem::create_directories(dir);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+  std::string file(const std::string& name) const { return (dir / name).string(); }
+};
+
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(bytes.data(), long(bytes.size()));
+  REQUIRE(f.good());
+}
+
 inline std::string read_text(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);
   std::stringstream s;

@@ -18,6 +18,7 @@
 #include "engine/state_dict.h"
 #include "engine/weights.h"
 #include "tests/pth_writer.h"
+#include "tests/test_process.h"
 #include "tests/test_util.h"
 
 using namespace vb;
@@ -25,28 +26,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A scratch folder per test process, removed at exit.
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    dir = fs::temp_directory_path() / ("vb_test_weights_" + std::to_string(::getpid()));
-    fs::create_directories(dir);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string file(const std::string& name) const { return (dir / name).string(); }
-};
+using vbtest::TempDir;
+using vbtest::write_bytes;
 const TempDir& tmp() {
-  static TempDir t;
+  static TempDir t("vb_test_weights");
   return t;
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(bytes.data(), long(bytes.size()));
-  REQUIRE(f.good());
 }
 
 // The message of the vb::Error `fn` throws ("" when it throws none).
