@@ -1,6 +1,7 @@
 // vbtrain bench-ops: throughput of the CPU reference kernels. Prints GEMM GFLOP/s at a few sizes, then the
 // time of every distinct convolution of ResNet-50 (forward, data gradient, filter gradient) at the given batch
-// and image size, and the whole network's convolution time for one forward and backward pass. Times are
+// and image size, and the whole network's convolution time for one forward and backward pass, in the NCHW
+// kernels (conv.cpp) and the NHWC ones the CPU backend runs (conv_nhwc.cpp) side by side (--layout). Times are
 // medians over repetitions; nothing is asserted.
 #include <algorithm>
 #include <chrono>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "engine/model_config.h"
+#include "kernels/cpu/conv_nhwc.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "tools/commands.h"
@@ -28,6 +30,7 @@ struct BenchOpsOptions {
   bool skip_gemm = false;
   std::string blocks = "3,4,6,3";
   int width = 64;
+  std::string layout = "both";  // nchw, nhwc or both
 };
 
 // Median seconds per call of fn: one warm-up call, then repetitions until min_seconds have passed (at least 3).
@@ -114,32 +117,60 @@ int run_bench_ops(const BenchOpsOptions& o) {
   }
   std::printf("\nResNet [%s] width %d convolutions, batch %d, %dx%d input (%zu convolutions, %zu distinct)\n",
               o.blocks.c_str(), o.width, o.batch, o.image, o.image, all.size(), shapes.size());
-  std::printf("%5s %5s %5s %5s %6s %2s %9s %9s %9s %9s %8s\n", "C", "HxW", "K", "RxS", "stride", "n", "fwd ms", "dx ms",
-              "dw ms", "GFLOP", "GFLOP/s");
-  double total_fwd = 0, total_dx = 0, total_dw = 0, total_flop = 0;
+  const bool run_nchw = o.layout != "nhwc", run_nhwc = o.layout != "nchw";
+  std::printf("%5s %5s %5s %5s %6s %2s %9s", "C", "HxW", "K", "RxS", "stride", "n", "GFLOP");
+  if (run_nchw) std::printf(" | %8s %8s %8s %7s", "NCHW fwd", "dx ms", "dw ms", "GFLOP/s");
+  if (run_nhwc) std::printf(" | %8s %8s %8s %7s", "NHWC fwd", "dx ms", "dw ms", "GFLOP/s");
+  std::printf("\n");
+  struct Totals {
+    double fwd = 0, dx = 0, dw = 0;
+  } totals[2];
+  double total_flop = 0;
   for (const auto& [s, count] : shapes) {
     const size_t nx = size_t(s.N) * s.C * s.H * s.W, nw = size_t(s.K) * s.C * s.R * s.S,
                  ny = size_t(s.N) * s.K * s.P() * s.Q();
     const auto x = random_floats(nx, 3), w = random_floats(nw, 4), dy = random_floats(ny, 5);
     std::vector<float> y(ny), dx(nx), dw(nw);
-    const double tf = time_median([&] { cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data()); }, o.min_seconds);
-    const double td =
-        time_median([&] { cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data()); }, o.min_seconds);
-    const double tw =
-        time_median([&] { cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data()); }, o.min_seconds);
     const double flop = 2.0 * double(ny) * s.C * s.R * s.S;  // one pass
-    std::printf("%5d %5d %5d %3dx%d %6d %2d %9.3f %9.3f %9.3f %9.3f %8.1f\n", s.C, s.H, s.K, s.R, s.S, s.stride, count,
-                tf * 1e3, td * 1e3, tw * 1e3, flop / 1e9, 3 * flop / (tf + td + tw) / 1e9);
-    total_fwd += count * tf;
-    total_dx += count * td;
-    total_dw += count * tw;
+    std::printf("%5d %5d %5d %3dx%d %6d %2d %9.3f", s.C, s.H, s.K, s.R, s.S, s.stride, count, flop / 1e9);
+    for (int layout = 0; layout < 2; ++layout) {
+      if (!(layout == 0 ? run_nchw : run_nhwc)) continue;
+      const bool nhwc = layout == 1;
+      const double tf = time_median(
+          [&] {
+            nhwc ? cpu::conv2d_nhwc_fwd<float>(s, x.data(), w.data(), y.data())
+                 : cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
+          },
+          o.min_seconds);
+      const double td = time_median(
+          [&] {
+            nhwc ? cpu::conv2d_nhwc_bwd_data<float>(s, dy.data(), w.data(), dx.data())
+                 : cpu::conv2d_bwd_data<float>(s, dy.data(), w.data(), dx.data());
+          },
+          o.min_seconds);
+      const double tw = time_median(
+          [&] {
+            nhwc ? cpu::conv2d_nhwc_bwd_filter<float>(s, x.data(), dy.data(), dw.data())
+                 : cpu::conv2d_bwd_filter<float>(s, x.data(), dy.data(), dw.data());
+          },
+          o.min_seconds);
+      std::printf(" | %8.3f %8.3f %8.3f %7.1f", tf * 1e3, td * 1e3, tw * 1e3, 3 * flop / (tf + td + tw) / 1e9);
+      totals[layout].fwd += count * tf;
+      totals[layout].dx += count * td;
+      totals[layout].dw += count * tw;
+    }
+    std::printf("\n");
     total_flop += count * flop;
   }
-  std::printf(
-      "\nwhole network, convolutions only: forward %.1f ms, backward %.1f ms (data %.1f + filter %.1f), "
-      "%.1f GFLOP per pass, %.1f GFLOP/s overall\n",
-      total_fwd * 1e3, (total_dx + total_dw) * 1e3, total_dx * 1e3, total_dw * 1e3, total_flop / 1e9,
-      3 * total_flop / (total_fwd + total_dx + total_dw) / 1e9);
+  for (int layout = 0; layout < 2; ++layout) {
+    if (!(layout == 0 ? run_nchw : run_nhwc)) continue;
+    const Totals& t = totals[layout];
+    std::printf(
+        "\nwhole network, %s convolutions only: forward %.1f ms (%.1f GFLOP/s), backward %.1f ms (data %.1f + "
+        "filter %.1f), %.1f GFLOP per pass, %.1f GFLOP/s overall\n",
+        layout == 0 ? "NCHW" : "NHWC", t.fwd * 1e3, total_flop / t.fwd / 1e9, (t.dx + t.dw) * 1e3, t.dx * 1e3,
+        t.dw * 1e3, total_flop / 1e9, 3 * total_flop / (t.fwd + t.dx + t.dw) / 1e9);
+  }
   return 0;
 }
 
@@ -162,6 +193,9 @@ VB_COMMAND(
       app.add_flag("--skip-gemm", o->skip_gemm, "only the convolutions");
       app.add_option("--blocks", o->blocks, "blocks per stage")->capture_default_str();
       app.add_option("--width", o->width, "base width")->check(CLI::PositiveNumber)->capture_default_str();
+      app.add_option("--layout", o->layout, "which convolution kernels: nchw, nhwc or both")
+          ->check(CLI::IsMember({"nchw", "nhwc", "both"}))
+          ->capture_default_str();
       return [o] { return run_bench_ops(*o); };
     });
 

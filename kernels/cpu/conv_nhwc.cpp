@@ -1,0 +1,464 @@
+// NHWC convolution (see conv_nhwc.h).
+//
+// Forward and data gradient, "tap tiles": a tile is MR output pixels (6) of one pass; its inputs are a list of
+// live segments, each a run of `len` contiguous input values per pixel (a pointer per pixel, or one to zeros
+// when that pixel's tap lies in the padding) and the index k0 of the run's first weight row. For each sliver
+// of NR output channels (16 floats, 8 doubles) the micro-kernel sums, segment after segment, len broadcast
+// multiply-adds per pixel against the packed weight rows k0 .. k0+len-1, in registers, and stores the MR x NR
+// block once. A segment is one tap (r, s) of C channels, or, for inputs with few channels (the stem's 3), one
+// kernel row r of S*C values (contiguous in NHWC), copied to a staging row where the padding cuts it.
+// Segments dead for every pixel of a tile (a kernel row above the image, a tap of the wrong parity in a
+// strided data gradient) are dropped, so the order of a sum is: live segments in (r, s) order, channels in
+// order; fixed by the shape and the tile, which the shape fixes.
+//
+// Tiles go in chunks of kChunk; a chunk's pointer tables are built once and reused for every sliver, and the
+// sliver's packed weights (C*R*S*NR values) stay in L2 across the chunk's tiles. Threads take (chunk, group
+// of slivers) items.
+#include "kernels/cpu/conv_nhwc.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels/check.h"
+#include "kernels/cpu/parallel.h"
+#include "kernels/cpu/simd.h"
+
+namespace vb::cpu {
+namespace {
+
+using simd::Traits;
+template <class T>
+constexpr int kMR = 6;
+template <class T>
+constexpr int kNR = 2 * Traits<T>::Vec::W;  // two vectors: 16 floats, 8 doubles
+constexpr int kChunk = 8;                    // tiles per chunk (48 pixels)
+
+template <class T, int Tag>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// ---- the micro-kernel -------------------------------------------------------------------------------------
+// c[i][j] (i < 6, j < NR) = sum over segments g, then j' < len, of a[6g + i][j'] * b[(k0[g] + j') * NR + j].
+#ifdef VB_GEMM_AVX2
+template <class T>
+inline void tap_kernel(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c) {
+  using Vec = typename Traits<T>::Vec;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W, NR = 2 * W;
+  V c00 = Vec::zero(), c01 = Vec::zero(), c10 = Vec::zero(), c11 = Vec::zero(), c20 = Vec::zero(), c21 = Vec::zero(),
+    c30 = Vec::zero(), c31 = Vec::zero(), c40 = Vec::zero(), c41 = Vec::zero(), c50 = Vec::zero(), c51 = Vec::zero();
+  for (int g = 0; g < nseg; ++g) {
+    const T *p0 = a[6 * g], *p1 = a[6 * g + 1], *p2 = a[6 * g + 2], *p3 = a[6 * g + 3], *p4 = a[6 * g + 4],
+            *p5 = a[6 * g + 5];
+    const T* b = bs + int64_t(k0[g]) * NR;
+    for (int j = 0; j < len; ++j, b += NR) {
+      const V b0 = Vec::load(b), b1 = Vec::load(b + W);
+      V av = Vec::bcast(p0 + j);
+      c00 = Vec::fma(av, b0, c00);
+      c01 = Vec::fma(av, b1, c01);
+      av = Vec::bcast(p1 + j);
+      c10 = Vec::fma(av, b0, c10);
+      c11 = Vec::fma(av, b1, c11);
+      av = Vec::bcast(p2 + j);
+      c20 = Vec::fma(av, b0, c20);
+      c21 = Vec::fma(av, b1, c21);
+      av = Vec::bcast(p3 + j);
+      c30 = Vec::fma(av, b0, c30);
+      c31 = Vec::fma(av, b1, c31);
+      av = Vec::bcast(p4 + j);
+      c40 = Vec::fma(av, b0, c40);
+      c41 = Vec::fma(av, b1, c41);
+      av = Vec::bcast(p5 + j);
+      c50 = Vec::fma(av, b0, c50);
+      c51 = Vec::fma(av, b1, c51);
+    }
+  }
+  Vec::store(c[0], c00);
+  Vec::store(c[0] + W, c01);
+  Vec::store(c[1], c10);
+  Vec::store(c[1] + W, c11);
+  Vec::store(c[2], c20);
+  Vec::store(c[2] + W, c21);
+  Vec::store(c[3], c30);
+  Vec::store(c[3] + W, c31);
+  Vec::store(c[4], c40);
+  Vec::store(c[4] + W, c41);
+  Vec::store(c[5], c50);
+  Vec::store(c[5] + W, c51);
+}
+#else
+template <class T>
+inline void tap_kernel(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c) {
+  constexpr int NR = kNR<T>;
+  T acc[6][NR] = {};
+  for (int g = 0; g < nseg; ++g) {
+    const T* b = bs + int64_t(k0[g]) * NR;
+    for (int j = 0; j < len; ++j, b += NR)
+      for (int i = 0; i < 6; ++i) {
+        const T av = a[6 * g + i][j];
+        for (int q = 0; q < NR; ++q) acc[i][q] = av * b[q] + acc[i][q];
+      }
+  }
+  for (int i = 0; i < 6; ++i) std::memcpy(c[i], acc[i], sizeof(T) * NR);
+}
+#endif
+
+// ---- tiles ------------------------------------------------------------------------------------------------
+// A tile's live segments: k0[g] and the 6 row pointers a[6g .. 6g+5]; its m output rows out[i] (i < m).
+template <class T>
+struct TileView {
+  int nseg = 0, m = 0;
+  const int* k0 = nullptr;
+  const T* const* a = nullptr;
+  T* out[6] = {};
+};
+
+// Runs the tiles [0, ntiles): build(t, k0, a, stage) fills tile t's segments (at most max_seg; stage: room for
+// max_seg * 6 * len staged values when `staged`) and returns its TileView; packed: the weights, nsl slivers of
+// rows * NR values; n_out: output channels (the last sliver may be partial).
+template <class T, class Build>
+void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, const T* packed, int n_out,
+               Build&& build) {
+  constexpr int MR = kMR<T>, NR = kNR<T>;
+  const int nsl = (n_out + NR - 1) / NR;
+  const int64_t nchunks = (ntiles + kChunk - 1) / kChunk;
+  const int t = num_threads();
+  // Enough items for the threads: split the slivers when there are few chunks (any split gives the same bits).
+  const int groups = nchunks >= 4 * t ? 1 : std::min<int>(nsl, int((4 * t + nchunks - 1) / nchunks));
+  const int per_group = (nsl + groups - 1) / groups;
+  parallel_for(nchunks * groups, 1, [&](int64_t b, int64_t e) {
+    const size_t seg_room = size_t(kChunk) * max_seg;
+    int* k0 = scratch<int, 0>(seg_room);
+    const T** a = scratch<const T*, 1>(seg_room * MR);
+    T* stage = staged ? scratch<T, 2>(seg_room * MR * size_t(len)) : nullptr;
+    TileView<T> views[kChunk];
+    int64_t built = -1;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t chunk = item / groups;
+      const int grp = int(item % groups);
+      const int64_t t0 = chunk * kChunk, t1 = std::min(ntiles, t0 + kChunk);
+      if (built != chunk) {
+        for (int64_t tt = t0; tt < t1; ++tt) {
+          const size_t off = size_t(tt - t0) * max_seg;
+          views[tt - t0] = build(tt, k0 + off, a + off * MR, staged ? stage + off * MR * len : nullptr);
+        }
+        built = chunk;
+      }
+      const int s0 = grp * per_group, s1 = std::min(nsl, s0 + per_group);
+      for (int sl = s0; sl < s1; ++sl) {
+        const T* bs = packed + int64_t(sl) * rows * NR;
+        const int n = std::min(NR, n_out - sl * NR);
+        for (int64_t tt = t0; tt < t1; ++tt) {
+          const TileView<T>& v = views[tt - t0];
+          T* c[MR];
+          if (v.m == MR && n == NR) {
+            for (int i = 0; i < MR; ++i) c[i] = v.out[i] + sl * NR;
+            tap_kernel<T>(v.nseg, v.k0, len, v.a, bs, c);
+          } else {
+            alignas(64) T tmp[MR * NR];
+            for (int i = 0; i < MR; ++i) c[i] = tmp + i * NR;
+            tap_kernel<T>(v.nseg, v.k0, len, v.a, bs, c);
+            for (int i = 0; i < v.m; ++i) std::memcpy(v.out[i] + sl * NR, tmp + i * NR, sizeof(T) * size_t(n));
+          }
+        }
+      }
+    }
+  });
+}
+
+// Weights packed for the micro-kernel: sliver sl holds `rows` rows of NR output channels. Forward
+// (by_k = false): row (r*S + s)*C + c, channel o = w[o, c, r, s]. Data gradient (by_k = true): the output channels
+// are the input channels c, row (r*S + s)*K + k = w[k, c, r, s]. Zero past the last channel.
+template <class T>
+T* pack_weights(const ConvShape& s, const T* w, bool by_k) {
+  constexpr int NR = kNR<T>;
+  const int RS = s.R * s.S, n_out = by_k ? s.C : s.K, n_in = by_k ? s.K : s.C;
+  const int64_t rows = int64_t(RS) * n_in;
+  const int nsl = (n_out + NR - 1) / NR;
+  T* p = scratch<T, 3>(size_t(nsl) * size_t(rows) * NR);
+  parallel_for(nsl, 1, [&](int64_t b, int64_t e) {
+    for (int64_t sl = b; sl < e; ++sl) {
+      T* dst = p + sl * rows * NR;
+      for (int j = 0; j < NR; ++j) {
+        const int o = int(sl) * NR + j;
+        if (o >= n_out) {
+          for (int64_t k = 0; k < rows; ++k) dst[k * NR + j] = T(0);
+          continue;
+        }
+        for (int i = 0; i < n_in; ++i) {  // w[k, c, :, :] is RS contiguous values
+          const T* src = by_k ? w + (int64_t(i) * s.C + o) * RS : w + (int64_t(o) * s.C + i) * RS;
+          for (int rs = 0; rs < RS; ++rs) dst[(int64_t(rs) * n_in + i) * NR + j] = src[rs];
+        }
+      }
+    }
+  });
+  return p;
+}
+
+template <class T>
+const T* zeros(size_t n) {
+  thread_local std::vector<T> z;
+  if (z.size() < n) z.assign(n, T(0));
+  return z.data();
+}
+
+void check_shape(const ConvShape& s) {
+  VB_CHECK(s.N >= 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 && s.pad >= 0 &&
+               s.P() > 0 && s.Q() > 0,
+           "conv2d (NHWC): bad shape N=", s.N, " C=", s.C, " H=", s.H, " W=", s.W, " K=", s.K, " R=", s.R, " S=", s.S,
+           " stride=", s.stride, " pad=", s.pad);
+}
+
+}  // namespace
+
+template <class T>
+void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
+  check_shape(s);
+  constexpr int MR = kMR<T>;
+  const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, st = s.stride, pad = s.pad;
+  const int64_t npq = int64_t(s.N) * P * Q, rows = int64_t(C) * R * S;
+  if (npq == 0) return;
+  // Rows of the packed weights in (r, s, c) order: the order of the input values in NHWC.
+  const T* packed = pack_weights<T>(s, w, false);
+  const bool by_row = C < 8;  // segments: kernel rows of S*C values (few channels), else taps of C
+  const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
+  const T* zero = zeros<T>(size_t(len));
+  run_tiles<T>((npq + MR - 1) / MR, max_seg, len, by_row, rows, packed, s.K,
+               [&](int64_t t, int* k0, const T** a, T* stage) {
+                 int n[MR], p[MR], q[MR];
+                 const int64_t first = t * MR;
+                 const int m = int(std::min<int64_t>(MR, npq - first));
+                 for (int i = 0; i < MR; ++i) {
+                   const int64_t pix = first + std::min(i, m - 1);
+                   q[i] = int(pix % Q);
+                   p[i] = int(pix / Q % P);
+                   n[i] = int(pix / (int64_t(P) * Q));
+                 }
+                 auto at = [&](int i, int ih, int iw) { return x + ((int64_t(n[i]) * s.H + ih) * s.W + iw) * C; };
+                 int nseg = 0;
+                 for (int r = 0; r < R; ++r) {
+                   if (by_row) {
+                     bool live = false;
+                     for (int i = 0; i < MR; ++i) {
+                       const int ih = p[i] * st - pad + r, iw0 = q[i] * st - pad;
+                       const T*& dst = a[nseg * MR + i];
+                       if (i >= m || ih < 0 || ih >= s.H || iw0 + S <= 0 || iw0 >= s.W) {
+                         dst = zero;
+                       } else if (iw0 >= 0 && iw0 + S <= s.W) {
+                         dst = at(i, ih, iw0);
+                         live = true;
+                       } else {  // cut by the padding: stage the row with zeros outside
+                         T* row = stage + (int64_t(nseg) * MR + i) * len;
+                         for (int ss = 0; ss < S; ++ss) {
+                           const int iw = iw0 + ss;
+                           if (iw >= 0 && iw < s.W)
+                             std::memcpy(row + ss * C, at(i, ih, iw), sizeof(T) * size_t(C));
+                           else
+                             std::fill(row + ss * C, row + (ss + 1) * C, T(0));
+                         }
+                         dst = row;
+                         live = true;
+                       }
+                     }
+                     if (live) k0[nseg++] = r * S * C;
+                   } else {
+                     for (int ss = 0; ss < S; ++ss) {
+                       bool live = false;
+                       for (int i = 0; i < MR; ++i) {
+                         const int ih = p[i] * st - pad + r, iw = q[i] * st - pad + ss;
+                         const bool ok = i < m && ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+                         a[nseg * MR + i] = ok ? at(i, ih, iw) : zero;
+                         live |= ok;
+                       }
+                       if (live) k0[nseg++] = (r * S + ss) * C;
+                     }
+                   }
+                 }
+                 TileView<T> v;
+                 v.nseg = nseg;
+                 v.m = m;
+                 v.k0 = k0;
+                 v.a = a;
+                 for (int i = 0; i < m; ++i) v.out[i] = y + (first + i) * s.K;
+                 return v;
+               });
+}
+
+template <class T>
+void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
+  check_shape(s);
+  constexpr int MR = kMR<T>;
+  const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, K = s.K, st = s.stride, pad = s.pad, H = s.H, W = s.W;
+  if (s.N == 0) return;
+  const int64_t rows = int64_t(K) * R * S;
+  // Rows in (r, s, k) order: a tap's run is one output pixel's K gradients.
+  const T* packed = pack_weights<T>(s, w, true);
+  // Input pixels go by parity class (h mod st, w mod st): within a class every pixel sees the same taps (up to
+  // the edges), so a tile of MR pixels of one class wastes none of its taps. A class no tap reaches (a 1x1
+  // stride-2 convolution's odd rows and columns) is zero. With stride 1 there is one class: the pixels in order.
+  // The tiles: a class's pixels in (n, h, w) order, MR at a time (across rows and images).
+  struct Class {
+    int rh, rw;
+    int64_t count, first_tile;
+  };
+  std::vector<Class> classes;
+  int64_t ntiles = 0;
+  for (int rh = 0; rh < std::min(st, H); ++rh)
+    for (int rw = 0; rw < std::min(st, W); ++rw) {
+      const int64_t hs = (H - rh + st - 1) / st, ws = (W - rw + st - 1) / st;
+      bool reached = false;  // does any tap land on this class?
+      for (int r = 0; r < R; ++r)
+        for (int ss = 0; ss < S; ++ss) reached |= (rh + pad - r) % st == 0 && (rw + pad - ss) % st == 0;
+      reached = reached || st == 1;
+      const int64_t count = int64_t(s.N) * hs * ws;
+      if (!reached) {
+        parallel_for(count, 256, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const int64_t wi = i % ws, hi = i / ws % hs, n = i / (ws * hs);
+            T* d = dx + ((n * H + rh + hi * st) * W + rw + wi * st) * C;
+            std::fill(d, d + C, T(0));
+          }
+        });
+        continue;
+      }
+      classes.push_back({rh, rw, count, ntiles});
+      ntiles += (count + MR - 1) / MR;
+    }
+  const T* zero = zeros<T>(size_t(K));
+  run_tiles<T>(ntiles, R * S, K, false, rows, packed, C, [&](int64_t t, int* k0, const T** a, T*) {
+    size_t ci = 0;
+    while (ci + 1 < classes.size() && classes[ci + 1].first_tile <= t) ++ci;
+    const Class& cl = classes[ci];
+    const int64_t hs = (H - cl.rh + st - 1) / st, ws = (W - cl.rw + st - 1) / st;
+    const int64_t first = (t - cl.first_tile) * MR;
+    const int m = int(std::min<int64_t>(MR, cl.count - first));
+    int n[MR], h[MR], wc[MR];
+    TileView<T> v;
+    for (int i = 0; i < MR; ++i) {
+      const int64_t j = first + std::min(i, m - 1);
+      wc[i] = int(cl.rw + j % ws * st);
+      h[i] = int(cl.rh + j / ws % hs * st);
+      n[i] = int(j / (ws * hs));
+      if (i < m) v.out[i] = dx + ((int64_t(n[i]) * H + h[i]) * W + wc[i]) * C;
+    }
+    int nseg = 0;
+    for (int r = 0; r < R; ++r)
+      for (int ss = 0; ss < S; ++ss) {
+        if ((cl.rh + pad - r) % st != 0 || (cl.rw + pad - ss) % st != 0) continue;  // not this class's tap
+        bool live = false;
+        for (int i = 0; i < MR; ++i) {
+          const int hp = h[i] + pad - r, wq = wc[i] + pad - ss;
+          const bool ok = i < m && hp >= 0 && wq >= 0 && hp / st < P && wq / st < Q;
+          a[nseg * MR + i] = ok ? dy + ((int64_t(n[i]) * P + hp / st) * Q + wq / st) * K : zero;
+          live |= ok;
+        }
+        if (live) k0[nseg++] = (r * S + ss) * K;
+      }
+    v.nseg = nseg;
+    v.m = m;
+    v.k0 = k0;
+    v.a = a;
+    return v;
+  });
+}
+
+template <class T>
+void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
+  check_shape(s);
+  const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, K = s.K, st = s.stride, pad = s.pad;
+  const int64_t npq = int64_t(s.N) * P * Q, rsc = int64_t(R) * S * C;
+  if (npq == 0) {
+    std::fill(dw, dw + K * rsc, T(0));
+    return;
+  }
+  if (R == 1 && S == 1 && st == 1 && pad == 0) {  // dw [K, C] = dy^T x: x is its own im2col
+    gemm<T>(true, false, K, C, int(npq), T(1), dy, K, x, C, T(0), dw, C);
+    return;
+  }
+  // dwt [K, (r, s, c)] summed over blocks of pixels in order (block size fixed by the shape), then reordered.
+  // A block's im2col stays in L2 for the GEMM that reads it, unless that would make the blocks so short that
+  // re-reading dwt (K x RSC) for each costs more.
+  constexpr int64_t kColElems = int64_t(192) << 10;
+  const int64_t block = std::min<int64_t>(npq, std::max<int64_t>(256, kColElems / rsc));
+  T* col = scratch<T, 4>(size_t(block * rsc));
+  const bool reorder = R * S > 1;
+  T* dwt = reorder ? scratch<T, 5>(size_t(K * rsc)) : dw;
+  const int P_ = P, Q_ = Q;
+  for (int64_t b0 = 0; b0 < npq; b0 += block) {
+    const int64_t mb = std::min(block, npq - b0);
+    parallel_for(mb, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t pix = b0 + i;
+        const int q = int(pix % Q_), p = int(pix / Q_ % P_);
+        const int64_t n = pix / (int64_t(P_) * Q_);
+        T* row = col + i * rsc;
+        const int iw0 = q * st - pad;
+        for (int r = 0; r < R; ++r) {
+          const int ih = p * st - pad + r;
+          if (ih >= 0 && ih < s.H && iw0 >= 0 && iw0 + S <= s.W) {  // the kernel row inside: S*C contiguous values
+            std::memcpy(row, x + ((n * s.H + ih) * s.W + iw0) * C, sizeof(T) * size_t(S) * C);
+            row += int64_t(S) * C;
+            continue;
+          }
+          for (int ss = 0; ss < S; ++ss, row += C) {
+            const int iw = q * st - pad + ss;
+            if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W)
+              std::fill(row, row + C, T(0));
+            else
+              std::memcpy(row, x + ((n * s.H + ih) * s.W + iw) * C, sizeof(T) * size_t(C));
+          }
+        }
+      }
+    });
+    gemm<T>(true, false, K, int(rsc), int(mb), T(1), dy + b0 * K, K, col, int(rsc), b0 == 0 ? T(0) : T(1), dwt,
+            int(rsc));
+  }
+  if (reorder)
+    parallel_for(K, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k)
+        for (int c = 0; c < C; ++c)
+          for (int rs = 0; rs < R * S; ++rs) dw[(k * C + c) * R * S + rs] = dwt[k * rsc + int64_t(rs) * C + c];
+    });
+}
+
+template <class T>
+void nchw_to_nhwc(int N, int C, int HW, const T* src, T* dst) {
+  parallel_for(N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const T* s = src + n * C * HW;
+      T* d = dst + n * C * HW;
+      for (int i0 = 0; i0 < HW; i0 += 64)
+        for (int c = 0; c < C; ++c)
+          for (int i = i0; i < std::min(HW, i0 + 64); ++i) d[int64_t(i) * C + c] = s[int64_t(c) * HW + i];
+    }
+  });
+}
+
+template <class T>
+void nhwc_to_nchw(int N, int C, int HW, const T* src, T* dst) {
+  parallel_for(N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const T* s = src + n * C * HW;
+      T* d = dst + n * C * HW;
+      for (int c0 = 0; c0 < C; c0 += 64)
+        for (int i = 0; i < HW; ++i)
+          for (int c = c0; c < std::min(C, c0 + 64); ++c) d[int64_t(c) * HW + i] = s[int64_t(i) * C + c];
+    }
+  });
+}
+
+#define VB_INSTANTIATE(T)                                                         \
+  template void conv2d_nhwc_fwd<T>(const ConvShape&, const T*, const T*, T*);      \
+  template void conv2d_nhwc_bwd_data<T>(const ConvShape&, const T*, const T*, T*); \
+  template void conv2d_nhwc_bwd_filter<T>(const ConvShape&, const T*, const T*, T*); \
+  template void nchw_to_nhwc<T>(int, int, int, const T*, T*);                      \
+  template void nhwc_to_nchw<T>(int, int, int, const T*, T*);
+VB_INSTANTIATE(float)
+VB_INSTANTIATE(double)
+#undef VB_INSTANTIATE
+
+}  // namespace vb::cpu

@@ -1,0 +1,38 @@
+// Convolution with channels-last (NHWC) activations: what the CPU backend runs. The weights keep PyTorch's
+// layout [K, C, R, S]; x is [N, H, W, C], y and dy [N, P, Q, K].
+//
+// The forward and data-gradient passes need no im2col matrix: a register tile of 6 output pixels x 16
+// output channels (8 in double) sums, tap by tap, runs of contiguous input channels read in place through one
+// pointer per pixel (a pointer to zeros where the tap falls in the padding), against the weights packed once
+// per call. The data gradient is the same gather written the other way round: each input pixel sums the output
+// pixels its taps reach (for stride 2, pixels of one column parity at a time, so every tap in a tile is live for
+// all or none of them). The filter gradient is a GEMM over pixels of dy^T and an im2col built a block of pixels
+// at a time (a 1x1 stride-1 convolution uses x itself).
+//
+// Every output element is one sum in an order fixed by the shape: over taps in (r, s) order, channels in order
+// (forward and data gradient); over pixels in blocks fixed by the shape (filter gradient). Threads split the
+// tiles, never a sum, so the bits do not depend on the thread count. They differ from the NCHW kernels'
+// (conv.cpp) in the summation order only.
+#pragma once
+
+#include "kernels/cpu/ops.h"
+
+namespace vb::cpu {
+
+// y [N, P, Q, K] = conv(x [N, H, W, C], w [K, C, R, S]).
+template <class T>
+void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y);
+// dx [N, H, W, C] from dy [N, P, Q, K] and w.
+template <class T>
+void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx);
+// dw [K, C, R, S] from x [N, H, W, C] and dy [N, P, Q, K].
+template <class T>
+void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw);
+
+// NCHW <-> NHWC copies ([N, C, HW] <-> [N, HW, C]).
+template <class T>
+void nchw_to_nhwc(int N, int C, int HW, const T* src, T* dst);
+template <class T>
+void nhwc_to_nchw(int N, int C, int HW, const T* src, T* dst);
+
+}  // namespace vb::cpu

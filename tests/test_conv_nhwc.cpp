@@ -1,0 +1,199 @@
+// The NHWC convolution (kernels/cpu/conv_nhwc.h) against the NCHW one (conv.cpp, itself checked against PyTorch
+// and finite differences): forward, data and filter gradients on transposed copies of the same data, for every
+// kind of layer ResNet has (3x3 stride 1 and 2, 1x1 stride 1 and 2, the 7x7 stride-2 stem on 3 channels) and for
+// awkward ones (channel counts that are not a multiple of the 16-wide tile, pixels not a multiple of 6, padding
+// wider than the image, a batch of 1). Double agrees to 1e-13 relative (only the summation order differs);
+// float is judged beside the NCHW float against the double result. The bits must not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <utility>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/conv_nhwc.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
+#include "tests/test_util.h"
+
+using vb::cpu::ConvShape;
+
+namespace {
+
+template <class T>
+std::vector<T> random_vec(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<double> d(-1, 1);
+  std::vector<T> v(n);
+  for (auto& x : v) x = T(d(g));
+  return v;
+}
+
+template <class T>
+std::vector<T> to_nhwc(const std::vector<T>& v, int N, int C, int HW) {
+  std::vector<T> o(v.size());
+  vb::cpu::nchw_to_nhwc<T>(N, C, HW, v.data(), o.data());
+  return o;
+}
+template <class T>
+std::vector<T> to_nchw(const std::vector<T>& v, int N, int C, int HW) {
+  std::vector<T> o(v.size());
+  vb::cpu::nhwc_to_nchw<T>(N, C, HW, v.data(), o.data());
+  return o;
+}
+
+// max |a - b| / (scale * (1 + |b|)) over elements must be <= 1.
+template <class T>
+void expect_close(const std::vector<T>& a, const std::vector<T>& b, double tol, const char* what) {
+  REQUIRE(a.size() == b.size());
+  double worst = 0;
+  size_t at = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(double(a[i]) - double(b[i])) / (1 + std::fabs(double(b[i])));
+    if (!(d <= worst)) {
+      worst = d;
+      at = i;
+    }
+  }
+  INFO(std::string(what) << ": worst relative difference " << worst << " at " << at << " (" << double(a[at]) << " vs "
+            << double(b[at]) << "), bound " << tol);
+  CHECK(worst <= tol);
+}
+
+// Runs the NHWC kernels on the transposed data and returns their results in NCHW order.
+template <class T>
+void run_nhwc(const ConvShape& s, const std::vector<T>& x, const std::vector<T>& w, const std::vector<T>& dy,
+              std::vector<T>& y, std::vector<T>& dx, std::vector<T>& dw) {
+  const int P = s.P(), Q = s.Q();
+  const auto xh = to_nhwc(x, s.N, s.C, s.H * s.W), dyh = to_nhwc(dy, s.N, s.K, P * Q);
+  std::vector<T> yh(size_t(s.N) * s.K * P * Q, T(7)), dxh(x.size(), T(7));
+  dw.assign(w.size(), T(7));
+  vb::cpu::conv2d_nhwc_fwd<T>(s, xh.data(), w.data(), yh.data());
+  vb::cpu::conv2d_nhwc_bwd_data<T>(s, dyh.data(), w.data(), dxh.data());
+  vb::cpu::conv2d_nhwc_bwd_filter<T>(s, xh.data(), dyh.data(), dw.data());
+  y = to_nchw(yh, s.N, s.K, P * Q);
+  dx = to_nchw(dxh, s.N, s.C, s.H * s.W);
+}
+
+template <class T>
+std::vector<double> widen(const std::vector<T>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+// Double: the NHWC results equal the NCHW ones up to the summation order (relative bound `tol`). Float: both
+// are judged against the double result of the same inputs, and the NHWC error may be at most twice the NCHW
+// error (plus a floor): the same precision, another order.
+template <class T>
+void check_shape(const ConvShape& s, double tol) {
+  const int P = s.P(), Q = s.Q();
+  const auto x = random_vec<T>(size_t(s.N) * s.C * s.H * s.W, 1);
+  const auto w = random_vec<T>(size_t(s.K) * s.C * s.R * s.S, 2);
+  const auto dy = random_vec<T>(size_t(s.N) * s.K * P * Q, 3);
+  std::vector<T> ry(dy.size()), rdx(x.size()), rdw(w.size());
+  vb::cpu::conv2d_fwd<T>(s, x.data(), w.data(), ry.data());
+  vb::cpu::conv2d_bwd_data<T>(s, dy.data(), w.data(), rdx.data());
+  vb::cpu::conv2d_bwd_filter<T>(s, x.data(), dy.data(), rdw.data());
+
+  std::vector<T> y, dx, dw;
+  run_nhwc(s, x, w, dy, y, dx, dw);
+  if constexpr (std::is_same_v<T, double>) {
+    expect_close(y, ry, tol, "forward");
+    expect_close(dx, rdx, tol, "data gradient");
+    expect_close(dw, rdw, tol, "filter gradient");
+  } else {
+    const auto xd = widen(x), wd = widen(w), dyd = widen(dy);
+    std::vector<double> ty(dy.size()), tdx(x.size()), tdw(w.size());
+    vb::cpu::conv2d_fwd<double>(s, xd.data(), wd.data(), ty.data());
+    vb::cpu::conv2d_bwd_data<double>(s, dyd.data(), wd.data(), tdx.data());
+    vb::cpu::conv2d_bwd_filter<double>(s, xd.data(), dyd.data(), tdw.data());
+    auto nchw_err = [&](const std::string& what) {
+      return what == "forward" ? max_abs_diff(widen(ry), ty)
+             : what == "data gradient" ? max_abs_diff(widen(rdx), tdx) : max_abs_diff(widen(rdw), tdw);
+    };
+    const std::pair<const char*, double> errs[] = {
+        {"forward", max_abs_diff(widen(y), ty) - 2 * max_abs_diff(widen(ry), ty)},
+        // The NCHW data gradient sums K terms per tap, then the R*S taps (col2im); the NHWC one sums all R*S*K
+        // in one chain, whose rounding error grows about sqrt(R*S) times larger.
+        {"data gradient", max_abs_diff(widen(dx), tdx) - 2 * std::sqrt(double(s.R * s.S)) * max_abs_diff(widen(rdx), tdx)},
+        {"filter gradient", max_abs_diff(widen(dw), tdw) - 2 * max_abs_diff(widen(rdw), tdw)}};
+    for (const auto& [what, excess] : errs) {
+      INFO(std::string(what) << ": NHWC error minus twice the NCHW error = " << excess << " (NCHW error " << nchw_err(what) << ")");
+      CHECK(excess <= tol);
+    }
+  }
+
+  // Thread-count independence: 1 thread and 2 threads give the same bits.
+  const int before = vb::cpu::num_threads();
+  std::vector<T> y1, dx1, dw1, y2, dx2, dw2;
+  vb::cpu::set_num_threads(1);
+  run_nhwc(s, x, w, dy, y1, dx1, dw1);
+  vb::cpu::set_num_threads(2);
+  run_nhwc(s, x, w, dy, y2, dx2, dw2);
+  vb::cpu::set_num_threads(before);
+  CHECK(y1 == y2);
+  CHECK(dx1 == dx2);
+  CHECK(dw1 == dw2);
+}
+
+// N, C, H, W, K, R, S, stride, pad
+const ConvShape kShapes[] = {
+    {2, 16, 9, 9, 16, 3, 3, 1, 1},     // 3x3 stride 1
+    {2, 32, 10, 10, 32, 3, 3, 2, 1},   // 3x3 stride 2, even map
+    {3, 24, 7, 7, 40, 3, 3, 2, 1},     // 3x3 stride 2, odd map, K not a multiple of 16
+    {2, 64, 7, 7, 48, 3, 3, 1, 1},     // layer4-like
+    {2, 64, 6, 6, 256, 1, 1, 1, 0},    // 1x1 expand
+    {2, 96, 5, 5, 20, 1, 1, 1, 0},     // 1x1 reduce, odd K
+    {2, 64, 9, 9, 128, 1, 1, 2, 0},    // 1x1 stride-2 downsample, odd map
+    {2, 3, 23, 21, 16, 7, 7, 2, 3},    // the stem on a non-square input
+    {1, 5, 6, 11, 7, 3, 3, 1, 1},      // few channels (staged rows), tiny K
+    {1, 8, 3, 3, 10, 3, 3, 1, 2},      // padding wider than needed
+    {4, 17, 2, 2, 33, 3, 3, 2, 1},     // 2x2 map, stride 2 -> 1x1
+    {1, 16, 1, 1, 16, 1, 1, 1, 0},     // one pixel
+};
+
+}  // namespace
+
+TEST_CASE("NHWC convolution matches the NCHW one in double") {
+  for (const ConvShape& s : kShapes) {
+    CAPTURE(s.N);
+    CAPTURE(s.C);
+    CAPTURE(s.H);
+    CAPTURE(s.W);
+    CAPTURE(s.K);
+    CAPTURE(s.R);
+    CAPTURE(s.stride);
+    check_shape<double>(s, 1e-13);
+  }
+}
+
+TEST_CASE("NHWC convolution matches the NCHW one in float") {
+  for (const ConvShape& s : kShapes) {
+    CAPTURE(s.N);
+    CAPTURE(s.C);
+    CAPTURE(s.H);
+    CAPTURE(s.W);
+    CAPTURE(s.K);
+    CAPTURE(s.R);
+    CAPTURE(s.stride);
+    check_shape<float>(s, 1e-6);
+  }
+}
+
+TEST_CASE("NHWC convolution: an empty batch leaves a zero filter gradient") {
+  const ConvShape s{0, 16, 5, 5, 16, 3, 3, 1, 1};
+  std::vector<float> w(16 * 16 * 9, 1.0f), dw(w.size(), 5.0f);
+  vb::cpu::conv2d_nhwc_bwd_filter<float>(s, nullptr, nullptr, dw.data());
+  for (float v : dw) REQUIRE(v == 0.0f);
+}
+
+TEST_CASE("NHWC transposes are inverse") {
+  const auto v = random_vec<float>(3 * 70 * 13, 9);
+  CHECK(to_nchw(to_nhwc(v, 3, 70, 13), 3, 70, 13) == v);
+}
