@@ -32,10 +32,27 @@ V* scratch(size_t n) {
   return buf.data();
 }
 
+// The row loops below take 4 rows at a time, a channel's accumulator kept in a register across them (one load
+// and one store of it per 4 values instead of per value). The additions are still made row by row, in order:
+// the same bits as one row at a time.
+constexpr int kRows = 4;
+
 // acc[c] += x[r][c] over rows [r0, r1).
 template <class T>
 void add_sum_rows(double* __restrict acc, const T* __restrict x, int64_t r0, int64_t r1, int C) {
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  for (; r + kRows <= r1; r += kRows) {
+    const T* __restrict x0 = x + r * C;
+    for (int c = 0; c < C; ++c) {
+      double s = acc[c];
+      s += double(x0[c]);
+      s += double(x0[C + c]);
+      s += double(x0[2 * C + c]);
+      s += double(x0[3 * C + c]);
+      acc[c] = s;
+    }
+  }
+  for (; r < r1; ++r) {
     const T* __restrict xr = x + r * C;
     for (int c = 0; c < C; ++c) acc[c] += double(xr[c]);
   }
@@ -45,7 +62,20 @@ void add_sum_rows(double* __restrict acc, const T* __restrict x, int64_t r0, int
 template <class T>
 void add_sq_dev_rows(double* __restrict acc, const T* __restrict x, const double* __restrict mean, int64_t r0,
                      int64_t r1, int C) {
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  for (; r + kRows <= r1; r += kRows) {
+    const T* __restrict x0 = x + r * C;
+    for (int c = 0; c < C; ++c) {
+      const double m = mean[c];
+      double s = acc[c];
+      for (int j = 0; j < kRows; ++j) {
+        const double d = double(x0[j * C + c]) - m;
+        s += d * d;
+      }
+      acc[c] = s;
+    }
+  }
+  for (; r < r1; ++r) {
     const T* __restrict xr = x + r * C;
     for (int c = 0; c < C; ++c) {
       const double d = double(xr[c]) - mean[c];
@@ -54,23 +84,61 @@ void add_sq_dev_rows(double* __restrict acc, const T* __restrict x, const double
   }
 }
 
-// s_dy[c] += g, s_dyx[c] += g (x - mean[c]) over rows [r0, r1), g = the ReLU's backward of dy (elementwise.cpp's
-// relu_bwd: 0 where y <= 0, dy elsewhere, a NaN y passing dy) or dy. dy is loaded unconditionally so that the
-// select vectorises.
-template <class T, bool kRelu>
-void add_grad_sums_rows(double* __restrict s_dy, double* __restrict s_dyx, const T* __restrict x,
-                        const T* __restrict y, const T* __restrict dy, const double* __restrict mean, int64_t r0,
-                        int64_t r1, int C) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict xr = x + r * C;
-    const T* __restrict dyr = dy + r * C;
-    const T* __restrict yr = kRelu ? y + r * C : nullptr;
-    for (int c = 0; c < C; ++c) {
-      T g = dyr[c];
-      if constexpr (kRelu) g = yr[c] <= T(0) ? T(0) : g;
-      const double gd = double(g);
+// s_dy[c] += g, s_dyx[c] += g (x - mean[c]) over `rows` rows (kRows at most) of n channels: row j's values at
+// x + j * C and g + j * gstride.
+template <class T>
+inline void add_grad_sums_block(double* __restrict s_dy, double* __restrict s_dyx, const T* __restrict x,
+                                const T* __restrict g, const double* __restrict mean, int rows, int n, int64_t C,
+                                int64_t gstride) {
+  if (rows == kRows) {
+    for (int c = 0; c < n; ++c) {
+      const double m = mean[c];
+      double a = s_dy[c], b = s_dyx[c];
+      for (int j = 0; j < kRows; ++j) {
+        const double gd = double(g[j * gstride + c]);
+        a += gd;
+        b += gd * (double(x[j * C + c]) - m);
+      }
+      s_dy[c] = a;
+      s_dyx[c] = b;
+    }
+    return;
+  }
+  for (int j = 0; j < rows; ++j)
+    for (int c = 0; c < n; ++c) {
+      const double gd = double(g[j * gstride + c]);
       s_dy[c] += gd;
-      s_dyx[c] += gd * (double(xr[c]) - mean[c]);
+      s_dyx[c] += gd * (double(x[j * C + c]) - mean[c]);
+    }
+}
+
+// The backward's sums over rows [r0, r1): g = the ReLU's backward of dy (elementwise.cpp's relu_bwd: 0 where
+// y <= 0, dy elsewhere, a NaN y passing dy) or dy. With the ReLU, g is made a block of channels at a time in a
+// local buffer: the select vectorises there (dy loaded unconditionally), not inside the double accumulation.
+template <class T, bool kRelu>
+void add_grad_sums_rows(double* __restrict s_dy, double* __restrict s_dyx, const T* x, const T* y, const T* dy,
+                        const double* __restrict mean, int64_t r0, int64_t r1, int C) {
+  constexpr int kBlock = 256;
+  alignas(64) T g[kRows * kBlock];
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int rows = int(std::min<int64_t>(kRows, r1 - r));
+    const int64_t o = r * C;
+    if constexpr (!kRelu) {
+      add_grad_sums_block(s_dy, s_dyx, x + o, dy + o, mean, rows, C, C, C);
+    } else {
+      for (int c0 = 0; c0 < C; c0 += kBlock) {
+        const int n = std::min(kBlock, C - c0);
+        for (int j = 0; j < rows; ++j) {
+          const T* __restrict yr = y + o + j * int64_t(C) + c0;
+          const T* __restrict dyr = dy + o + j * int64_t(C) + c0;
+          T* __restrict gj = g + j * kBlock;
+          for (int i = 0; i < n; ++i) {
+            const T v = dyr[i];
+            gj[i] = yr[i] <= T(0) ? T(0) : v;
+          }
+        }
+        add_grad_sums_block(s_dy + c0, s_dyx + c0, x + o + c0, g, mean + c0, rows, n, C, kBlock);
+      }
     }
   }
 }
