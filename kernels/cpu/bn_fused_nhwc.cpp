@@ -2,8 +2,8 @@
 //
 // Reductions: the M rows are cut into chunks of row_chunk(C) rows; parallel_for hands out whole chunks (grain 1,
 // each chunk about 16k values), each chunk accumulates its per-channel sums in double (rows in order, the loop
-// over the row's C contiguous values vectorised) into its own slot, and the slots are added in chunk order on
-// the calling thread. Which thread ran a chunk never changes a bit. Element passes split rows over threads.
+// over the row's C contiguous values vectorised) into its own slot, and the slots are combined in chunk order on
+// the calling thread (plain sums, or Chan et al.'s formula for the variance: see mean_m2). Which thread ran a chunk never changes a bit. Element passes split rows over threads.
 // The per-element expressions and per-channel coefficients are bn_fused.cpp's, written out the same way.
 #include "kernels/cpu/bn_fused_nhwc.h"
 
@@ -143,24 +143,72 @@ void add_grad_sums_rows(double* __restrict s_dy, double* __restrict s_dyx, const
   }
 }
 
-// Per-channel sums over the M rows in the fixed chunk order: sums[k * C + c] for k < K, of the partial sums a
-// chunk's f(slots, r0, r1) accumulates into its K slots of C doubles (zeroed before).
+// The reduction chunks: rows [k * rows, min(M, (k + 1) * rows)) for k < n; part + k * K * C holds chunk k's K
+// slots of C doubles.
+struct Chunks {
+  int64_t rows, n;
+  double* part;
+  int64_t begin(int64_t k) const { return k * rows; }
+  int64_t end(int64_t k, int64_t M) const { return std::min(M, (k + 1) * rows); }
+};
+
+// Runs f(slots, r0, r1) on every chunk (slots zeroed before), chunks spread over the threads.
 template <class F>
-void reduce_rows(int64_t M, int C, int K, double* sums, F&& f) {
-  const int64_t rows = row_chunk(C), nchunks = (M + rows - 1) / rows;
+Chunks chunk_partials(int64_t M, int C, int K, F&& f) {
+  Chunks ch;
+  ch.rows = row_chunk(C);
+  ch.n = (M + ch.rows - 1) / ch.rows;
   const size_t slot = size_t(K) * C;
-  double* part = scratch<double, 1>(size_t(nchunks) * slot);
-  parallel_for(nchunks, 1, [&](int64_t b, int64_t e) {
+  ch.part = scratch<double, 1>(size_t(ch.n) * slot);
+  parallel_for(ch.n, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
-      double* p = part + size_t(k) * slot;
+      double* p = ch.part + size_t(k) * slot;
       std::fill(p, p + slot, 0.0);
-      f(p, k * rows, std::min(M, (k + 1) * rows));
+      f(p, ch.begin(k), ch.end(k, M));
     }
   });
+  return ch;
+}
+
+// Per-channel sums over the M rows in the fixed chunk order: sums[k * C + c] for k < K, of the partial sums a
+// chunk's f(slots, r0, r1) accumulates into its K slots of C doubles.
+template <class F>
+void reduce_rows(int64_t M, int C, int K, double* sums, F&& f) {
+  const Chunks ch = chunk_partials(M, C, K, f);
+  const size_t slot = size_t(K) * C;
   std::fill(sums, sums + slot, 0.0);
-  for (int64_t k = 0; k < nchunks; ++k) {
-    const double* __restrict p = part + size_t(k) * slot;
+  for (int64_t k = 0; k < ch.n; ++k) {
+    const double* __restrict p = ch.part + size_t(k) * slot;
     for (size_t i = 0; i < slot; ++i) sums[i] += p[i];
+  }
+}
+
+// Per-channel mean and sum of squared deviations from it (M2) over the M rows. Each chunk is reduced in two
+// passes while it is in cache (its sum, then the squared deviations from its own mean), and the chunks are
+// combined in chunk order by Chan et al.'s formula, M2 = sum_k M2_k + n_k (mean_k - mean)^2 (every term >= 0):
+// the numerical safety of the two-pass scheme with one sweep over the tensor instead of two.
+template <class T>
+void mean_m2(int64_t M, int C, const T* x, double* mean, double* m2) {
+  const Chunks ch = chunk_partials(M, C, 2, [&](double* p, int64_t r0, int64_t r1) {
+    add_sum_rows(p, x, r0, r1, C);
+    double* mk = scratch<double, 5>(size_t(C));
+    for (int c = 0; c < C; ++c) mk[c] = p[c] / double(r1 - r0);
+    add_sq_dev_rows(p + C, x, mk, r0, r1, C);
+  });
+  std::fill(mean, mean + C, 0.0);
+  for (int64_t k = 0; k < ch.n; ++k) {
+    const double* __restrict p = ch.part + size_t(k) * 2 * C;
+    for (int c = 0; c < C; ++c) mean[c] += p[c];
+  }
+  for (int c = 0; c < C; ++c) mean[c] /= double(M);
+  std::fill(m2, m2 + C, 0.0);
+  for (int64_t k = 0; k < ch.n; ++k) {
+    const double* __restrict p = ch.part + size_t(k) * 2 * C;
+    const double nk = double(ch.end(k, M) - ch.begin(k));
+    for (int c = 0; c < C; ++c) {
+      const double d = p[c] / nk - mean[c];
+      m2[c] += p[C + c] + nk * d * d;
+    }
   }
 }
 
@@ -258,15 +306,13 @@ void bn_train_fwd_nhwc(int N, int C, int HW, const T* x, const T* gamma, const T
   VB_CHECK(count > 1, "batch norm in training mode needs more than one value per channel (N*H*W = ", count, ")");
   VB_CHECK(C > 0, "batch norm NHWC: bad C=", C);
   const int64_t M = count;
-  double* sum = scratch<double, 2>(size_t(C));
+  double* m2 = scratch<double, 2>(size_t(C));  // sum of squared deviations from the mean
   double* mean = scratch<double, 3>(size_t(C));
-  reduce_rows(M, C, 1, sum, [&](double* p, int64_t r0, int64_t r1) { add_sum_rows(p, x, r0, r1, C); });
-  for (int c = 0; c < C; ++c) mean[c] = sum[c] / double(count);
-  reduce_rows(M, C, 1, sum, [&](double* p, int64_t r0, int64_t r1) { add_sq_dev_rows(p, x, mean, r0, r1, C); });
+  mean_m2(M, C, x, mean, m2);
   T* a = scratch<T, 4>(2 * size_t(C));
   T* b = a + C;
   for (int c = 0; c < C; ++c) {
-    const double sq = sum[c];
+    const double sq = m2[c];
     const double invstd = 1.0 / std::sqrt(sq / double(count) + eps);  // biased variance
     if (save_mean) save_mean[c] = T(mean[c]);
     if (save_invstd) save_invstd[c] = T(invstd);

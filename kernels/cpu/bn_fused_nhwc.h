@@ -8,8 +8,9 @@
 //   per-channel sums are accumulated in double, rows in order, and the chunks' partial sums are added in chunk
 //   order. The order depends on (M, C) only, never on the thread count, so results are the same bits with any
 //   number of threads; they are not the bits of bn_fused.cpp's statistics (8 lanes per plane), only as
-//   accurate (double sums of M values; a few ulps of T). Statistics are two-pass as there: the mean, then the
-//   sum of squared deviations from it.
+//   accurate (double sums of M values; a few ulps of T). The variance is as safe as bn_fused.cpp's two passes
+//   (mean, then squared deviations from it): each chunk does those two passes while in cache, and the chunks
+//   are combined with Chan et al.'s formula (sum of the chunks' M2 plus n_k (mean_k - mean)^2).
 // - Per-element passes (bn_apply_nhwc, bn_eval_fwd_nhwc, the output of bn_train_fwd_nhwc given its saved
 //   statistics, dresidual) use bn_fused.cpp's per-element expressions and per-channel coefficients: given the
 //   same statistics they are bit-identical to bn_fused.h's (transposed).
