@@ -1,7 +1,8 @@
 // vbtrain bench-ops: throughput of the CPU reference kernels. Prints GEMM GFLOP/s at a few sizes, then the
 // time of every distinct convolution of ResNet-50 (forward, data gradient, filter gradient) at the given batch
 // and image size, and the whole network's convolution time for one forward and backward pass, in the NCHW
-// kernels (conv.cpp) and the NHWC ones the CPU backend runs (conv_nhwc.cpp) side by side (--layout). Times are
+// kernels (conv.cpp) and the NHWC ones the CPU backend runs (conv_nhwc.cpp) side by side (--layout); before
+// those, the batch norm and pooling kernels at the network's shapes, NCHW against NHWC. Times are
 // medians over repetitions; nothing is asserted.
 #include <algorithm>
 #include <chrono>
@@ -14,9 +15,13 @@
 #include <vector>
 
 #include "engine/model_config.h"
+#include "kernels/cpu/bn_fused.h"
+#include "kernels/cpu/bn_fused_nhwc.h"
 #include "kernels/cpu/conv_nhwc.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/cpu/pool_fast.h"
+#include "kernels/cpu/pool_fast_nhwc.h"
 #include "tools/commands.h"
 
 namespace vb::tools {
@@ -28,6 +33,7 @@ struct BenchOpsOptions {
   int image = 224;
   double min_seconds = 0.3;
   bool skip_gemm = false;
+  bool skip_activations = false;
   std::string blocks = "3,4,6,3";
   int width = 64;
   std::string layout = "both";  // nchw, nhwc or both
@@ -84,6 +90,78 @@ std::vector<cpu::ConvShape> resnet_convs(int N, int image, const std::vector<int
   return convs;
 }
 
+// Batch norm (training forward with residual and ReLU, backward with ReLU writing dx and dresidual) at every
+// distinct convolution output shape, and the max / average pools: the NCHW kernels (bn_fused.h, pool_fast.h,
+// ops.h) against their NHWC twins (bn_fused_nhwc.h, pool_fast_nhwc.h), float.
+void bench_activations(const BenchOpsOptions& o, const std::vector<cpu::ConvShape>& convs) {
+  std::printf("\nBatch norm and pooling, float, batch %d: NCHW vs NHWC (ms)\n", o.batch);
+  std::printf("%-8s %5s %5s %9s %9s %9s %9s\n", "op", "C", "HxW", "fwd NCHW", "fwd NHWC", "bwd NCHW", "bwd NHWC");
+  std::vector<std::pair<int, int>> bn;  // (C, H) of each distinct convolution output
+  for (const auto& s : convs)
+    if (std::find(bn.begin(), bn.end(), std::make_pair(s.K, s.P())) == bn.end()) bn.emplace_back(s.K, s.P());
+  for (const auto& [C, H] : bn) {
+    const int N = o.batch, HW = H * H;
+    const size_t n = size_t(N) * C * HW;
+    const auto x = random_floats(n, 1), r = random_floats(n, 2), dy = random_floats(n, 3);
+    const auto gamma = random_floats(size_t(C), 4), beta = random_floats(size_t(C), 5);
+    std::vector<float> y(n), mean(C), invstd(C), rm(C, 0.f), rv(C, 1.f), dx(n), dr(n), dg(C), db(C);
+    const double f1 = time_median(
+        [&] {
+          cpu::bn_train_fwd_fused<float>(N, C, HW, x.data(), gamma.data(), beta.data(), r.data(), true, y.data(),
+                                         mean.data(), invstd.data(), rm.data(), rv.data(), 0.1, 1e-5);
+        },
+        o.min_seconds);
+    const double f2 = time_median(
+        [&] {
+          cpu::bn_train_fwd_nhwc<float>(N, C, HW, x.data(), gamma.data(), beta.data(), r.data(), true, y.data(),
+                                        mean.data(), invstd.data(), rm.data(), rv.data(), 0.1, 1e-5);
+        },
+        o.min_seconds);
+    const double b1 = time_median(
+        [&] {
+          cpu::bn_bwd_fused<float>(N, C, HW, x.data(), y.data(), dy.data(), gamma.data(), mean.data(), invstd.data(),
+                                   true, dx.data(), dr.data(), dg.data(), db.data());
+        },
+        o.min_seconds);
+    const double b2 = time_median(
+        [&] {
+          cpu::bn_bwd_nhwc<float>(N, C, HW, x.data(), y.data(), dy.data(), gamma.data(), mean.data(), invstd.data(),
+                                  true, dx.data(), dr.data(), dg.data(), db.data());
+        },
+        o.min_seconds);
+    std::printf("%-8s %5d %5d %9.3f %9.3f %9.3f %9.3f\n", "bn", C, H, f1 * 1e3, f2 * 1e3, b1 * 1e3, b2 * 1e3);
+  }
+  if (convs.empty()) return;
+  {  // The stem's max pool, 3x3 stride 2 padding 1.
+    const int N = o.batch, C = convs[0].K, H = convs[0].P(), P = (H + 2 - 3) / 2 + 1;
+    const auto x = random_floats(size_t(N) * C * H * H, 1), dy = random_floats(size_t(N) * C * P * P, 2);
+    std::vector<float> y(dy.size()), dx(x.size());
+    const double f1 = time_median([&] { cpu::maxpool_fwd_fast<float>(N, C, H, H, 3, 2, 1, x.data(), y.data()); },
+                                  o.min_seconds);
+    const double f2 = time_median(
+        [&] { cpu::maxpool_nhwc_fwd_fast<float>(N, C, H, H, 3, 2, 1, x.data(), y.data()); }, o.min_seconds);
+    const double b1 = time_median(
+        [&] { cpu::maxpool_bwd_fast<float>(N, C, H, H, 3, 2, 1, x.data(), dy.data(), dx.data()); }, o.min_seconds);
+    const double b2 = time_median(
+        [&] { cpu::maxpool_nhwc_bwd_fast<float>(N, C, H, H, 3, 2, 1, x.data(), dy.data(), dx.data()); },
+        o.min_seconds);
+    std::printf("%-8s %5d %5d %9.3f %9.3f %9.3f %9.3f\n", "maxpool", C, H, f1 * 1e3, f2 * 1e3, b1 * 1e3, b2 * 1e3);
+  }
+  {  // The head's global average pool.
+    const int N = o.batch, C = convs.back().K, HW = convs.back().P() * convs.back().Q();
+    const auto x = random_floats(size_t(N) * C * HW, 1), dy = random_floats(size_t(N) * C, 2);
+    std::vector<float> y(dy.size()), dx(x.size());
+    const double f1 = time_median([&] { cpu::avgpool_fwd<float>(N, C, HW, x.data(), y.data()); }, o.min_seconds);
+    const double f2 =
+        time_median([&] { cpu::avgpool_nhwc_fwd_fast<float>(N, C, HW, x.data(), y.data()); }, o.min_seconds);
+    const double b1 = time_median([&] { cpu::avgpool_bwd<float>(N, C, HW, dy.data(), dx.data()); }, o.min_seconds);
+    const double b2 =
+        time_median([&] { cpu::avgpool_nhwc_bwd_fast<float>(N, C, HW, dy.data(), dx.data()); }, o.min_seconds);
+    std::printf("%-8s %5d %5d %9.3f %9.3f %9.3f %9.3f\n", "avgpool", C, convs.back().P(), f1 * 1e3, f2 * 1e3,
+                b1 * 1e3, b2 * 1e3);
+  }
+}
+
 int run_bench_ops(const BenchOpsOptions& o) {
   cpu::set_num_threads(o.threads);
   std::printf("CPU kernels: %d threads\n", cpu::num_threads());
@@ -104,8 +182,10 @@ int run_bench_ops(const BenchOpsOptions& o) {
     }
   }
 
-  // Distinct shapes with their number of occurrences, in network order.
   const auto all = resnet_convs(o.batch, o.image, parse_int_list(o.blocks, "--blocks"), o.width);
+  if (!o.skip_activations) bench_activations(o, all);
+
+  // Distinct shapes with their number of occurrences, in network order.
   std::vector<std::pair<cpu::ConvShape, int>> shapes;
   for (const auto& s : all) {
     auto key = [](const cpu::ConvShape& c) { return std::tie(c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad); };
@@ -190,7 +270,8 @@ VB_COMMAND(
       app.add_option("--min-seconds", o->min_seconds, "time spent per measurement (median of the repetitions)")
           ->check(finite_number(0, 3600, true))
           ->capture_default_str();
-      app.add_flag("--skip-gemm", o->skip_gemm, "only the convolutions");
+      app.add_flag("--skip-gemm", o->skip_gemm, "no GEMM figures");
+      app.add_flag("--skip-activations", o->skip_activations, "no batch norm and pooling figures (NCHW vs NHWC)");
       app.add_option("--blocks", o->blocks, "blocks per stage")->capture_default_str();
       app.add_option("--width", o->width, "base width")->check(CLI::PositiveNumber)->capture_default_str();
       app.add_option("--layout", o->layout, "which convolution kernels: nchw, nhwc or both")
