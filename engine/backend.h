@@ -152,9 +152,13 @@ class BackendT {
 
 using Backend = BackendT<float>;
 
-std::unique_ptr<Backend> make_cpu_backend(int threads);
+// The CPU backend. Activations channels-last by default (the fast path); NCHW runs the NCHW kernels, the
+// layout of the CUDA backend (its tests compare op by op).
+std::unique_ptr<Backend> make_cpu_backend(int threads, Layout layout = Layout::NHWC);
 // The CPU path in double: the reference that gradient checks and golden runs can use.
-std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads);
+std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads, Layout layout = Layout::NHWC);
+// The layout make_backend gives the CPU: NHWC, or what VB_CPU_LAYOUT says (nhwc or nchw).
+Layout default_cpu_layout();
 // Throws vb::Error with one line ("no CUDA device: ...") when CUDA is not built in or no GPU is present.
 std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
 bool cuda_available();  // built with CUDA and at least one device is visible

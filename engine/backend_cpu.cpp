@@ -1,5 +1,9 @@
-// The CPU backend: the reference ops of kernels/cpu (in float, or in double for the reference path),
-// composed where the CUDA path fuses.
+// The CPU backend: the ops of kernels/cpu (in float, or in double for the reference path), composed where the
+// CUDA path fuses. Activations are channels-last (NHWC) by default: convolutions then read their inputs in
+// place (kernels/cpu/conv_nhwc.h) instead of through an im2col matrix, and batch norm and pooling run along
+// contiguous channels (bn_fused_nhwc.h, pool_fast_nhwc.h). Layout::NCHW keeps the NCHW kernels (conv.cpp,
+// bn_fused.h, pool_fast.h), the layout of PyTorch's reference files and of the CUDA backend; the two differ
+// only in the order of some sums. VB_CPU_LAYOUT=nchw picks it for the commands (for comparisons).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -12,8 +16,11 @@
 
 #include "engine/backend.h"
 #include "kernels/cpu/bn_fused.h"
+#include "kernels/cpu/bn_fused_nhwc.h"
+#include "kernels/cpu/conv_nhwc.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/pool_fast.h"
+#include "kernels/cpu/pool_fast_nhwc.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb {
@@ -78,14 +85,15 @@ std::string shape_key(const char* op, int C, int H, int W) {
 template <class T>
 class CpuBackend final : public BackendT<T> {
  public:
-  explicit CpuBackend(int threads) {
+  CpuBackend(int threads, Layout layout) : nhwc_(layout == Layout::NHWC) {
     cpu::set_num_threads(threads);
     this->precision_ = sizeof(T) == 8 ? Precision::FP64 : Precision::FP32;
   }
   Device device() const override { return Device::CPU; }
   std::string description() const override {
-    return "cpu (" + std::to_string(cpu::num_threads()) + " threads)";
+    return "cpu (" + std::to_string(cpu::num_threads()) + " threads" + (nhwc_ ? "" : ", NCHW") + ")";
   }
+  Layout activation_layout() const override { return nhwc_ ? Layout::NHWC : Layout::NCHW; }
 
   void* alloc(size_t bytes) override {
     size_t rounded = (bytes + 255) / 256 * 256;
@@ -119,64 +127,80 @@ class CpuBackend final : public BackendT<T> {
   void fill_zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
   void sync() override {}
   void upload_activation(T* dst, const T* src, int N, int C, int H, int W) override {
-    std::memcpy(dst, src, sizeof(T) * size_t(N) * C * H * W);
+    if (nhwc_)
+      cpu::nchw_to_nhwc<T>(N, C, H * W, src, dst);
+    else
+      std::memcpy(dst, src, sizeof(T) * size_t(N) * C * H * W);
   }
   void download_activation(T* dst, const T* src, int N, int C, int H, int W) override {
-    std::memcpy(dst, src, sizeof(T) * size_t(N) * C * H * W);
+    if (nhwc_)
+      cpu::nhwc_to_nchw<T>(N, C, H * W, src, dst);
+    else
+      std::memcpy(dst, src, sizeof(T) * size_t(N) * C * H * W);
   }
 
   void conv_fwd(const ConvShape& s, const T* x, const T* w, T* y) override {
-    VB_PROF(shape_key("conv_fwd", s), cpu::conv2d_fwd<T>(s, x, w, y));
+    VB_PROF(shape_key("conv_fwd", s),
+            nhwc_ ? cpu::conv2d_nhwc_fwd<T>(s, x, w, y) : cpu::conv2d_fwd<T>(s, x, w, y));
   }
   void conv_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) override {
-    VB_PROF(shape_key("conv_bwd_data", s), cpu::conv2d_bwd_data<T>(s, dy, w, dx));
+    VB_PROF(shape_key("conv_bwd_data", s),
+            nhwc_ ? cpu::conv2d_nhwc_bwd_data<T>(s, dy, w, dx) : cpu::conv2d_bwd_data<T>(s, dy, w, dx));
   }
   void conv_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) override {
-    VB_PROF(shape_key("conv_bwd_filter", s), cpu::conv2d_bwd_filter<T>(s, x, dy, dw));
+    VB_PROF(shape_key("conv_bwd_filter", s),
+            nhwc_ ? cpu::conv2d_nhwc_bwd_filter<T>(s, x, dy, dw) : cpu::conv2d_bwd_filter<T>(s, x, dy, dw));
   }
 
   void bn_train_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                     const T* residual, bool relu, T* y, T* save_mean, T* save_invstd,
                     T* running_mean, T* running_var, double momentum, double eps) override {
     VB_PROF(shape_key("bn_train_fwd", C, H, W), {
-      cpu::bn_train_fwd_fused<T>(N, C, H * W, x, gamma, beta, residual, relu, y, save_mean, save_invstd,
-                                 running_mean, running_var, momentum, eps);
+      (nhwc_ ? cpu::bn_train_fwd_nhwc<T> : cpu::bn_train_fwd_fused<T>)(N, C, H * W, x, gamma, beta, residual, relu, y,
+                                                                      save_mean, save_invstd, running_mean,
+                                                                      running_var, momentum, eps);
     });
   }
   void bn_eval_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                    const T* running_mean, const T* running_var, double eps, const T* residual,
                    bool relu, T* y) override {
     VB_PROF(shape_key("bn_eval_fwd", C, H, W), {
-      cpu::bn_eval_fwd_fused<T>(N, C, H * W, x, gamma, beta, running_mean, running_var, eps, residual, relu, y);
+      (nhwc_ ? cpu::bn_eval_fwd_nhwc<T> : cpu::bn_eval_fwd_fused<T>)(N, C, H * W, x, gamma, beta, running_mean,
+                                                                    running_var, eps, residual, relu, y);
     });
   }
   void bn_apply(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta, const T* save_mean,
                 const T* save_invstd, bool relu, T* y) override {
     VB_PROF(shape_key("bn_apply", C, H, W), {
-      cpu::bn_apply_fused<T>(N, C, H * W, x, gamma, beta, save_mean, save_invstd, relu, y);
+      (nhwc_ ? cpu::bn_apply_nhwc<T> : cpu::bn_apply_fused<T>)(N, C, H * W, x, gamma, beta, save_mean, save_invstd,
+                                                              relu, y);
     });
   }
   void bn_bwd(int N, int C, int H, int W, const T* x, const T* y, const T* dy, const T* gamma,
               const T* save_mean, const T* save_invstd, bool relu, T* dx, T* dresidual,
               T* dgamma, T* dbeta, T* scratch) override {
     VB_PROF(shape_key("bn_bwd", C, H, W), {
-      cpu::bn_bwd_fused<T>(N, C, H * W, x, y, dy, gamma, save_mean, save_invstd, relu, dx, dresidual, dgamma,
-                           dbeta);
+      (nhwc_ ? cpu::bn_bwd_nhwc<T> : cpu::bn_bwd_fused<T>)(N, C, H * W, x, y, dy, gamma, save_mean, save_invstd,
+                                                          relu, dx, dresidual, dgamma, dbeta);
     });
   }
 
   void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const T* x, T* y) override {
-    VB_PROF(shape_key("maxpool_fwd", C, H, W), cpu::maxpool_fwd_fast<T>(N, C, H, W, k, s, p, x, y));
+    VB_PROF(shape_key("maxpool_fwd", C, H, W),
+            (nhwc_ ? cpu::maxpool_nhwc_fwd_fast<T> : cpu::maxpool_fwd_fast<T>)(N, C, H, W, k, s, p, x, y));
   }
   void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const T* x, const T*,
                    const T* dy, T* dx) override {
-    VB_PROF(shape_key("maxpool_bwd", C, H, W), cpu::maxpool_bwd_fast<T>(N, C, H, W, k, s, p, x, dy, dx));
+    VB_PROF(shape_key("maxpool_bwd", C, H, W),
+            (nhwc_ ? cpu::maxpool_nhwc_bwd_fast<T> : cpu::maxpool_bwd_fast<T>)(N, C, H, W, k, s, p, x, dy, dx));
   }
   void avgpool_fwd(int N, int C, int H, int W, const T* x, T* y) override {
-    VB_PROF(shape_key("avgpool_fwd", C, H, W), cpu::avgpool_fwd<T>(N, C, H * W, x, y));
+    VB_PROF(shape_key("avgpool_fwd", C, H, W),
+            (nhwc_ ? cpu::avgpool_nhwc_fwd_fast<T> : cpu::avgpool_fwd<T>)(N, C, H * W, x, y));
   }
   void avgpool_bwd(int N, int C, int H, int W, const T* dy, T* dx) override {
-    VB_PROF(shape_key("avgpool_bwd", C, H, W), cpu::avgpool_bwd<T>(N, C, H * W, dy, dx));
+    VB_PROF(shape_key("avgpool_bwd", C, H, W),
+            (nhwc_ ? cpu::avgpool_nhwc_bwd_fast<T> : cpu::avgpool_bwd<T>)(N, C, H * W, dy, dx));
   }
   void linear_fwd(int N, int IN, int OUT, const T* x, const T* w, const T* b, T* y) override {
     VB_PROF("linear_fwd", cpu::linear_fwd<T>(N, IN, OUT, x, w, b, y));
@@ -200,6 +224,7 @@ class CpuBackend final : public BackendT<T> {
   }
 
  private:
+  bool nhwc_;
   OpProfile prof_;
   std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
   size_t in_use_ = 0, peak_ = 0;
@@ -209,9 +234,19 @@ class CpuBackend final : public BackendT<T> {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend<float>>(threads); }
-std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads) {
-  return std::make_unique<CpuBackend<double>>(threads);
+std::unique_ptr<Backend> make_cpu_backend(int threads, Layout layout) {
+  return std::make_unique<CpuBackend<float>>(threads, layout);
+}
+std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads, Layout layout) {
+  return std::make_unique<CpuBackend<double>>(threads, layout);
+}
+Layout default_cpu_layout() {
+  const char* e = std::getenv("VB_CPU_LAYOUT");
+  if (!e || !*e) return Layout::NHWC;
+  const std::string v = e;
+  if (v == "nhwc") return Layout::NHWC;
+  if (v == "nchw") return Layout::NCHW;
+  fail("VB_CPU_LAYOUT='", escape(v), "' is not a layout (expected nhwc or nchw)");
 }
 
 #ifndef VB_WITH_CUDA
@@ -222,9 +257,9 @@ bool cuda_available() { return false; }
 #endif
 
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads) {
-  if (device == "cpu") return make_cpu_backend(threads);
+  if (device == "cpu") return make_cpu_backend(threads, default_cpu_layout());
   if (device == "cuda") return make_cuda_backend(0);
-  if (device == "auto") return cuda_available() ? make_cuda_backend(0) : make_cpu_backend(threads);
+  if (device == "auto") return cuda_available() ? make_cuda_backend(0) : make_cpu_backend(threads, default_cpu_layout());
   fail("unknown device '", device, "' (expected auto, cpu or cuda)");
 }
 

@@ -54,7 +54,7 @@ Backend& dev() {
   return *be;
 }
 Backend& ref() {
-  static std::unique_ptr<Backend> be = make_cpu_backend(0);
+  static std::unique_ptr<Backend> be = make_cpu_backend(0, Layout::NCHW);  // the CUDA backend's layout
   return *be;
 }
 

@@ -195,3 +195,57 @@ TEST_CASE("AdamW and StepLR through the engine match PyTorch (ops.safetensors)")
     CHECK(vbtest::rel_err(du, dw) < 1e-3);
   }
 }
+
+TEST_CASE("the CPU backend's NHWC and NCHW layouts give the same training step and evaluation (double)") {
+  // The default run's preset at a non-square size, a full and a partial batch: every gradient, the running
+  // statistics and the evaluation logits agree up to the order of the sums (the golden run checks NHWC against
+  // PyTorch; this checks it against the NCHW kernels on a model of another shape).
+  vb::ModelConfig cfg;
+  cfg.blocks = {1, 1, 1, 1};
+  cfg.width = 16;
+  const int B = 12, H = 48, W = 40;
+  std::mt19937 rng(3);
+  std::normal_distribution<double> nd;
+  std::vector<double> x(size_t(B) * 3 * H * W);
+  for (double& v : x) v = nd(rng);
+  std::vector<int64_t> y(B);
+  for (int i = 0; i < B; ++i) y[size_t(i)] = i % 8;
+  std::vector<double> cw(8, 1.0);
+  struct Result {
+    std::vector<double> grads, buffers, logits_train, logits_eval;
+  };
+  auto run = [&](vb::Layout layout) {
+    auto be = vb::make_cpu_backend_f64(2, layout);
+    vb::ModelT<double> m(*be, cfg);
+    m.init_torchvision(7);
+    m.plan(B, vb::data::ImageSize{H, W});
+    Result r;
+    for (int n : {B, 7}) {  // a partial batch too
+      be->upload_activation(m.input(), x.data(), n, 3, H, W);
+      std::fill(m.grads(), m.grads() + m.num_params(), 0.0);
+      m.forward(n, true);
+      double loss = 0;
+      be->softmax_wce(n, 8, m.logits(), y.data(), cw.data(), nullptr, m.dlogits(), &loss);
+      m.backward(n);
+      r.grads.insert(r.grads.end(), m.grads(), m.grads() + m.num_params());
+      r.logits_train.insert(r.logits_train.end(), m.logits(), m.logits() + n * 8);
+    }
+    m.forward(B, false);
+    r.logits_eval.assign(m.logits(), m.logits() + B * 8);
+    const vb::StateDict sd = m.state_dict();
+    for (const auto& name : sd.order)
+      if (name.find("running") != std::string::npos) {
+        auto v = sd.at(name).to_f64();
+        r.buffers.insert(r.buffers.end(), v.begin(), v.end());
+      }
+    return r;
+  };
+  const Result a = run(vb::Layout::NHWC), b = run(vb::Layout::NCHW);
+  REQUIRE(a.grads.size() == b.grads.size());
+  CHECK(a.grads.size() > 100000);
+  vbtest::check_close("training logits", a.logits_train.data(), b.logits_train.data(), b.logits_train.size(), 1e-13, 1e-11);
+  vbtest::check_close("gradients", a.grads.data(), b.grads.data(), b.grads.size(), 1e-13, 1e-8);
+  CHECK(vbtest::rel_err(a.grads, b.grads) < 1e-12);
+  vbtest::check_close("running statistics", a.buffers.data(), b.buffers.data(), b.buffers.size(), 1e-13, 1e-11);
+  vbtest::check_close("evaluation logits", a.logits_eval.data(), b.logits_eval.data(), b.logits_eval.size(), 1e-13, 1e-11);
+}

@@ -619,18 +619,25 @@ TEST_CASE("training batch norm refuses one value per channel, as PyTorch does; t
       cpu::batchnorm_train_fwd<float>(1, 3, W, x.data(), g.data(), b.data(), y.data(), sm.data(), si.data(),
                                       nullptr, nullptr, 0.1, 1e-5);
     };
-    std::unique_ptr<Backend> be = make_cpu_backend(1);
-    auto run_backend = [&] {
-      be->bn_train_fwd(1, 3, 1, W, x.data(), g.data(), b.data(), nullptr, true, y.data(), sm.data(), si.data(),
-                       nullptr, nullptr, 0.1, 1e-5);
-    };
     if (W == 1) {
       CHECK_THROWS_WITH_AS(run_kernel(), doctest::Contains("more than one value per channel"), Error);
-      CHECK_THROWS_WITH_AS(run_backend(), doctest::Contains("more than one value per channel"), Error);
     } else {
       CHECK_NOTHROW(run_kernel());
-      CHECK_NOTHROW(run_backend());
       CHECK(sm[0] == doctest::Approx(-0.25));  // channel 0 holds 0.5 and -1
+    }
+    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+      std::unique_ptr<Backend> be = make_cpu_backend(1, layout);
+      auto run_backend = [&] {
+        be->bn_train_fwd(1, 3, 1, W, x.data(), g.data(), b.data(), nullptr, true, y.data(), sm.data(), si.data(),
+                         nullptr, nullptr, 0.1, 1e-5);
+      };
+      if (W == 1) {
+        CHECK_THROWS_WITH_AS(run_backend(), doctest::Contains("more than one value per channel"), Error);
+      } else {
+        CHECK_NOTHROW(run_backend());
+        // NCHW: channel 0 holds x[0] and x[1] (0.5 and -1); NHWC: x[0] and x[3] (0.5 and 3).
+        CHECK(sm[0] == doctest::Approx(layout == Layout::NCHW ? -0.25 : 1.75));
+      }
     }
   }
   // Evaluation mode has no such limit.

@@ -102,7 +102,7 @@ int run_verify(const VerifyArgs& a) {
   if (precision == "fp64") {
     if (cuda) vb::fail("--precision fp64 is the CPU reference path: use --device cpu");
     if (td) vb::check_parity_precision(*td, prec);  // refuses before the run: --against compares fp32 or tf32
-    auto be = vb::make_cpu_backend_f64(a.threads);
+    auto be = vb::make_cpu_backend_f64(a.threads, vb::default_cpu_layout());
     std::printf("verify: %s against %s on %s, fp64 (the CPU reference path)\n", a.weights.c_str(),
                 a.reference.c_str(), be->description().c_str());
     rows = vb::run_golden(*be, weights, reference);
