@@ -199,6 +199,12 @@ T* pack_weights(const ConvShape& s, const T* w, bool by_k) {
   return p;
 }
 
+// dst[0, n) = src[0, n): short runs (a kernel row of the stem is 21 floats) inline, not through memcpy's call.
+template <class T>
+inline void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
 template <class T>
 const T* zeros(size_t n) {
   thread_local std::vector<T> z;
@@ -229,34 +235,44 @@ void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
   const T* zero = zeros<T>(size_t(len));
   run_tiles<T>((npq + MR - 1) / MR, max_seg, len, by_row, rows, packed, s.K,
                [&](int64_t t, int* k0, const T** a, T* stage) {
-                 int n[MR], p[MR], q[MR];
+                 // The tile's pixels: the first decoded once, the others by stepping (q, p, n) with carries.
+                 // ih0/iw0: the input position of the kernel's top left tap; off: its offset in x.
                  const int64_t first = t * MR;
                  const int m = int(std::min<int64_t>(MR, npq - first));
-                 for (int i = 0; i < MR; ++i) {
-                   const int64_t pix = first + std::min(i, m - 1);
-                   q[i] = int(pix % Q);
-                   p[i] = int(pix / Q % P);
-                   n[i] = int(pix / (int64_t(P) * Q));
+                 int ih0[MR], iw0[MR];
+                 int64_t off[MR];
+                 {
+                   int q = int(first % Q), p = int(first / Q % P);
+                   int64_t n = first / (int64_t(P) * Q);
+                   for (int i = 0; i < MR; ++i) {
+                     ih0[i] = p * st - pad;
+                     iw0[i] = q * st - pad;
+                     off[i] = ((n * s.H + ih0[i]) * s.W + iw0[i]) * C;
+                     if (++q == Q) {
+                       q = 0;
+                       if (++p == P) p = 0, ++n;
+                     }
+                   }
                  }
-                 auto at = [&](int i, int ih, int iw) { return x + ((int64_t(n[i]) * s.H + ih) * s.W + iw) * C; };
+                 const int64_t row_step = int64_t(s.W) * C;
                  int nseg = 0;
                  for (int r = 0; r < R; ++r) {
                    if (by_row) {
                      bool live = false;
                      for (int i = 0; i < MR; ++i) {
-                       const int ih = p[i] * st - pad + r, iw0 = q[i] * st - pad;
+                       const int ih = ih0[i] + r;
                        const T*& dst = a[nseg * MR + i];
-                       if (i >= m || ih < 0 || ih >= s.H || iw0 + S <= 0 || iw0 >= s.W) {
+                       if (i >= m || ih < 0 || ih >= s.H || iw0[i] + S <= 0 || iw0[i] >= s.W) {
                          dst = zero;
-                       } else if (iw0 >= 0 && iw0 + S <= s.W) {
-                         dst = at(i, ih, iw0);
+                       } else if (iw0[i] >= 0 && iw0[i] + S <= s.W) {
+                         dst = x + off[i] + r * row_step;
                          live = true;
                        } else {  // cut by the padding: stage the row with zeros outside
                          T* row = stage + (int64_t(nseg) * MR + i) * len;
                          for (int ss = 0; ss < S; ++ss) {
-                           const int iw = iw0 + ss;
+                           const int iw = iw0[i] + ss;
                            if (iw >= 0 && iw < s.W)
-                             std::memcpy(row + ss * C, at(i, ih, iw), sizeof(T) * size_t(C));
+                             copy_run(row + ss * C, x + off[i] + r * row_step + int64_t(ss) * C, C);
                            else
                              std::fill(row + ss * C, row + (ss + 1) * C, T(0));
                          }
@@ -266,12 +282,14 @@ void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
                      }
                      if (live) k0[nseg++] = r * S * C;
                    } else {
+                     bool row_ok[MR];
+                     for (int i = 0; i < MR; ++i) row_ok[i] = i < m && unsigned(ih0[i] + r) < unsigned(s.H);
                      for (int ss = 0; ss < S; ++ss) {
                        bool live = false;
+                       const int64_t tap = r * row_step + int64_t(ss) * C;
                        for (int i = 0; i < MR; ++i) {
-                         const int ih = p[i] * st - pad + r, iw = q[i] * st - pad + ss;
-                         const bool ok = i < m && ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
-                         a[nseg * MR + i] = ok ? at(i, ih, iw) : zero;
+                         const bool ok = row_ok[i] && unsigned(iw0[i] + ss) < unsigned(s.W);
+                         a[nseg * MR + i] = ok ? x + off[i] + tap : zero;
                          live |= ok;
                        }
                        if (live) k0[nseg++] = (r * S + ss) * C;
@@ -338,12 +356,18 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
     const int m = int(std::min<int64_t>(MR, cl.count - first));
     int n[MR], h[MR], wc[MR];
     TileView<T> v;
-    for (int i = 0; i < MR; ++i) {
-      const int64_t j = first + std::min(i, m - 1);
-      wc[i] = int(cl.rw + j % ws * st);
-      h[i] = int(cl.rh + j / ws % hs * st);
-      n[i] = int(j / (ws * hs));
-      if (i < m) v.out[i] = dx + ((int64_t(n[i]) * H + h[i]) * W + wc[i]) * C;
+    {  // the first pixel decoded, the others stepped with carries
+      int64_t wi = first % ws, hi = first / ws % hs, ni = first / (ws * hs);
+      for (int i = 0; i < MR; ++i) {
+        wc[i] = int(cl.rw + wi * st);
+        h[i] = int(cl.rh + hi * st);
+        n[i] = int(ni);
+        if (i < m) v.out[i] = dx + ((int64_t(n[i]) * H + h[i]) * W + wc[i]) * C;
+        if (++wi == ws) {
+          wi = 0;
+          if (++hi == hs) hi = 0, ++ni;
+        }
+      }
     }
     int nseg = 0;
     for (int r = 0; r < R; ++r)
@@ -400,7 +424,7 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
         for (int r = 0; r < R; ++r) {
           const int ih = p * st - pad + r;
           if (ih >= 0 && ih < s.H && iw0 >= 0 && iw0 + S <= s.W) {  // the kernel row inside: S*C contiguous values
-            std::memcpy(row, x + ((n * s.H + ih) * s.W + iw0) * C, sizeof(T) * size_t(S) * C);
+            copy_run(row, x + ((n * s.H + ih) * s.W + iw0) * C, int64_t(S) * C);
             row += int64_t(S) * C;
             continue;
           }
@@ -409,7 +433,7 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
             if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W)
               std::fill(row, row + C, T(0));
             else
-              std::memcpy(row, x + ((n * s.H + ih) * s.W + iw) * C, sizeof(T) * size_t(C));
+              copy_run(row, x + ((n * s.H + ih) * s.W + iw) * C, C);
           }
         }
       }
