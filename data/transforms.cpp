@@ -1,6 +1,9 @@
 // Bit-exact Pillow/torchvision arithmetic: the double-precision steps must not be contracted into fused
-// multiply-adds, which Pillow's x86-64 builds never use.
-#pragma GCC optimize("fp-contract=off")
+// multiply-adds, which Pillow's x86-64 builds never use. The file is compiled with -ffp-contract=off
+// (CMakeLists.txt); a GCC optimize pragma would do that too but also drops the target's vector ISA for the file.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
 #include "data/transforms.h"
 
 #include <algorithm>
