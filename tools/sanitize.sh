@@ -68,10 +68,11 @@ for mode in "${modes[@]}"; do
     unset ASAN_OPTIONS LSAN_OPTIONS UBSAN_OPTIONS
     ;;
   tsan)
-    # The suites that run threads: the loader's worker pool, the CPU kernels' parallel_for (gemm) and the JPEG
-    # decoder's per-thread handles. (test_model and test_data_index thread the same pool; left out to keep CI
-    # short: `VB_TSAN_ALL=1` adds them.)
-    tsan_suites=(test_data_loader test_gemm test_data_jpeg_errors)
+    # The suites that run threads: the loader's worker pool, the CPU kernels' parallel_for (gemm, the NHWC
+    # convolution, batch norm and pooling, each run at 1 and 2 threads) and the JPEG decoder's per-thread
+    # handles. (test_model and test_data_index thread the same pool; left out to keep CI short: `VB_TSAN_ALL=1`
+    # adds them.)
+    tsan_suites=(test_data_loader test_gemm test_conv_nhwc test_nhwc_fused test_data_jpeg_errors)
     [ "${VB_TSAN_ALL:-0}" = 1 ] && tsan_suites+=(test_model test_data_index)
     build build-tsan thread "${tsan_suites[@]}"
     export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:log_path=$LOGS/tsan$(supp tsan)"
