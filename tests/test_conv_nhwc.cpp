@@ -156,6 +156,11 @@ const ConvShape kShapes[] = {
     {1, 8, 3, 3, 10, 3, 3, 1, 2},      // padding wider than needed
     {4, 17, 2, 2, 33, 3, 3, 2, 1},     // 2x2 map, stride 2 -> 1x1
     {1, 16, 1, 1, 16, 1, 1, 1, 0},     // one pixel
+    // Filter gradients: per-block partial sums (8 blocks of 288 pixels; a pointwise one, 7 blocks), and blocks
+    // accumulated one after another (a result too large for partial sums).
+    {4, 16, 24, 24, 16, 3, 3, 1, 1},
+    {4, 16, 20, 20, 32, 1, 1, 1, 0},
+    {4, 256, 16, 16, 256, 3, 3, 1, 1},
 };
 
 }  // namespace

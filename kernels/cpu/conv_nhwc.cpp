@@ -11,6 +11,10 @@
 // strided data gradient) are dropped, so the order of a sum is: live segments in (r, s) order, channels in
 // order; fixed by the shape and the tile, which the shape fixes.
 //
+// Filter gradient: a GEMM dw = dy^T im2col(x) over blocks of pixels (a 1x1 stride-1 convolution reads x itself).
+// A small result gets one partial sum per block, the blocks split over the threads, the partial sums then added
+// in block order; a large one is accumulated block after block, each GEMM split over the threads.
+//
 // Tiles go in chunks of kChunk; a chunk's pointer tables are built once and reused for every sliver, and the
 // sliver's packed weights (C*R*S*NR values) stay in L2 across the chunk's tiles. Threads take (chunk, group
 // of slivers) items.
@@ -42,10 +46,12 @@ T* scratch(size_t n) {
 }
 
 // ---- the micro-kernel -------------------------------------------------------------------------------------
-// c[i][j] (i < 6, j < NR) = sum over segments g, then j' < len, of a[6g + i][j'] * b[(k0[g] + j') * NR + j].
+// acc[i][j] (i < 6, j < NR) = sum over segments g, then j' in [jb, je), of a[6g + i][j'] * b[(k0[g] + j') * NR + j];
+// then c[i][j] = acc (add: c[i][j] + acc).
 #ifdef VB_GEMM_AVX2
 template <class T>
-inline void tap_kernel(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c) {
+inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const T* bs, T* const* c,
+                       bool add) {
   using Vec = typename Traits<T>::Vec;
   using V = typename Vec::V;
   constexpr int W = Vec::W, NR = 2 * W;
@@ -54,8 +60,8 @@ inline void tap_kernel(int nseg, const int* k0, int len, const T* const* a, cons
   for (int g = 0; g < nseg; ++g) {
     const T *p0 = a[6 * g], *p1 = a[6 * g + 1], *p2 = a[6 * g + 2], *p3 = a[6 * g + 3], *p4 = a[6 * g + 4],
             *p5 = a[6 * g + 5];
-    const T* b = bs + int64_t(k0[g]) * NR;
-    for (int j = 0; j < len; ++j, b += NR) {
+    const T* b = bs + int64_t(k0[g] + jb) * NR;
+    for (int j = jb; j < je; ++j, b += NR) {
       const V b0 = Vec::load(b), b1 = Vec::load(b + W);
       V av = Vec::bcast(p0 + j);
       c00 = Vec::fma(av, b0, c00);
@@ -77,6 +83,20 @@ inline void tap_kernel(int nseg, const int* k0, int len, const T* const* a, cons
       c51 = Vec::fma(av, b1, c51);
     }
   }
+  if (add) {
+    c00 = Vec::add(Vec::load(c[0]), c00);
+    c01 = Vec::add(Vec::load(c[0] + W), c01);
+    c10 = Vec::add(Vec::load(c[1]), c10);
+    c11 = Vec::add(Vec::load(c[1] + W), c11);
+    c20 = Vec::add(Vec::load(c[2]), c20);
+    c21 = Vec::add(Vec::load(c[2] + W), c21);
+    c30 = Vec::add(Vec::load(c[3]), c30);
+    c31 = Vec::add(Vec::load(c[3] + W), c31);
+    c40 = Vec::add(Vec::load(c[4]), c40);
+    c41 = Vec::add(Vec::load(c[4] + W), c41);
+    c50 = Vec::add(Vec::load(c[5]), c50);
+    c51 = Vec::add(Vec::load(c[5] + W), c51);
+  }
   Vec::store(c[0], c00);
   Vec::store(c[0] + W, c01);
   Vec::store(c[1], c10);
@@ -92,18 +112,20 @@ inline void tap_kernel(int nseg, const int* k0, int len, const T* const* a, cons
 }
 #else
 template <class T>
-inline void tap_kernel(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c) {
+inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const T* bs, T* const* c,
+                       bool add) {
   constexpr int NR = kNR<T>;
   T acc[6][NR] = {};
   for (int g = 0; g < nseg; ++g) {
-    const T* b = bs + int64_t(k0[g]) * NR;
-    for (int j = 0; j < len; ++j, b += NR)
+    const T* b = bs + int64_t(k0[g] + jb) * NR;
+    for (int j = jb; j < je; ++j, b += NR)
       for (int i = 0; i < 6; ++i) {
         const T av = a[6 * g + i][j];
         for (int q = 0; q < NR; ++q) acc[i][q] = av * b[q] + acc[i][q];
       }
   }
-  for (int i = 0; i < 6; ++i) std::memcpy(c[i], acc[i], sizeof(T) * NR);
+  for (int i = 0; i < 6; ++i)
+    for (int q = 0; q < NR; ++q) c[i][q] = add ? c[i][q] + acc[i][q] : acc[i][q];
 }
 #endif
 
@@ -123,7 +145,7 @@ struct TileView {
 template <class T, class Build>
 void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, const T* packed, int n_out,
                Build&& build) {
-  constexpr int MR = kMR<T>, NR = kNR<T>;
+  constexpr int MR = kMR<T>, NR = kNR<T>, KC = Traits<T>::KC;
   const int nsl = (n_out + NR - 1) / NR;
   const int64_t nchunks = (ntiles + kChunk - 1) / kChunk;
   const int t = num_threads();
@@ -154,16 +176,24 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
         const int n = std::min(NR, n_out - sl * NR);
         for (int64_t tt = t0; tt < t1; ++tt) {
           const TileView<T>& v = views[tt - t0];
+          const bool direct = v.m == MR && n == NR;
+          alignas(64) T tmp[MR * NR];
           T* c[MR];
-          if (v.m == MR && n == NR) {
-            for (int i = 0; i < MR; ++i) c[i] = v.out[i] + sl * NR;
-            tap_kernel<T>(v.nseg, v.k0, len, v.a, bs, c);
+          for (int i = 0; i < MR; ++i) c[i] = direct ? v.out[i] + sl * NR : tmp + i * NR;
+          // The sum in passes of about KC multiply-adds, each added to the last (as the GEMM's K blocks):
+          // whole segments while they are short, else each segment in KC-long pieces.
+          if (len >= KC) {
+            for (int g = 0; g < v.nseg; ++g)
+              for (int jb = 0; jb < len; jb += KC)
+                tap_kernel<T>(1, v.k0 + g, jb, std::min(len, jb + KC), v.a + g * MR, bs, c, g > 0 || jb > 0);
           } else {
-            alignas(64) T tmp[MR * NR];
-            for (int i = 0; i < MR; ++i) c[i] = tmp + i * NR;
-            tap_kernel<T>(v.nseg, v.k0, len, v.a, bs, c);
-            for (int i = 0; i < v.m; ++i) std::memcpy(v.out[i] + sl * NR, tmp + i * NR, sizeof(T) * size_t(n));
+            const int group = KC / len;
+            for (int g = 0; g < v.nseg; g += group)
+              tap_kernel<T>(std::min(group, v.nseg - g), v.k0 + g, 0, len, v.a + g * MR, bs, c, g > 0);
+            if (v.nseg == 0) tap_kernel<T>(0, v.k0, 0, len, v.a, bs, c, false);
           }
+          if (!direct)
+            for (int i = 0; i < v.m; ++i) std::memcpy(v.out[i] + sl * NR, tmp + i * NR, sizeof(T) * size_t(n));
         }
       }
     }
@@ -399,21 +429,13 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
     std::fill(dw, dw + K * rsc, T(0));
     return;
   }
-  if (R == 1 && S == 1 && st == 1 && pad == 0) {  // dw [K, C] = dy^T x: x is its own im2col
-    gemm<T>(true, false, K, C, int(npq), T(1), dy, K, x, C, T(0), dw, C);
-    return;
-  }
-  // dwt [K, (r, s, c)] summed over blocks of pixels in order (block size fixed by the shape), then reordered.
-  // A block's im2col stays in L2 for the GEMM that reads it, unless that would make the blocks so short that
-  // re-reading dwt (K x RSC) for each costs more.
-  constexpr int64_t kColElems = int64_t(192) << 10;
-  const int64_t block = std::min<int64_t>(npq, std::max<int64_t>(256, kColElems / rsc));
-  T* col = scratch<T, 4>(size_t(block * rsc));
+  const bool pointwise = R == 1 && S == 1 && st == 1 && pad == 0;  // x is its own im2col
+  const int64_t outs = int64_t(K) * rsc;
   const bool reorder = R * S > 1;
-  T* dwt = reorder ? scratch<T, 5>(size_t(K * rsc)) : dw;
+  T* dwt = reorder ? scratch<T, 5>(size_t(outs)) : dw;  // [K, (r, s, c)]
   const int P_ = P, Q_ = Q;
-  for (int64_t b0 = 0; b0 < npq; b0 += block) {
-    const int64_t mb = std::min(block, npq - b0);
+  // Rows [b0, b0 + mb) of the im2col matrix [N*P*Q, (r, s, c)] into col.
+  auto im2col = [&](int64_t b0, int64_t mb, T* col) {
     parallel_for(mb, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t pix = b0 + i;
@@ -438,8 +460,53 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
         }
       }
     });
-    gemm<T>(true, false, K, int(rsc), int(mb), T(1), dy + b0 * K, K, col, int(rsc), b0 == 0 ? T(0) : T(1), dwt,
-            int(rsc));
+  };
+  // Blocks of pixels: a block's im2col stays in L2 for the GEMM that reads it (unless that would make the blocks
+  // so short that re-reading the K x RSC result for each costs more). A small result (at most kSmallOuts
+  // values: the stem's 64 x 147, the 16- to 64-channel layers of small models) is a GEMM too small to split
+  // over threads: it gets 8 to 64 blocks, each with its own partial sum. Block sizes depend on the shape only.
+  constexpr int64_t kColElems = int64_t(192) << 10, kSmallOuts = int64_t(16) << 10;
+  const int64_t fit = pointwise ? npq : std::max<int64_t>(256, kColElems / rsc);
+  const bool partials = outs <= kSmallOuts && npq >= 512;
+  const int64_t block =
+      std::min<int64_t>(npq, partials ? std::max<int64_t>(std::min<int64_t>(fit, (npq + 7) / 8), (npq + 63) / 64) : fit);
+  const int64_t nblocks = (npq + block - 1) / block;
+  if (partials && nblocks > 1) {
+    // A small result (the stem's 16 x 147, a 16-channel layer's): its GEMMs are too small to split, so the
+    // blocks go to the threads whole, each into its own partial sum, and the partial sums are added in block
+    // order.
+    T* part = scratch<T, 6>(size_t(nblocks * outs));
+    parallel_for(nblocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        const int64_t b0 = blk * block, mb = std::min(block, npq - b0);
+        const T* a = x + b0 * C;
+        if (!pointwise) {
+          T* col = scratch<T, 4>(size_t(block * rsc));
+          im2col(b0, mb, col);
+          a = col;
+        }
+        gemm<T>(true, false, K, int(rsc), int(mb), T(1), dy + b0 * K, K, a, int(rsc), T(0), part + blk * outs,
+                int(rsc));
+      }
+    });
+    parallel_for(outs, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T acc = part[i];
+        for (int64_t blk = 1; blk < nblocks; ++blk) acc += part[blk * outs + i];
+        dwt[i] = acc;
+      }
+    });
+  } else if (pointwise) {
+    gemm<T>(true, false, K, C, int(npq), T(1), dy, K, x, C, T(0), dw, C);
+  } else {
+    // One block after another, each GEMM split over the threads and accumulated into dwt.
+    T* col = scratch<T, 4>(size_t(block * rsc));
+    for (int64_t b0 = 0; b0 < npq; b0 += block) {
+      const int64_t mb = std::min(block, npq - b0);
+      im2col(b0, mb, col);
+      gemm<T>(true, false, K, int(rsc), int(mb), T(1), dy + b0 * K, K, col, int(rsc), b0 == 0 ? T(0) : T(1), dwt,
+              int(rsc));
+    }
   }
   if (reorder)
     parallel_for(K, 1, [&](int64_t b, int64_t e) {

@@ -59,7 +59,7 @@ inline void micro_kernel(int kc, const T* __restrict a, const T* __restrict b, T
   using Vec = typename Traits<T>::Vec;
   using V = typename Vec::V;
   static_assert(Traits<T>::MR == 6 && Traits<T>::NV == 2, "the AVX2 kernel is 6 x 2 vectors");
-  constexpr int W = Vec::W, NR = 2 * W;
+  constexpr int W = Vec::W;
   V c00 = Vec::zero(), c01 = Vec::zero(), c10 = Vec::zero(), c11 = Vec::zero(), c20 = Vec::zero(), c21 = Vec::zero(),
     c30 = Vec::zero(), c31 = Vec::zero(), c40 = Vec::zero(), c41 = Vec::zero(), c50 = Vec::zero(), c51 = Vec::zero();
   for (int k = 0; k < kc; ++k) {
