@@ -101,6 +101,16 @@ class BackendT {
   virtual void bn_eval_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                            const T* running_mean, const T* running_var, double eps,
                            const T* residual, bool relu, T* y) = 0;
+  // Evaluation: a convolution and the batch norm after it, y = act(bn(conv(x, w)) + residual) with the running
+  // statistics. Backends may fold the batch norm into the convolution (weights scaled per output channel, a
+  // bias, the residual and ReLU applied as each output tile is stored); this default runs conv_fwd, then
+  // bn_eval_fwd in place on y. y must not alias x or residual.
+  virtual void conv_bn_eval(const ConvShape& s, const T* x, const T* w, const T* gamma, const T* beta,
+                            const T* running_mean, const T* running_var, double eps, const T* residual, bool relu,
+                            T* y) {
+    conv_fwd(s, x, w, y);
+    bn_eval_fwd(s.N, s.K, s.P(), s.Q(), y, gamma, beta, running_mean, running_var, eps, residual, relu, y);
+  }
   // The training forward's output again, y = act(bn(x)), from the statistics it saved (no residual):
   // bit-identical to what bn_train_fwd wrote, so the model can recompute it in backward instead of keeping it.
   virtual void bn_apply(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,

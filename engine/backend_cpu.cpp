@@ -5,6 +5,7 @@
 // bn_fused.h, pool_fast.h), the layout of PyTorch's reference files and of the CUDA backend; the two differ
 // only in the order of some sums. VB_CPU_LAYOUT=nchw picks it for the commands (for comparisons).
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -152,6 +153,27 @@ class CpuBackend final : public BackendT<T> {
             nhwc_ ? cpu::conv2d_nhwc_bwd_filter<T>(s, x, dy, dw) : cpu::conv2d_bwd_filter<T>(s, x, dy, dw));
   }
 
+  void conv_bn_eval(const ConvShape& s, const T* x, const T* w, const T* gamma, const T* beta,
+                    const T* running_mean, const T* running_var, double eps, const T* residual, bool relu,
+                    T* y) override {
+    if (!nhwc_) {
+      BackendT<T>::conv_bn_eval(s, x, w, gamma, beta, running_mean, running_var, eps, residual, relu, y);
+      return;
+    }
+    // The batch norm folded into the convolution: bn_eval_fwd's per-channel coefficients (in double, rounded
+    // to T), the scale into the weights and the shift as a bias.
+    if (coef_.size() < 2 * size_t(s.K)) coef_.resize(2 * size_t(s.K));
+    T* a = coef_.data();
+    T* b = a + s.K;
+    for (int k = 0; k < s.K; ++k) {
+      const double invstd = 1.0 / std::sqrt(double(running_var[k]) + eps);
+      const double ad = (gamma ? double(gamma[k]) : 1.0) * invstd;
+      a[k] = T(ad);
+      b[k] = T((beta ? double(beta[k]) : 0.0) - double(running_mean[k]) * ad);
+    }
+    VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
+  }
+
   void bn_train_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                     const T* residual, bool relu, T* y, T* save_mean, T* save_invstd,
                     T* running_mean, T* running_var, double momentum, double eps) override {
@@ -225,6 +247,7 @@ class CpuBackend final : public BackendT<T> {
 
  private:
   bool nhwc_;
+  std::vector<T> coef_;  // conv_bn_eval's folded scale and bias
   OpProfile prof_;
   std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
   size_t in_use_ = 0, peak_ = 0;

@@ -382,6 +382,28 @@ void ModelT<T>::forward(int n, bool train) {
     }
   };
   const ConvShape s0 = with_batch(stem_conv_->s, n);
+  if (!train) {
+    // Evaluation: each convolution with its batch norm in one op (which a backend may fold); c2 writes o2, not
+    // a2, which shares a1's memory.
+    auto conv_bn = [&](const Conv& c, const ConvShape& cs, const Bn& b, const T* x, const T* residual, bool relu,
+                       T* y) {
+      be.conv_bn_eval(cs, x, c.w, b.gamma, b.beta, b.running_mean, b.running_var, kBnEps, residual, relu, y);
+    };
+    conv_bn(*stem_conv_, s0, *stem_bn_, input_, nullptr, true, stem_a_);
+    be.maxpool_fwd(n, cfg_.width, s0.P(), s0.Q(), 3, 2, 1, stem_a_, pool_);
+    for (Block& b : blocks_) {
+      conv_bn(*b.c1, with_batch(b.c1->s, n), *b.b1, b.x, nullptr, true, b.a1);
+      conv_bn(*b.c2, with_batch(b.c2->s, n), *b.b2, b.a1, nullptr, true, b.o2);
+      const T* residual = b.x;
+      if (b.ds) {
+        conv_bn(*b.ds, with_batch(b.ds->s, n), *b.bds, b.x, nullptr, false, b.dsa);
+        residual = b.dsa;
+      }
+      conv_bn(*b.c3, with_batch(b.c3->s, n), *b.b3, b.o2, residual, true, b.y);
+    }
+    head_forward(n);
+    return;
+  }
   be.conv_fwd(s0, input_, stem_conv_->w, stem_c_);
   bn_fwd(*stem_bn_, s0.P(), s0.Q(), stem_c_, nullptr, true, stem_a_);
   be.maxpool_fwd(n, cfg_.width, s0.P(), s0.Q(), 3, 2, 1, stem_a_, pool_);
@@ -399,6 +421,12 @@ void ModelT<T>::forward(int n, bool train) {
     }
     bn_fwd(*b.b3, b.out_h, b.out_w, b.o3, residual, true, b.y);
   }
+  head_forward(n);
+}
+
+template <class T>
+void ModelT<T>::head_forward(int n) {
+  BackendT<T>& be = be_;
   const Block& last = blocks_.back();
   be.avgpool_fwd(n, last.out_c, last.out_h, last.out_w, last.y, feat_);
   const T* h = feat_;

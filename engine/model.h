@@ -62,7 +62,7 @@ class ModelT {
   T* dlogits() { return dlogits_; }
 
   // Forward of the first n images of input(). train: batch statistics (and running-statistics update);
-  // otherwise running statistics.
+  // otherwise running statistics, each convolution and its batch norm as one backend op (conv_bn_eval).
   void forward(int n, bool train);
   // Backward from dlogits() (n rows): parameter gradients into grads(), assigned. With a frozen backbone only
   // the head's gradients are computed (the backbone's are left as they are).
@@ -78,6 +78,7 @@ class ModelT {
 
   void release_activations();
   T* act_alloc(int64_t floats);
+  void head_forward(int n);  // global average pool and the head, from the last block's output
 
   BackendT<T>& be_;
   ModelConfig cfg_;

@@ -202,3 +202,43 @@ TEST_CASE("NHWC transposes are inverse") {
   const auto v = random_vec<float>(3 * 70 * 13, 9);
   CHECK(to_nchw(to_nhwc(v, 3, 70, 13), 3, 70, 13) == v);
 }
+
+TEST_CASE("NHWC convolution with a folded affine epilogue (evaluation's batch norm, residual, ReLU)") {
+  // y = act(conv(x, w * scale) + bias + residual) against the plain NHWC convolution followed by the same
+  // per-channel arithmetic written out, in double (only the folding's rounding differs) and in float.
+  for (const ConvShape& s : {ConvShape{3, 24, 7, 7, 40, 3, 3, 2, 1}, ConvShape{2, 64, 6, 6, 256, 1, 1, 1, 0},
+                             ConvShape{2, 3, 23, 21, 16, 7, 7, 2, 3}}) {
+    CAPTURE(s.C);
+    CAPTURE(s.K);
+    const int64_t ny = int64_t(s.N) * s.P() * s.Q() * s.K;
+    const auto x = random_vec<double>(size_t(s.N) * s.H * s.W * s.C, 11);
+    const auto w = random_vec<double>(size_t(s.K) * s.C * s.R * s.S, 12);
+    const auto res = random_vec<double>(size_t(ny), 13);
+    auto scale = random_vec<double>(size_t(s.K), 14), bias = random_vec<double>(size_t(s.K), 15);
+    for (double& v : scale) v += 1.5;  // away from zero
+    std::vector<double> plain(static_cast<size_t>(ny));
+    vb::cpu::conv2d_nhwc_fwd<double>(s, x.data(), w.data(), plain.data());
+    for (bool with_res : {false, true})
+      for (bool relu : {false, true}) {
+        std::vector<double> want(static_cast<size_t>(ny)), got(static_cast<size_t>(ny), 7.0);
+        int negatives = 0;
+        for (int64_t i = 0; i < ny; ++i) {
+          const int k = int(i % s.K);
+          double v = plain[size_t(i)] * scale[size_t(k)] + bias[size_t(k)];
+          if (with_res) v += res[size_t(i)];
+          negatives += v < 0;
+          want[size_t(i)] = relu && v < 0 ? 0.0 : v;
+        }
+        REQUIRE(negatives > ny / 10);  // the ReLU has something to do
+        vb::cpu::conv2d_nhwc_fwd_affine<double>(s, x.data(), w.data(), scale.data(), bias.data(),
+                                                with_res ? res.data() : nullptr, relu, got.data());
+        expect_close(got, want, 1e-13, "folded epilogue (double)");
+        // Float: the same within float rounding of the folded weights.
+        std::vector<float> xf(x.begin(), x.end()), wf(w.begin(), w.end()), rf(res.begin(), res.end()),
+            sf(scale.begin(), scale.end()), bf(bias.begin(), bias.end()), gf(static_cast<size_t>(ny));
+        vb::cpu::conv2d_nhwc_fwd_affine<float>(s, xf.data(), wf.data(), sf.data(), bf.data(),
+                                               with_res ? rf.data() : nullptr, relu, gf.data());
+        expect_close(gf, std::vector<float>(want.begin(), want.end()), 2e-5, "folded epilogue (float)");
+      }
+  }
+}

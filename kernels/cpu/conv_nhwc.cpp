@@ -142,9 +142,19 @@ struct TileView {
 // Runs the tiles [0, ntiles): build(t, k0, a, stage) fills tile t's segments (at most max_seg; stage: room for
 // max_seg * 6 * len staged values when `staged`) and returns its TileView; packed: the weights, nsl slivers of
 // rows * NR values; n_out: output channels (the last sliver may be partial).
+// What evaluation applies to each output tile as it is stored: out = act(out + bias (+ residual)), the residual
+// row of an output row at the same offset from `residual` as the row is from `y`.
+template <class T>
+struct Epilogue {
+  const T* bias = nullptr;  // null: no epilogue
+  const T* residual = nullptr;
+  const T* y = nullptr;
+  bool relu = false;
+};
+
 template <class T, class Build>
 void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, const T* packed, int n_out,
-               Build&& build) {
+               Build&& build, const Epilogue<T>& epi = {}) {
   constexpr int MR = kMR<T>, NR = kNR<T>, KC = Traits<T>::KC;
   const int nsl = (n_out + NR - 1) / NR;
   const int64_t nchunks = (ntiles + kChunk - 1) / kChunk;
@@ -192,6 +202,19 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
               tap_kernel<T>(std::min(group, v.nseg - g), v.k0 + g, 0, len, v.a + g * MR, bs, c, g > 0);
             if (v.nseg == 0) tap_kernel<T>(0, v.k0, 0, len, v.a, bs, c, false);
           }
+          if (epi.bias) {
+            const T* bias = epi.bias + sl * NR;
+            for (int i = 0; i < v.m; ++i) {
+              T* o = c[i];
+              const T* res = epi.residual ? epi.residual + (v.out[i] - epi.y) + sl * NR : nullptr;
+              for (int j = 0; j < n; ++j) {  // as bn_eval_fwd: (x*a + b) + residual, then ReLU
+                T val = o[j] + bias[j];
+                if (res) val = val + res[j];
+                if (epi.relu) val = val < T(0) ? T(0) : val;
+                o[j] = val;
+              }
+            }
+          }
           if (!direct)
             for (int i = 0; i < v.m; ++i) std::memcpy(v.out[i] + sl * NR, tmp + i * NR, sizeof(T) * size_t(n));
         }
@@ -204,7 +227,7 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
 // (by_k = false): row (r*S + s)*C + c, channel o = w[o, c, r, s]. Data gradient (by_k = true): the output channels
 // are the input channels c, row (r*S + s)*K + k = w[k, c, r, s]. Zero past the last channel.
 template <class T>
-T* pack_weights(const ConvShape& s, const T* w, bool by_k) {
+T* pack_weights(const ConvShape& s, const T* w, bool by_k, const T* scale = nullptr) {
   constexpr int NR = kNR<T>;
   const int RS = s.R * s.S, n_out = by_k ? s.C : s.K, n_in = by_k ? s.K : s.C;
   const int64_t rows = int64_t(RS) * n_in;
@@ -221,7 +244,10 @@ T* pack_weights(const ConvShape& s, const T* w, bool by_k) {
         }
         for (int i = 0; i < n_in; ++i) {  // w[k, c, :, :] is RS contiguous values
           const T* src = by_k ? w + (int64_t(i) * s.C + o) * RS : w + (int64_t(o) * s.C + i) * RS;
-          for (int rs = 0; rs < RS; ++rs) dst[(int64_t(rs) * n_in + i) * NR + j] = src[rs];
+          if (scale)  // (forward only) output channel o's weights times scale[o]
+            for (int rs = 0; rs < RS; ++rs) dst[(int64_t(rs) * n_in + i) * NR + j] = src[rs] * scale[o];
+          else
+            for (int rs = 0; rs < RS; ++rs) dst[(int64_t(rs) * n_in + i) * NR + j] = src[rs];
         }
       }
     }
@@ -251,15 +277,18 @@ void check_shape(const ConvShape& s) {
 
 }  // namespace
 
+namespace {
+
+// The forward pass, with the evaluation epilogue when epi.bias is set (and the weights scaled by `scale`).
 template <class T>
-void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
+void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilogue<T>& epi, T* y) {
   check_shape(s);
   constexpr int MR = kMR<T>;
   const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, st = s.stride, pad = s.pad;
   const int64_t npq = int64_t(s.N) * P * Q, rows = int64_t(C) * R * S;
   if (npq == 0) return;
   // Rows of the packed weights in (r, s, c) order: the order of the input values in NHWC.
-  const T* packed = pack_weights<T>(s, w, false);
+  const T* packed = pack_weights<T>(s, w, false, scale);
   const bool by_row = C < 8;  // segments: kernel rows of S*C values (few channels), else taps of C
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
@@ -333,7 +362,27 @@ void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
                  v.a = a;
                  for (int i = 0; i < m; ++i) v.out[i] = y + (first + i) * s.K;
                  return v;
-               });
+               },
+               epi);
+}
+
+}  // namespace
+
+template <class T>
+void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y) {
+  fwd<T>(s, x, w, nullptr, Epilogue<T>{}, y);
+}
+
+template <class T>
+void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T* scale, const T* bias,
+                            const T* residual, bool relu, T* y) {
+  VB_CHECK(scale && bias, "conv2d_nhwc_fwd_affine: scale and bias are required");
+  Epilogue<T> epi;
+  epi.bias = bias;
+  epi.residual = residual;
+  epi.y = y;
+  epi.relu = relu;
+  fwd<T>(s, x, w, scale, epi, y);
 }
 
 template <class T>
@@ -544,6 +593,8 @@ void nhwc_to_nchw(int N, int C, int HW, const T* src, T* dst) {
 
 #define VB_INSTANTIATE(T)                                                         \
   template void conv2d_nhwc_fwd<T>(const ConvShape&, const T*, const T*, T*);      \
+  template void conv2d_nhwc_fwd_affine<T>(const ConvShape&, const T*, const T*, const T*, const T*, const T*, bool, \
+                                          T*);                                     \
   template void conv2d_nhwc_bwd_data<T>(const ConvShape&, const T*, const T*, T*); \
   template void conv2d_nhwc_bwd_filter<T>(const ConvShape&, const T*, const T*, T*); \
   template void nchw_to_nhwc<T>(int, int, int, const T*, T*);                      \

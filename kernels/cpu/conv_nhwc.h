@@ -22,6 +22,13 @@ namespace vb::cpu {
 // y [N, P, Q, K] = conv(x [N, H, W, C], w [K, C, R, S]).
 template <class T>
 void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y);
+// Evaluation's convolution with its batch norm folded in: y = act(conv(x, w * scale) + bias + residual), the
+// weights of output channel k scaled by scale[k] as they are packed, then bias, the residual (may be null,
+// same layout as y) and a ReLU (v < 0 ? 0 : v) applied to each output tile as it is stored. y must not alias
+// x or residual.
+template <class T>
+void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T* scale, const T* bias,
+                            const T* residual, bool relu, T* y);
 // dx [N, H, W, C] from dy [N, P, Q, K] and w.
 template <class T>
 void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx);
