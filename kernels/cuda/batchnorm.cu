@@ -111,10 +111,10 @@ __global__ void bn_stats_finalize_kernel(const float* __restrict__ x, const floa
 }
 
 // y = act((x - mean) * gamma * invstd + beta + residual) over one (n, c) plane per block. invstd null: use
-// 1/sqrt(var + eps) (evaluation).
+// 1/sqrt(var + eps) (evaluation). y may alias x (Backend::conv_bn_eval's default runs it in place): each element
+// is read by the thread that writes it, and x, residual and y are not declared __restrict__.
 template <bool VEC>
-__global__ void bn_apply_kernel(const float* __restrict__ x, const float* __restrict__ residual,
-                                float* __restrict__ y, int C, int HW, const float* __restrict__ mean,
+__global__ void bn_apply_kernel(const float* x, const float* residual, float* y, int C, int HW, const float* __restrict__ mean,
                                 const float* __restrict__ invstd, const float* __restrict__ var, float eps,
                                 const float* __restrict__ gamma, const float* __restrict__ beta, bool relu) {
   const int64_t plane = blockIdx.x;
