@@ -14,6 +14,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include "engine/model_config.h"
 #include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/bn_fused_nhwc.h"
@@ -54,6 +58,36 @@ double time_median(const std::function<void()>& fn, double min_seconds) {
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+// The core's float32 multiply-add peak: 12 independent chains of 8-wide fused multiply-adds (enough to cover
+// the latency of two FMA pipes), on the calling thread. What every GFLOP/s figure here is a fraction of.
+double fma_peak_gflops(double seconds) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i));
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  int64_t iters = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  double elapsed = 0;
+  while (elapsed < seconds) {
+    for (int k = 0; k < 100000; ++k)
+      for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+    iters += 100000;
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  float sink = 0, tmp[8];
+  for (int i = 0; i < 12; ++i) {
+    _mm256_storeu_ps(tmp, acc[i]);
+    sink += tmp[0];
+  }
+  volatile float keep = sink;
+  (void)keep;
+  return double(iters) * 12 * 8 * 2 / elapsed / 1e9;
+#else
+  (void)seconds;
+  return 0;
+#endif
 }
 
 std::vector<float> random_floats(size_t n, uint32_t seed) {
@@ -165,6 +199,8 @@ void bench_activations(const BenchOpsOptions& o, const std::vector<cpu::ConvShap
 int run_bench_ops(const BenchOpsOptions& o) {
   cpu::set_num_threads(o.threads);
   std::printf("CPU kernels: %d threads\n", cpu::num_threads());
+  if (const double peak = fma_peak_gflops(std::max(0.2, o.min_seconds)); peak > 0)
+    std::printf("float32 FMA peak of one core (12 chains of 8-wide fused multiply-adds): %.1f GFLOP/s\n", peak);
 
   if (!o.skip_gemm) {
     std::printf("\nGEMM (float, C = A * B, row-major, no transposes)\n");
