@@ -402,7 +402,13 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
     int rh, rw;
     int64_t count, first_tile;
   };
-  std::vector<Class> classes;
+  // Grow-only (no allocation once the largest stride has been seen), and the calling thread's: a reference, so
+  // that the tile builder, running on the pool's threads, reads this thread's list.
+  std::vector<Class>& classes = *[] {
+    thread_local std::vector<Class> v;
+    return &v;
+  }();
+  classes.clear();
   int64_t ntiles = 0;
   for (int rh = 0; rh < std::min(st, H); ++rh)
     for (int rw = 0; rw < std::min(st, W); ++rw) {
