@@ -161,6 +161,9 @@ const ConvShape kShapes[] = {
     {4, 16, 24, 24, 16, 3, 3, 1, 1},
     {4, 16, 20, 20, 32, 1, 1, 1, 0},
     {4, 256, 16, 16, 256, 3, 3, 1, 1},
+    // Few input channels (kernel rows as segments) with enough pixels for the partial-sum filter gradient.
+    {4, 3, 40, 36, 32, 7, 7, 2, 3},
+    {2, 5, 30, 30, 16, 3, 3, 1, 1},
 };
 
 }  // namespace
