@@ -15,20 +15,14 @@
 #include "kernels/cpu/conv_nhwc.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
+#include "tests/nhwc_util.h"
 #include "tests/test_util.h"
 
 using vb::cpu::ConvShape;
 
 namespace {
 
-template <class T>
-std::vector<T> random_vec(size_t n, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<double> d(-1, 1);
-  std::vector<T> v(n);
-  for (auto& x : v) x = T(d(g));
-  return v;
-}
+using vbtest::random_vec;
 
 template <class T>
 std::vector<T> to_nhwc(const std::vector<T>& v, int N, int C, int HW) {
@@ -201,8 +195,10 @@ TEST_CASE("NHWC convolution: an empty batch leaves a zero filter gradient") {
   for (float v : dw) REQUIRE(v == 0.0f);
 }
 
-TEST_CASE("NHWC transposes are inverse") {
+TEST_CASE("NHWC transposes: the library's against the tests' plain loops, and inverse") {
   const auto v = random_vec<float>(3 * 70 * 13, 9);
+  CHECK(to_nhwc(v, 3, 70, 13) == vbtest::to_nhwc(v, 3, 70, 13));
+  CHECK(to_nchw(v, 3, 70, 13) == vbtest::to_nchw(v, 3, 70, 13));
   CHECK(to_nchw(to_nhwc(v, 3, 70, 13), 3, 70, 13) == v);
 }
 

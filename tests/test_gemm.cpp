@@ -18,14 +18,7 @@ using vb::cpu::gemm;
 
 namespace {
 
-template <class T>
-std::vector<T> random_vec(size_t n, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<double> d(-1, 1);
-  std::vector<T> v(n);
-  for (auto& x : v) x = T(d(g));
-  return v;
-}
+using vbtest::random_vec;
 
 struct Case {
   int M, N, K;

@@ -4,12 +4,25 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
 namespace vbtest {
+
+// n values uniform in [-1, 1), drawn in double and rounded to T: the same values for float and double suites.
+template <class T>
+std::vector<T> random_vec(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<double> d(-1, 1);
+  std::vector<T> v(n);
+  for (auto& x : v) x = T(d(g));
+  return v;
+}
+
 
 inline std::string fixture(const std::string& name) { return std::string(VB_FIXTURES) + "/" + name; }
 inline std::string binary_dir() { return VB_BINARY_DIR; }
