@@ -4,12 +4,14 @@
 // live segments, each a run of `len` contiguous input values per pixel (a pointer per pixel, or one to zeros
 // when that pixel's tap lies in the padding) and the index k0 of the run's first weight row. For each sliver
 // of NR output channels (16 floats, 8 doubles) the micro-kernel sums, segment after segment, len broadcast
-// multiply-adds per pixel against the packed weight rows k0 .. k0+len-1, in registers, and stores the MR x NR
-// block once. A segment is one tap (r, s) of C channels, or, for inputs with few channels (the stem's 3), one
-// kernel row r of S*C values (contiguous in NHWC), copied to a staging row where the padding cuts it.
-// Segments dead for every pixel of a tile (a kernel row above the image, a tap of the wrong parity in a
-// strided data gradient) are dropped, so the order of a sum is: live segments in (r, s) order, channels in
-// order; fixed by the shape and the tile, which the shape fixes.
+// multiply-adds per pixel against the packed weight rows k0 .. k0+len-1, in registers. A segment is one tap
+// (r, s) of C channels, or, for inputs with few channels (the stem's 3), one kernel row r of S*C values
+// (contiguous in NHWC), copied to a staging row where the padding cuts it. Segments dead for every pixel of a
+// tile (a kernel row above the image, a tap of the wrong parity in a strided data gradient) are dropped. The
+// sum goes in passes of about KC multiply-adds (whole segments while they are short, else KC-long pieces of
+// one), each pass's registers added to the stored tile, as the GEMM adds its K blocks: the order of a sum is
+// fixed by the shape and the tile, which the shape fixes. Evaluation's epilogue (bias, residual, ReLU: the
+// folded batch norm) is applied to the tile once its sum is complete.
 //
 // Filter gradient: a GEMM dw = dy^T im2col(x) over blocks of pixels (a 1x1 stride-1 convolution reads x itself).
 // A small result gets one partial sum per block, the blocks split over the threads, the partial sums then added
