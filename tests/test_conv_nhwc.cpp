@@ -158,6 +158,11 @@ const ConvShape kShapes[] = {
     // Few input channels (kernel rows as segments) with enough pixels for the partial-sum filter gradient.
     {4, 3, 40, 36, 32, 7, 7, 2, 3},
     {2, 5, 30, 30, 16, 3, 3, 1, 1},
+    // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels): odd output sizes (edge tiles), no padding (its
+    // data gradient pads by 2), and a 56-wide map of the first stage.
+    {2, 32, 9, 11, 48, 3, 3, 1, 1},
+    {1, 32, 8, 9, 32, 3, 3, 1, 0},
+    {1, 64, 56, 56, 64, 3, 3, 1, 1},
 };
 
 }  // namespace
@@ -206,7 +211,7 @@ TEST_CASE("NHWC convolution with a folded affine epilogue (evaluation's batch no
   // y = act(conv(x, w * scale) + bias + residual) against the plain NHWC convolution followed by the same
   // per-channel arithmetic written out, in double (only the folding's rounding differs) and in float.
   for (const ConvShape& s : {ConvShape{3, 24, 7, 7, 40, 3, 3, 2, 1}, ConvShape{2, 64, 6, 6, 256, 1, 1, 1, 0},
-                             ConvShape{2, 3, 23, 21, 16, 7, 7, 2, 3}}) {
+                             ConvShape{2, 3, 23, 21, 16, 7, 7, 2, 3}, ConvShape{2, 32, 9, 11, 48, 3, 3, 1, 1}}) {
     CAPTURE(s.C);
     CAPTURE(s.K);
     const int64_t ny = int64_t(s.N) * s.P() * s.Q() * s.K;

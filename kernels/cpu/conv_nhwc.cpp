@@ -23,7 +23,9 @@
 #include "kernels/cpu/conv_nhwc.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels/check.h"
@@ -281,10 +283,203 @@ void check_shape(const ConvShape& s) {
 
 namespace {
 
+// ---- Winograd F(2x2, 3x3) -------------------------------------------------------------------------------------
+// A 3x3 stride-1 convolution as 16 GEMMs: each 2x2 block of outputs ("tile") comes from a 4x4 block of inputs d
+// as A^T [ (G g G^T) .* (B^T d B) ] A, the elementwise product summed over input channels, so 16 multiply-adds
+// per channel pair give 4 outputs instead of 36 (2.25x fewer). The transforms only add, subtract and halve:
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],  A^T = [1 1 1 0; 0 1 -1 -1].
+// Tiles go in blocks of kWinoTiles, one block per thread at a time: input transform into V [16][tiles][C], the
+// 16 products by the tap micro-kernel (one segment of C channels, in KC passes) into M [16][tiles][K], output
+// transform (and evaluation's epilogue) into y. Sums in a fixed order; the results differ from the direct
+// convolution's by the transforms' rounding.
+constexpr int kWinoTiles = 48;
+
+// VB_CPU_WINOGRAD=0 turns it off (for comparisons).
+inline bool winograd_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("VB_CPU_WINOGRAD");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+template <class T>
+bool winograd_fits(const ConvShape& s) {
+  return s.R == 3 && s.S == 3 && s.stride == 1 && s.pad <= 2 && s.C >= 32 && s.C % Traits<T>::Vec::W == 0 &&
+         s.K % kNR<T> == 0 && s.P() >= 2 && s.Q() >= 2;
+}
+
+// Weights: U[xi][sl][c][j] = (G g G^T)[xi] of g = gk(k = sl*NR + j, c) (a 3x3 kernel), times scale[k] when set.
+template <class T, class Kernel>
+T* winograd_weights(int C, int K, const T* scale, Kernel&& gk) {
+  constexpr int NR = kNR<T>;
+  const int nsl = K / NR;
+  T* U = scratch<T, 7>(size_t(16) * nsl * C * NR);
+  parallel_for(K, 1, [&](int64_t kb, int64_t ke) {
+    for (int64_t k = kb; k < ke; ++k)
+      for (int c = 0; c < C; ++c) {
+        T g[3][3];
+        gk(int(k), c, g);
+        if (scale)
+          for (auto& row : g)
+            for (T& v : row) v = v * scale[k];
+        T t[4][3];  // G g
+        for (int j = 0; j < 3; ++j) {
+          t[0][j] = g[0][j];
+          t[1][j] = (g[0][j] + g[1][j] + g[2][j]) * T(0.5);
+          t[2][j] = (g[0][j] - g[1][j] + g[2][j]) * T(0.5);
+          t[3][j] = g[2][j];
+        }
+        for (int a = 0; a < 4; ++a) {  // (G g) G^T
+          const T u[4] = {t[a][0], (t[a][0] + t[a][1] + t[a][2]) * T(0.5), (t[a][0] - t[a][1] + t[a][2]) * T(0.5),
+                          t[a][2]};
+          for (int b = 0; b < 4; ++b)
+            U[((int64_t(a * 4 + b) * nsl + k / NR) * C + c) * NR + k % NR] = u[b];
+        }
+      }
+  });
+  return U;
+}
+
+// The 16 rows of B^T d B for one tile over channels [0, C) (C a multiple of the vector width): d[i*4 + j] points
+// at input (i, j)'s C channels; row xi of the result at v + xi*xs.
+template <class T>
+void winograd_input(const T* const* d, int C, T* v, int64_t xs) {
+  using Vec = typename Traits<T>::Vec;
+  using V = typename Vec::V;
+  for (int c = 0; c < C; c += Vec::W) {
+    V r[4][4];
+    for (int j = 0; j < 4; ++j) {  // B^T d: rows
+      const V d0 = Vec::load(d[j] + c), d1 = Vec::load(d[4 + j] + c), d2 = Vec::load(d[8 + j] + c),
+              d3 = Vec::load(d[12 + j] + c);
+      r[0][j] = Vec::sub(d0, d2);
+      r[1][j] = Vec::add(d1, d2);
+      r[2][j] = Vec::sub(d2, d1);
+      r[3][j] = Vec::sub(d1, d3);
+    }
+    for (int a = 0; a < 4; ++a) {  // (B^T d) B: columns
+      T* o = v + int64_t(a * 4) * xs + c;
+      Vec::store(o, Vec::sub(r[a][0], r[a][2]));
+      Vec::store(o + xs, Vec::add(r[a][1], r[a][2]));
+      Vec::store(o + 2 * xs, Vec::sub(r[a][2], r[a][1]));
+      Vec::store(o + 3 * xs, Vec::sub(r[a][1], r[a][3]));
+    }
+  }
+}
+
+// One tile's 2x2 outputs from its 16 products m[xi * xs + k], k < K (a multiple of the vector width): A^T m A
+// into o[0..3] (K values each; a scratch row for outputs outside the image).
+template <class T>
+void winograd_output(const T* m, int64_t xs, int K, T* const* o) {
+  using Vec = typename Traits<T>::Vec;
+  using V = typename Vec::V;
+  for (int k = 0; k < K; k += Vec::W) {
+    V sv[2][4];
+    for (int b = 0; b < 4; ++b) {  // A^T m: rows
+      const V m0 = Vec::load(m + int64_t(b) * xs + k), m1 = Vec::load(m + int64_t(4 + b) * xs + k),
+              m2 = Vec::load(m + int64_t(8 + b) * xs + k), m3 = Vec::load(m + int64_t(12 + b) * xs + k);
+      sv[0][b] = Vec::add(Vec::add(m0, m1), m2);
+      sv[1][b] = Vec::sub(Vec::sub(m1, m2), m3);
+    }
+    for (int i = 0; i < 2; ++i) {  // (A^T m) A: columns
+      Vec::store(o[i * 2] + k, Vec::add(Vec::add(sv[i][0], sv[i][1]), sv[i][2]));
+      Vec::store(o[i * 2 + 1] + k, Vec::sub(Vec::sub(sv[i][1], sv[i][2]), sv[i][3]));
+    }
+  }
+}
+
+// Evaluation's epilogue on one output row: y = act(y + bias (+ residual)).
+template <class T>
+void apply_epilogue(T* __restrict y, const T* __restrict res, const T* __restrict bias, bool relu, int K) {
+  if (res) {
+    for (int k = 0; k < K; ++k) {
+      const T v = (y[k] + bias[k]) + res[k];
+      y[k] = relu && v < T(0) ? T(0) : v;
+    }
+  } else {
+    for (int k = 0; k < K; ++k) {
+      const T v = y[k] + bias[k];
+      y[k] = relu && v < T(0) ? T(0) : v;
+    }
+  }
+}
+
+// y = conv(x, w) for a 3x3 stride-1 shape that winograd_fits (x: C channels in, y: K out), weights through gk.
+template <class T, class Kernel>
+void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const Epilogue<T>& epi, Kernel&& gk) {
+  constexpr int MR = kMR<T>, NR = kNR<T>, KC = Traits<T>::KC;
+  const int C = s.C, K = s.K, H = s.H, W = s.W, P = s.P(), Q = s.Q(), pad = s.pad, nsl = K / NR;
+  const T* U = winograd_weights<T>(C, K, scale, gk);
+  const int th = (P + 1) / 2, tw = (Q + 1) / 2;
+  const int64_t ntiles = int64_t(s.N) * th * tw, nblocks = (ntiles + kWinoTiles - 1) / kWinoTiles;
+  const T* zero = zeros<T>(size_t(std::max(C, K)));
+  parallel_for(nblocks, 1, [&](int64_t bb, int64_t be) {
+    T* V = scratch<T, 8>(size_t(16) * kWinoTiles * C);
+    T* M = scratch<T, 9>(size_t(16) * kWinoTiles * K);
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t t0 = blk * kWinoTiles;
+      const int nt = int(std::min<int64_t>(kWinoTiles, ntiles - t0));
+      for (int t = 0; t < nt; ++t) {  // input transform
+        const int64_t tile = t0 + t;
+        const int tx = int(tile % tw), ty = int(tile / tw % th);
+        const int64_t n = tile / (int64_t(tw) * th);
+        const T* d[16];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) {
+            const int ih = 2 * ty - pad + i, iw = 2 * tx - pad + j;
+            d[i * 4 + j] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C : zero;
+          }
+        winograd_input<T>(d, C, V + int64_t(t) * C, int64_t(kWinoTiles) * C);
+      }
+      for (int xi = 0; xi < 16; ++xi)  // the 16 products, 6 tiles x NR channels at a time
+        for (int sl = 0; sl < nsl; ++sl) {
+          const T* bs = U + (int64_t(xi) * nsl + sl) * C * NR;
+          for (int g = 0; g < nt; g += MR) {
+            const T* a[MR];
+            T* c[MR];
+            alignas(64) T tmp[MR * NR];
+            for (int i = 0; i < MR; ++i) {
+              const bool live = g + i < nt;
+              a[i] = live ? V + (int64_t(xi) * kWinoTiles + g + i) * C : zero;
+              c[i] = live ? M + (int64_t(xi) * kWinoTiles + g + i) * K + sl * NR : tmp + i * NR;
+            }
+            const int k0 = 0;
+            for (int jb = 0; jb < C; jb += KC) tap_kernel<T>(1, &k0, jb, std::min(C, jb + KC), a, bs, c, jb > 0);
+          }
+        }
+      T* spare = scratch<T, 10>(size_t(K));  // where outputs past the image's edge go
+      for (int t = 0; t < nt; ++t) {          // output transform
+        const int64_t tile = t0 + t;
+        const int tx = int(tile % tw), ty = int(tile / tw % th);
+        const int64_t n = tile / (int64_t(tw) * th);
+        T* out[4];
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) {
+            const int p = 2 * ty + i, q = 2 * tx + j;
+            out[i * 2 + j] = p < P && q < Q ? y + ((n * P + p) * Q + q) * K : spare;
+          }
+        winograd_output<T>(M + int64_t(t) * K, int64_t(kWinoTiles) * K, K, out);
+        if (epi.bias)
+          for (int o = 0; o < 4; ++o)
+            if (out[o] != spare)
+              apply_epilogue<T>(out[o], epi.residual ? epi.residual + (out[o] - y) : nullptr, epi.bias, epi.relu, K);
+      }
+    }
+  });
+}
+
 // The forward pass, with the evaluation epilogue when epi.bias is set (and the weights scaled by `scale`).
 template <class T>
 void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilogue<T>& epi, T* y) {
   check_shape(s);
+  if (winograd_fits<T>(s) && s.N > 0 && winograd_enabled()) {
+    winograd_conv<T>(s, x, y, scale, epi, [&](int k, int c, T g[3][3]) {
+      const T* src = w + (int64_t(k) * s.C + c) * 9;
+      for (int r = 0; r < 3; ++r)
+        for (int q = 0; q < 3; ++q) g[r][q] = src[r * 3 + q];
+    });
+    return;
+  }
   constexpr int MR = kMR<T>;
   const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, st = s.stride, pad = s.pad;
   const int64_t npq = int64_t(s.N) * P * Q, rows = int64_t(C) * R * S;
@@ -390,6 +585,19 @@ void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T*
 template <class T>
 void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s);
+  if (s.stride == 1 && s.R == 3 && s.S == 3 && s.N > 0 && s.pad <= 2) {
+    // A stride-1 3x3 data gradient is the forward convolution of dy (K channels in, C out) with the kernel
+    // turned half round and padding 2 - pad: through Winograd when that shape fits it.
+    const ConvShape t{s.N, s.K, s.P(), s.Q(), s.C, 3, 3, 1, 2 - s.pad};
+    if (winograd_fits<T>(t) && winograd_enabled() && t.P() == s.H && t.Q() == s.W) {
+      winograd_conv<T>(t, dy, dx, nullptr, Epilogue<T>{}, [&](int c, int k, T g[3][3]) {
+        const T* src = w + (int64_t(k) * s.C + c) * 9;
+        for (int r = 0; r < 3; ++r)
+          for (int q = 0; q < 3; ++q) g[r][q] = src[(2 - r) * 3 + (2 - q)];
+      });
+      return;
+    }
+  }
   constexpr int MR = kMR<T>;
   const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, K = s.K, st = s.stride, pad = s.pad, H = s.H, W = s.W;
   if (s.N == 0) return;
