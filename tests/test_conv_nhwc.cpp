@@ -158,10 +158,10 @@ const ConvShape kShapes[] = {
     // Few input channels (kernel rows as segments) with enough pixels for the partial-sum filter gradient.
     {4, 3, 40, 36, 32, 7, 7, 2, 3},
     {2, 5, 30, 30, 16, 3, 3, 1, 1},
-    // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels): odd output sizes (edge tiles), no padding (its
-    // data gradient pads by 2), and a 56-wide map of the first stage.
+    // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, maps of 8x8 or more): odd output sizes (edge
+    // tiles), no padding (its data gradient pads by 2), and a 56-wide map of the first stage.
     {2, 32, 9, 11, 48, 3, 3, 1, 1},
-    {1, 32, 8, 9, 32, 3, 3, 1, 0},
+    {1, 32, 12, 13, 32, 3, 3, 1, 0},
     {1, 64, 56, 56, 64, 3, 3, 1, 1},
 };
 
