@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "kernels/cpu/bn_coeffs.h"
 #include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/bn_fused_nhwc.h"
 #include "kernels/cpu/conv_nhwc.h"
@@ -160,17 +161,12 @@ class CpuBackend final : public BackendT<T> {
       BackendT<T>::conv_bn_eval(s, x, w, gamma, beta, running_mean, running_var, eps, residual, relu, y);
       return;
     }
-    // The batch norm folded into the convolution: bn_eval_fwd's per-channel coefficients (in double, rounded
-    // to T), the scale into the weights and the shift as a bias.
+    // The batch norm folded into the convolution: bn_eval_fwd's per-channel coefficients, the scale into the
+    // weights and the shift as a bias.
     if (coef_.size() < 2 * size_t(s.K)) coef_.resize(2 * size_t(s.K));
     T* a = coef_.data();
     T* b = a + s.K;
-    for (int k = 0; k < s.K; ++k) {
-      const double invstd = 1.0 / std::sqrt(double(running_var[k]) + eps);
-      const double ad = (gamma ? double(gamma[k]) : 1.0) * invstd;
-      a[k] = T(ad);
-      b[k] = T((beta ? double(beta[k]) : 0.0) - double(running_mean[k]) * ad);
-    }
+    for (int k = 0; k < s.K; ++k) cpu::bn_eval_affine(gamma, beta, running_mean, running_var, eps, k, a[k], b[k]);
     VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
   }
 

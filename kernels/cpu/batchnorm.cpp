@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "kernels/check.h"
+#include "kernels/cpu/bn_coeffs.h"
 #include "kernels/cpu/bn_lanes.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
@@ -27,14 +28,6 @@ using bn_lanes::Lanes;
 template <class T>
 void affine(const T* x, T* y, int64_t n, T a, T b) {
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * a + b;
-}
-
-// y = x * a + b per channel, from a mean and 1/std as stored in T.
-template <class T>
-void apply_coeffs(const T* gamma, const T* beta, int64_t c, T mean, T invstd, T& a, T& b) {
-  const double ad = (gamma ? double(gamma[c]) : 1.0) * double(invstd);
-  a = T(ad);
-  b = T((beta ? double(beta[c]) : 0.0) - double(mean) * ad);
 }
 
 // Channels per parallel chunk: at least ~16k elements of work.
@@ -67,7 +60,7 @@ void batchnorm_train_fwd(int N, int C, int HW, const T* x, const T* gamma, const
       if (y) {
         // From the statistics as saved (rounded to T), so that batchnorm_apply reproduces y bit for bit.
         T a, b;
-        apply_coeffs(gamma, beta, c, T(mean), T(invstd), a, b);
+        bn_affine(gamma, beta, c, T(mean), T(invstd), a, b);
         for (int n = 0; n < N; ++n) affine(x + n * cstride + c * HW, y + n * cstride + c * HW, HW, a, b);
       }
     }
@@ -81,7 +74,7 @@ void batchnorm_apply(int N, int C, int HW, const T* x, const T* gamma, const T* 
   parallel_for(C, channel_grain(int64_t(N) * HW), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T a, b;
-      apply_coeffs(gamma, beta, c, save_mean[c], save_invstd[c], a, b);
+      bn_affine(gamma, beta, c, save_mean[c], save_invstd[c], a, b);
       for (int n = 0; n < N; ++n) affine(x + n * cstride + c * HW, y + n * cstride + c * HW, HW, a, b);
     }
   });
@@ -93,10 +86,9 @@ void batchnorm_eval_fwd(int N, int C, int HW, const T* x, const T* gamma, const 
   parallel_for(int64_t(N) * C, channel_grain(HW), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
-      const double invstd = 1.0 / std::sqrt(double(running_var[c]) + eps);
-      const double a = (gamma ? double(gamma[c]) : 1.0) * invstd;
-      const double b = (beta ? double(beta[c]) : 0.0) - double(running_mean[c]) * a;
-      affine(x + p * HW, y + p * HW, HW, T(a), T(b));
+      T a, b;
+      bn_eval_affine(gamma, beta, running_mean, running_var, eps, c, a, b);
+      affine(x + p * HW, y + p * HW, HW, a, b);
     }
   });
 }

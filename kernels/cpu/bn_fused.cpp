@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/check.h"
+#include "kernels/cpu/bn_coeffs.h"
 #include "kernels/cpu/bn_lanes.h"
 #include "kernels/cpu/parallel.h"
 
@@ -68,14 +69,6 @@ inline void grad_apply(const T* x, const T* y, const T* dy, T* dx, T* dres, int6
     if (dres) dres[i] = g;
     if (dx) dx[i] = (g - k_dy - (x[i] - m) * k_x) * a;
   }
-}
-
-// batchnorm.cpp's apply_coeffs: y = x * a + b from a mean and 1/std as stored in T.
-template <class T>
-inline void apply_coeffs(const T* gamma, const T* beta, int64_t c, T mean, T invstd, T& a, T& b) {
-  const double ad = (gamma ? double(gamma[c]) : 1.0) * double(invstd);
-  a = T(ad);
-  b = T((beta ? double(beta[c]) : 0.0) - double(mean) * ad);
 }
 
 // The same with g = the ReLU's backward of dy, made kChunk values at a time in a small buffer (a select in
@@ -165,7 +158,7 @@ void bn_train_fwd_fused(int N, int C, int HW, const T* x, const T* gamma, const 
       if (running_var)
         running_var[c] = T(momentum * (sq / double(count - 1)) + (1.0 - momentum) * double(running_var[c]));
       // From the statistics as saved (rounded to T), so that bn_apply_fused reproduces y bit for bit.
-      apply_coeffs(gamma, beta, c, T(mean[k]), T(invstd), a[k], b[k]);
+      bn_affine(gamma, beta, c, T(mean[k]), T(invstd), a[k], b[k]);
     }
     if (!y) return;
     for_planes(N, c0, c1, HW, [&](int n, int64_t c) {
@@ -183,7 +176,7 @@ void bn_apply_fused(int N, int C, int HW, const T* x, const T* gamma, const T* b
     const int64_t nc = c1 - c0;
     T* a = block_scratch<T>(2 * size_t(nc));
     T* b = a + nc;
-    for (int64_t c = c0; c < c1; ++c) apply_coeffs(gamma, beta, c, save_mean[c], save_invstd[c], a[c - c0], b[c - c0]);
+    for (int64_t c = c0; c < c1; ++c) bn_affine(gamma, beta, c, save_mean[c], save_invstd[c], a[c - c0], b[c - c0]);
     for_planes(N, c0, c1, HW, [&](int n, int64_t c) {
       const int64_t o = n * cstride + c * HW;
       affine_act<T>(x + o, nullptr, y + o, HW, a[c - c0], b[c - c0], relu);
@@ -196,12 +189,8 @@ void bn_eval_fwd_fused(int N, int C, int HW, const T* x, const T* gamma, const T
                        const T* running_var, double eps, const T* residual, bool relu, T* y) {
   // batchnorm_eval_fwd's coefficients (computed in double, rounded to T), once per channel.
   std::vector<T> coef(2 * size_t(C));
-  for (int c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(double(running_var[c]) + eps);
-    const double a = (gamma ? double(gamma[c]) : 1.0) * invstd;
-    coef[2 * size_t(c)] = T(a);
-    coef[2 * size_t(c) + 1] = T((beta ? double(beta[c]) : 0.0) - double(running_mean[c]) * a);
-  }
+  for (int c = 0; c < C; ++c)
+    bn_eval_affine(gamma, beta, running_mean, running_var, eps, c, coef[2 * size_t(c)], coef[2 * size_t(c) + 1]);
   parallel_for(int64_t(N) * C, channel_grain(HW), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/check.h"
+#include "kernels/cpu/bn_coeffs.h"
 #include "kernels/cpu/parallel.h"
 
 namespace vb::cpu {
@@ -212,14 +213,6 @@ void mean_m2(int64_t M, int C, const T* x, double* mean, double* m2) {
   }
 }
 
-// batchnorm.cpp's apply_coeffs: y = x * a + b from a mean and 1/std as stored in T.
-template <class T>
-inline void apply_coeffs(const T* gamma, const T* beta, int64_t c, T mean, T invstd, T& a, T& b) {
-  const double ad = (gamma ? double(gamma[c]) : 1.0) * double(invstd);
-  a = T(ad);
-  b = T((beta ? double(beta[c]) : 0.0) - double(mean) * ad);
-}
-
 // y = act(x * a + b + r) over rows [r0, r1), a and b per channel: bn_fused.cpp's affine_act (batchnorm.cpp's
 // affine, then elementwise.cpp's add and relu_fwd).
 template <class T, bool kRes, bool kRelu>
@@ -320,7 +313,7 @@ void bn_train_fwd_nhwc(int N, int C, int HW, const T* x, const T* gamma, const T
     if (running_var)
       running_var[c] = T(momentum * (sq / double(count - 1)) + (1.0 - momentum) * double(running_var[c]));
     // From the statistics as saved (rounded to T), so that bn_apply_nhwc reproduces y bit for bit.
-    apply_coeffs(gamma, beta, c, T(mean[c]), T(invstd), a[c], b[c]);
+    bn_affine(gamma, beta, c, T(mean[c]), T(invstd), a[c], b[c]);
   }
   if (y) affine_act(M, C, x, residual, y, a, b, relu);
 }
@@ -330,7 +323,7 @@ void bn_apply_nhwc(int N, int C, int HW, const T* x, const T* gamma, const T* be
                    const T* save_invstd, bool relu, T* y) {
   T* a = scratch<T, 4>(2 * size_t(C));
   T* b = a + C;
-  for (int c = 0; c < C; ++c) apply_coeffs(gamma, beta, c, save_mean[c], save_invstd[c], a[c], b[c]);
+  for (int c = 0; c < C; ++c) bn_affine(gamma, beta, c, save_mean[c], save_invstd[c], a[c], b[c]);
   affine_act<T>(int64_t(N) * HW, C, x, nullptr, y, a, b, relu);
 }
 
@@ -340,12 +333,7 @@ void bn_eval_fwd_nhwc(int N, int C, int HW, const T* x, const T* gamma, const T*
   // batchnorm_eval_fwd's coefficients (computed in double, rounded to T), once per channel.
   T* a = scratch<T, 4>(2 * size_t(C));
   T* b = a + C;
-  for (int c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(double(running_var[c]) + eps);
-    const double ad = (gamma ? double(gamma[c]) : 1.0) * invstd;
-    a[c] = T(ad);
-    b[c] = T((beta ? double(beta[c]) : 0.0) - double(running_mean[c]) * ad);
-  }
+  for (int c = 0; c < C; ++c) bn_eval_affine(gamma, beta, running_mean, running_var, eps, c, a[c], b[c]);
   affine_act(int64_t(N) * HW, C, x, residual, y, a, b, relu);
 }
 
