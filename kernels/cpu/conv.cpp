@@ -228,12 +228,7 @@ bool split_batch(int N) {
   return t > 1 && N >= t && (N % t == 0 || N >= 4 * t);
 }
 
-void check_shape(const ConvShape& s) {
-  VB_CHECK(s.N >= 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 && s.pad >= 0 &&
-               s.P() > 0 && s.Q() > 0,
-           "conv2d: bad shape N=", s.N, " C=", s.C, " H=", s.H, " W=", s.W, " K=", s.K, " R=", s.R, " S=", s.S,
-           " stride=", s.stride, " pad=", s.pad);
-}
+void check_shape(const ConvShape& s) { check_conv_shape(s, "conv2d"); }
 
 // Runs fn(n0, g) for every group of g samples starting at n0 (the last may be shorter): groups split over
 // threads, or one after the other (fn's inner work then splits).
@@ -251,6 +246,13 @@ void for_each_group(int N, int g, F&& fn) {
 }
 
 }  // namespace
+
+void check_conv_shape(const ConvShape& s, const char* what) {
+  VB_CHECK(s.N >= 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 && s.pad >= 0 &&
+               s.P() > 0 && s.Q() > 0,
+           what, ": bad shape N=", s.N, " C=", s.C, " H=", s.H, " W=", s.W, " K=", s.K, " R=", s.R, " S=", s.S,
+           " stride=", s.stride, " pad=", s.pad);
+}
 
 template <class T>
 void conv2d_fwd(const ConvShape& s, const T* x, const T* w, T* y) {

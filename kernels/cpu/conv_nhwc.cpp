@@ -156,10 +156,45 @@ struct Epilogue {
   bool relu = false;
 };
 
+// Evaluation's epilogue on one output row of K channels: y = act(y + bias (+ residual)), as bn_eval_fwd's
+// (x*a + b) + residual, then ReLU.
+template <class T>
+void apply_epilogue(T* __restrict y, const T* __restrict res, const T* __restrict bias, bool relu, int K) {
+  if (res) {
+    for (int k = 0; k < K; ++k) {
+      const T v = (y[k] + bias[k]) + res[k];
+      y[k] = relu && v < T(0) ? T(0) : v;
+    }
+  } else {
+    for (int k = 0; k < K; ++k) {
+      const T v = y[k] + bias[k];
+      y[k] = relu && v < T(0) ? T(0) : v;
+    }
+  }
+}
+
+// One tile's sum for one sliver: c[i][0..NR) = sum over the segments of a[6g + i][j] * bs[(k0[g] + j) * NR + ...],
+// in passes of about KC multiply-adds, each added to the last (as the GEMM's K blocks): whole segments while
+// they are short, else each segment in KC-long pieces.
+template <class T>
+void sum_segments(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c) {
+  constexpr int MR = kMR<T>, KC = Traits<T>::KC;
+  if (len >= KC) {
+    for (int g = 0; g < nseg; ++g)
+      for (int jb = 0; jb < len; jb += KC)
+        tap_kernel<T>(1, k0 + g, jb, std::min(len, jb + KC), a + g * MR, bs, c, g > 0 || jb > 0);
+  } else {
+    const int group = KC / len;
+    for (int g = 0; g < nseg; g += group)
+      tap_kernel<T>(std::min(group, nseg - g), k0 + g, 0, len, a + g * MR, bs, c, g > 0);
+    if (nseg == 0) tap_kernel<T>(0, k0, 0, len, a, bs, c, false);
+  }
+}
+
 template <class T, class Build>
 void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, const T* packed, int n_out,
                Build&& build, const Epilogue<T>& epi = {}) {
-  constexpr int MR = kMR<T>, NR = kNR<T>, KC = Traits<T>::KC;
+  constexpr int MR = kMR<T>, NR = kNR<T>;
   const int nsl = (n_out + NR - 1) / NR;
   const int64_t nchunks = (ntiles + kChunk - 1) / kChunk;
   const int t = num_threads();
@@ -194,31 +229,11 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
           alignas(64) T tmp[MR * NR];
           T* c[MR];
           for (int i = 0; i < MR; ++i) c[i] = direct ? v.out[i] + sl * NR : tmp + i * NR;
-          // The sum in passes of about KC multiply-adds, each added to the last (as the GEMM's K blocks):
-          // whole segments while they are short, else each segment in KC-long pieces.
-          if (len >= KC) {
-            for (int g = 0; g < v.nseg; ++g)
-              for (int jb = 0; jb < len; jb += KC)
-                tap_kernel<T>(1, v.k0 + g, jb, std::min(len, jb + KC), v.a + g * MR, bs, c, g > 0 || jb > 0);
-          } else {
-            const int group = KC / len;
-            for (int g = 0; g < v.nseg; g += group)
-              tap_kernel<T>(std::min(group, v.nseg - g), v.k0 + g, 0, len, v.a + g * MR, bs, c, g > 0);
-            if (v.nseg == 0) tap_kernel<T>(0, v.k0, 0, len, v.a, bs, c, false);
-          }
-          if (epi.bias) {
-            const T* bias = epi.bias + sl * NR;
-            for (int i = 0; i < v.m; ++i) {
-              T* o = c[i];
-              const T* res = epi.residual ? epi.residual + (v.out[i] - epi.y) + sl * NR : nullptr;
-              for (int j = 0; j < n; ++j) {  // as bn_eval_fwd: (x*a + b) + residual, then ReLU
-                T val = o[j] + bias[j];
-                if (res) val = val + res[j];
-                if (epi.relu) val = val < T(0) ? T(0) : val;
-                o[j] = val;
-              }
-            }
-          }
+          sum_segments<T>(v.nseg, v.k0, len, v.a, bs, c);
+          if (epi.bias)
+            for (int i = 0; i < v.m; ++i)
+              apply_epilogue<T>(c[i], epi.residual ? epi.residual + (v.out[i] - epi.y) + sl * NR : nullptr,
+                                epi.bias + sl * NR, epi.relu, n);
           if (!direct)
             for (int i = 0; i < v.m; ++i) std::memcpy(v.out[i] + sl * NR, tmp + i * NR, sizeof(T) * size_t(n));
         }
@@ -272,12 +287,7 @@ const T* zeros(size_t n) {
   return z.data();
 }
 
-void check_shape(const ConvShape& s) {
-  VB_CHECK(s.N >= 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 && s.pad >= 0 &&
-               s.P() > 0 && s.Q() > 0,
-           "conv2d (NHWC): bad shape N=", s.N, " C=", s.C, " H=", s.H, " W=", s.W, " K=", s.K, " R=", s.R, " S=", s.S,
-           " stride=", s.stride, " pad=", s.pad);
-}
+void check_shape(const ConvShape& s) { check_conv_shape(s, "conv2d (NHWC)"); }
 
 }  // namespace
 
@@ -390,26 +400,10 @@ void winograd_output(const T* m, int64_t xs, int K, T* const* o) {
   }
 }
 
-// Evaluation's epilogue on one output row: y = act(y + bias (+ residual)).
-template <class T>
-void apply_epilogue(T* __restrict y, const T* __restrict res, const T* __restrict bias, bool relu, int K) {
-  if (res) {
-    for (int k = 0; k < K; ++k) {
-      const T v = (y[k] + bias[k]) + res[k];
-      y[k] = relu && v < T(0) ? T(0) : v;
-    }
-  } else {
-    for (int k = 0; k < K; ++k) {
-      const T v = y[k] + bias[k];
-      y[k] = relu && v < T(0) ? T(0) : v;
-    }
-  }
-}
-
 // y = conv(x, w) for a 3x3 stride-1 shape that winograd_fits (x: C channels in, y: K out), weights through gk.
 template <class T, class Kernel>
 void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const Epilogue<T>& epi, Kernel&& gk) {
-  constexpr int MR = kMR<T>, NR = kNR<T>, KC = Traits<T>::KC;
+  constexpr int MR = kMR<T>, NR = kNR<T>;
   const int C = s.C, K = s.K, H = s.H, W = s.W, P = s.P(), Q = s.Q(), pad = s.pad, nsl = K / NR;
   const T* U = winograd_weights<T>(C, K, scale, gk);
   const int th = (P + 1) / 2, tw = (Q + 1) / 2;
@@ -450,7 +444,7 @@ void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const E
               c[i] = live ? M + (int64_t(xi) * kWinoTiles + g + i) * K + sl * NR : tmp + i * NR;
             }
             const int k0 = 0;
-            for (int jb = 0; jb < C; jb += KC) tap_kernel<T>(1, &k0, jb, std::min(C, jb + KC), a, bs, c, jb > 0);
+            sum_segments<T>(1, &k0, C, a, bs, c);
           }
         }
       T* spare = scratch<T, 10>(size_t(K));  // where outputs past the image's edge go
@@ -593,9 +587,10 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s);
   if (s.stride == 1 && s.R == 3 && s.S == 3 && s.N > 0 && s.pad <= 2) {
     // A stride-1 3x3 data gradient is the forward convolution of dy (K channels in, C out) with the kernel
-    // turned half round and padding 2 - pad: through Winograd when that shape fits it.
+    // turned half round and padding 2 - pad (whose output is H x W again): through Winograd when that shape
+    // fits it.
     const ConvShape t{s.N, s.K, s.P(), s.Q(), s.C, 3, 3, 1, 2 - s.pad};
-    if (winograd_fits<T>(t) && winograd_enabled() && t.P() == s.H && t.Q() == s.W) {
+    if (winograd_fits<T>(t) && winograd_enabled()) {
       winograd_conv<T>(t, dy, dx, nullptr, Epilogue<T>{}, [&](int c, int k, T g[3][3]) {
         const T* src = w + (int64_t(k) * s.C + c) * 9;
         for (int r = 0; r < 3; ++r)

@@ -20,6 +20,8 @@ struct ConvShape {
   int P() const { return (H + 2 * pad - R) / stride + 1; }  // output height
   int Q() const { return (W + 2 * pad - S) / stride + 1; }  // output width
 };
+// Throws vb::Error naming `what` and every field unless the shape is one a convolution can run (N may be 0).
+void check_conv_shape(const ConvShape& s, const char* what);
 
 // C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C, row-major; op = transpose when trans is true.
 // Blocked and multithreaded. beta == 0 never reads C.
