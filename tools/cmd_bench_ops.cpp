@@ -248,6 +248,8 @@ int run_bench_ops(const BenchOpsOptions& o) {
     const auto x = random_floats(nx, 3), w = random_floats(nw, 4), dy = random_floats(ny, 5);
     std::vector<float> y(ny), dx(nx), dw(nw);
     const double flop = 2.0 * double(ny) * s.C * s.R * s.S;  // one pass
+    // The stem's input is the image: the network never computes its gradient.
+    const bool stem = &s == &shapes.front().first;
     std::printf("%5d %5d %5d %3dx%d %6d %2d %9.3f", s.C, s.H, s.K, s.R, s.S, s.stride, count, flop / 1e9);
     for (int layout = 0; layout < 2; ++layout) {
       if (!(layout == 0 ? run_nchw : run_nhwc)) continue;
@@ -258,8 +260,6 @@ int run_bench_ops(const BenchOpsOptions& o) {
                  : cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data());
           },
           o.min_seconds);
-      // The stem's input is the image: the network never computes its gradient.
-      const bool stem = &s == &shapes.front().first;
       const double td = stem ? 0.0
                              : time_median(
                                    [&] {
@@ -280,7 +280,7 @@ int run_bench_ops(const BenchOpsOptions& o) {
     }
     std::printf("\n");
     total_flop += count * flop;
-    backward_flop += count * flop * (&s == &shapes.front().first ? 1 : 2);
+    backward_flop += count * flop * (stem ? 1 : 2);
   }
   for (int layout = 0; layout < 2; ++layout) {
     if (!(layout == 0 ? run_nchw : run_nhwc)) continue;
