@@ -187,8 +187,9 @@ void bn_apply_fused(int N, int C, int HW, const T* x, const T* gamma, const T* b
 template <class T>
 void bn_eval_fwd_fused(int N, int C, int HW, const T* x, const T* gamma, const T* beta, const T* running_mean,
                        const T* running_var, double eps, const T* residual, bool relu, T* y) {
-  // batchnorm_eval_fwd's coefficients (computed in double, rounded to T), once per channel.
-  std::vector<T> coef(2 * size_t(C));
+  // batchnorm_eval_fwd's coefficients (computed in double, rounded to T), once per channel, in the calling
+  // thread's grow-only scratch (no allocation per call).
+  T* coef = block_scratch<T, 2>(2 * size_t(C));
   for (int c = 0; c < C; ++c)
     bn_eval_affine(gamma, beta, running_mean, running_var, eps, c, coef[2 * size_t(c)], coef[2 * size_t(c) + 1]);
   parallel_for(int64_t(N) * C, channel_grain(HW), [&](int64_t p0, int64_t p1) {
