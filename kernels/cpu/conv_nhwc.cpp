@@ -252,21 +252,26 @@ T* pack_weights(const ConvShape& s, const T* w, bool by_k, const T* scale = null
   const int64_t rows = int64_t(RS) * n_in;
   const int nsl = (n_out + NR - 1) / NR;
   T* p = scratch<T, 3>(size_t(nsl) * size_t(rows) * NR);
+  // Row by row (input channel i, all RS taps of it at once): every store fills whole NR-wide rows, where going
+  // output channel by output channel wrote one float per cache line, NR times over the sliver.
   parallel_for(nsl, 1, [&](int64_t b, int64_t e) {
     for (int64_t sl = b; sl < e; ++sl) {
       T* dst = p + sl * rows * NR;
-      for (int j = 0; j < NR; ++j) {
-        const int o = int(sl) * NR + j;
-        if (o >= n_out) {
-          for (int64_t k = 0; k < rows; ++k) dst[k * NR + j] = T(0);
-          continue;
-        }
-        for (int i = 0; i < n_in; ++i) {  // w[k, c, :, :] is RS contiguous values
+      const int live = std::min(NR, n_out - int(sl) * NR);
+      for (int i = 0; i < n_in; ++i) {
+        T* row = dst + int64_t(i) * NR;  // tap rs's row is row + rs * n_in * NR
+        for (int j = 0; j < NR; ++j) {
+          const int o = int(sl) * NR + j;
+          if (j >= live) {
+            for (int rs = 0; rs < RS; ++rs) row[int64_t(rs) * n_in * NR + j] = T(0);
+            continue;
+          }
+          // w[k, c, :, :] is RS contiguous values
           const T* src = by_k ? w + (int64_t(i) * s.C + o) * RS : w + (int64_t(o) * s.C + i) * RS;
           if (scale)  // (forward only) output channel o's weights times scale[o]
-            for (int rs = 0; rs < RS; ++rs) dst[(int64_t(rs) * n_in + i) * NR + j] = src[rs] * scale[o];
+            for (int rs = 0; rs < RS; ++rs) row[int64_t(rs) * n_in * NR + j] = src[rs] * scale[o];
           else
-            for (int rs = 0; rs < RS; ++rs) dst[(int64_t(rs) * n_in + i) * NR + j] = src[rs];
+            for (int rs = 0; rs < RS; ++rs) row[int64_t(rs) * n_in * NR + j] = src[rs];
         }
       }
     }
@@ -327,28 +332,31 @@ T* winograd_weights(int C, int K, const T* scale, Kernel&& gk) {
   constexpr int NR = kNR<T>;
   const int nsl = K / NR;
   T* U = scratch<T, 7>(size_t(16) * nsl * C * NR);
-  parallel_for(K, 1, [&](int64_t kb, int64_t ke) {
-    for (int64_t k = kb; k < ke; ++k)
-      for (int c = 0; c < C; ++c) {
-        T g[3][3];
-        gk(int(k), c, g);
-        if (scale)
-          for (auto& row : g)
-            for (T& v : row) v = v * scale[k];
-        T t[4][3];  // G g
-        for (int j = 0; j < 3; ++j) {
-          t[0][j] = g[0][j];
-          t[1][j] = (g[0][j] + g[1][j] + g[2][j]) * T(0.5);
-          t[2][j] = (g[0][j] - g[1][j] + g[2][j]) * T(0.5);
-          t[3][j] = g[2][j];
+  // By slivers, not by channels k: a sliver's NR channels share every cache line of U, so splitting them between
+  // threads made the two cores fight over each line (measured: the transform took 8x longer on 2 threads).
+  parallel_for(nsl, 1, [&](int64_t sb, int64_t se) {
+    for (int64_t sl = sb; sl < se; ++sl)
+      for (int c = 0; c < C; ++c)
+        for (int j = 0; j < NR; ++j) {
+          const int64_t k = sl * NR + j;
+          T g[3][3];
+          gk(int(k), c, g);
+          if (scale)
+            for (auto& row : g)
+              for (T& v : row) v = v * scale[k];
+          T t[4][3];  // G g
+          for (int i = 0; i < 3; ++i) {
+            t[0][i] = g[0][i];
+            t[1][i] = (g[0][i] + g[1][i] + g[2][i]) * T(0.5);
+            t[2][i] = (g[0][i] - g[1][i] + g[2][i]) * T(0.5);
+            t[3][i] = g[2][i];
+          }
+          for (int a = 0; a < 4; ++a) {  // (G g) G^T
+            const T u[4] = {t[a][0], (t[a][0] + t[a][1] + t[a][2]) * T(0.5), (t[a][0] - t[a][1] + t[a][2]) * T(0.5),
+                            t[a][2]};
+            for (int b = 0; b < 4; ++b) U[((int64_t(a * 4 + b) * nsl + sl) * C + c) * NR + j] = u[b];
+          }
         }
-        for (int a = 0; a < 4; ++a) {  // (G g) G^T
-          const T u[4] = {t[a][0], (t[a][0] + t[a][1] + t[a][2]) * T(0.5), (t[a][0] - t[a][1] + t[a][2]) * T(0.5),
-                          t[a][2]};
-          for (int b = 0; b < 4; ++b)
-            U[((int64_t(a * 4 + b) * nsl + k / NR) * C + c) * NR + k % NR] = u[b];
-        }
-      }
   });
   return U;
 }
