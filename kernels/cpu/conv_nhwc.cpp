@@ -143,9 +143,10 @@ struct TileView {
   T* out[6] = {};
 };
 
-// Runs the tiles [0, ntiles): build(t, k0, a, stage) fills tile t's segments (at most max_seg; stage: room for
-// max_seg * 6 * len staged values when `staged`) and returns its TileView; packed: the weights, nsl slivers of
-// rows * NR values; n_out: output channels (the last sliver may be partial).
+// Runs the tiles [0, ntiles): build(t, k0, a, stage, view) fills tile t's segments (at most max_seg; stage: room
+// for max_seg * 6 * len staged values when `staged`) and its TileView (filled in place: a returned view, copied,
+// stalled on store forwarding); packed: the weights, nsl slivers of rows * NR values; n_out: output channels (the
+// last sliver may be partial).
 // What evaluation applies to each output tile as it is stored: out = act(out + bias (+ residual)), the residual
 // row of an output row at the same offset from `residual` as the row is from `y`.
 template <class T>
@@ -215,7 +216,8 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
       if (built != chunk) {
         for (int64_t tt = t0; tt < t1; ++tt) {
           const size_t off = size_t(tt - t0) * max_seg;
-          views[tt - t0] = build(tt, k0 + off, a + off * MR, staged ? stage + off * MR * len : nullptr);
+          views[tt - t0] = TileView<T>{};
+          build(tt, k0 + off, a + off * MR, staged ? stage + off * MR * len : nullptr, views[tt - t0]);
         }
         built = chunk;
       }
@@ -252,26 +254,47 @@ T* pack_weights(const ConvShape& s, const T* w, bool by_k, const T* scale = null
   const int64_t rows = int64_t(RS) * n_in;
   const int nsl = (n_out + NR - 1) / NR;
   T* p = scratch<T, 3>(size_t(nsl) * size_t(rows) * NR);
-  // Row by row (input channel i, all RS taps of it at once): every store fills whole NR-wide rows, where going
-  // output channel by output channel wrote one float per cache line, NR times over the sliver.
+  // Through a small tile in L1, so that every store to p is a whole NR-wide row and every load from w runs along
+  // memory: NR values at a time per output channel (forward), or one input channel's NR x RS block (data
+  // gradient). Writing p one float per cache line, NR times over each sliver, made packing 3-8x slower.
+  constexpr int MB = 16;                                  // forward: weight values per output channel per tile
+  const int tile_rows = by_k ? RS : MB;
   parallel_for(nsl, 1, [&](int64_t b, int64_t e) {
+    T* tile = scratch<T, 11>(size_t(tile_rows) * NR);  // [row][j]
     for (int64_t sl = b; sl < e; ++sl) {
       T* dst = p + sl * rows * NR;
       const int live = std::min(NR, n_out - int(sl) * NR);
-      for (int i = 0; i < n_in; ++i) {
-        T* row = dst + int64_t(i) * NR;  // tap rs's row is row + rs * n_in * NR
-        for (int j = 0; j < NR; ++j) {
-          const int o = int(sl) * NR + j;
-          if (j >= live) {
-            for (int rs = 0; rs < RS; ++rs) row[int64_t(rs) * n_in * NR + j] = T(0);
-            continue;
+      if (!by_k) {
+        // Output channel o's weights are rows values m = c*RS + rs in a row of w; value m goes to row rs*C + c.
+        for (int64_t m0 = 0; m0 < rows; m0 += MB) {
+          const int mb = int(std::min<int64_t>(MB, rows - m0));
+          for (int j = 0; j < NR; ++j) {
+            const int o = int(sl) * NR + j;
+            if (j >= live) {
+              for (int mm = 0; mm < mb; ++mm) tile[mm * NR + j] = T(0);
+            } else if (scale) {  // output channel o's weights times scale[o]
+              const T* src = w + int64_t(o) * rows + m0;
+              const T sc = scale[o];
+              for (int mm = 0; mm < mb; ++mm) tile[mm * NR + j] = src[mm] * sc;
+            } else {
+              const T* src = w + int64_t(o) * rows + m0;
+              for (int mm = 0; mm < mb; ++mm) tile[mm * NR + j] = src[mm];
+            }
           }
-          // w[k, c, :, :] is RS contiguous values
-          const T* src = by_k ? w + (int64_t(i) * s.C + o) * RS : w + (int64_t(o) * s.C + i) * RS;
-          if (scale)  // (forward only) output channel o's weights times scale[o]
-            for (int rs = 0; rs < RS; ++rs) row[int64_t(rs) * n_in * NR + j] = src[rs] * scale[o];
-          else
-            for (int rs = 0; rs < RS; ++rs) row[int64_t(rs) * n_in * NR + j] = src[rs];
+          int c = int(m0 / RS), rs = int(m0 % RS);
+          for (int mm = 0; mm < mb; ++mm) {
+            std::memcpy(dst + (int64_t(rs) * n_in + c) * NR, tile + mm * NR, sizeof(T) * NR);
+            if (++rs == RS) rs = 0, ++c;
+          }
+        }
+      } else {
+        // For output channel k of the convolution (i), the sliver's live channels c are live*RS contiguous values.
+        for (int i = 0; i < n_in; ++i) {
+          const T* blk = w + (int64_t(i) * s.C + sl * NR) * RS;
+          for (int j = 0; j < NR; ++j)
+            for (int rs = 0; rs < RS; ++rs) tile[rs * NR + j] = j < live ? blk[j * RS + rs] : T(0);
+          for (int rs = 0; rs < RS; ++rs)
+            std::memcpy(dst + (int64_t(rs) * n_in + i) * NR, tile + rs * NR, sizeof(T) * NR);
         }
       }
     }
@@ -498,7 +521,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
   run_tiles<T>((npq + MR - 1) / MR, max_seg, len, by_row, rows, packed, s.K,
-               [&](int64_t t, int* k0, const T** a, T* stage) {
+               [&](int64_t t, int* k0, const T** a, T* stage, TileView<T>& v) {
                  // The tile's pixels: the first decoded once, the others by stepping (q, p, n) with carries.
                  // ih0/iw0: the input position of the kernel's top left tap; off: its offset in x.
                  const int64_t first = t * MR;
@@ -520,7 +543,19 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                  }
                  const int64_t row_step = int64_t(s.W) * C;
                  int nseg = 0;
-                 for (int r = 0; r < R; ++r) {
+                 bool inside = m == MR;  // every tap of every pixel in the image: no checks, nothing staged
+                 for (int i = 0; i < MR && inside; ++i)
+                   inside = ih0[i] >= 0 && ih0[i] + R <= s.H && iw0[i] >= 0 && iw0[i] + S <= s.W;
+                 if (inside) {
+                   const int taps = by_row ? 1 : S;
+                   for (int r = 0; r < R; ++r)
+                     for (int ss = 0; ss < taps; ++ss, ++nseg) {
+                       const int64_t tap = r * row_step + int64_t(ss) * C;
+                       for (int i = 0; i < MR; ++i) a[nseg * MR + i] = x + off[i] + tap;
+                       k0[nseg] = (r * S + ss) * C;
+                     }
+                 }
+                 for (int r = 0; r < R && !inside; ++r) {
                    if (by_row) {
                      bool live = false;
                      for (int i = 0; i < MR; ++i) {
@@ -532,14 +567,12 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                          dst = x + off[i] + r * row_step;
                          live = true;
                        } else {  // cut by the padding: stage the row with zeros outside
+                         // Its taps in the image, [s0, s1), are one run of contiguous values.
                          T* row = stage + (int64_t(nseg) * MR + i) * len;
-                         for (int ss = 0; ss < S; ++ss) {
-                           const int iw = iw0[i] + ss;
-                           if (iw >= 0 && iw < s.W)
-                             copy_run(row + ss * C, x + off[i] + r * row_step + int64_t(ss) * C, C);
-                           else
-                             std::fill(row + ss * C, row + (ss + 1) * C, T(0));
-                         }
+                         const int s0 = std::max(0, -iw0[i]), s1 = std::min(S, s.W - iw0[i]);
+                         std::fill(row, row + s0 * C, T(0));
+                         copy_run(row + s0 * C, x + off[i] + r * row_step + int64_t(s0) * C, int64_t(s1 - s0) * C);
+                         std::fill(row + s1 * C, row + len, T(0));
                          dst = row;
                          live = true;
                        }
@@ -560,13 +593,11 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                      }
                    }
                  }
-                 TileView<T> v;
                  v.nseg = nseg;
                  v.m = m;
                  v.k0 = k0;
                  v.a = a;
                  for (int i = 0; i < m; ++i) v.out[i] = y + (first + i) * s.K;
-                 return v;
                },
                epi);
 }
@@ -651,22 +682,22 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
       ntiles += (count + MR - 1) / MR;
     }
   const T* zero = zeros<T>(size_t(K));
-  run_tiles<T>(ntiles, R * S, K, false, rows, packed, C, [&](int64_t t, int* k0, const T** a, T*) {
+  run_tiles<T>(ntiles, R * S, K, false, rows, packed, C, [&](int64_t t, int* k0, const T** a, T*, TileView<T>& v) {
     size_t ci = 0;
     while (ci + 1 < classes.size() && classes[ci + 1].first_tile <= t) ++ci;
     const Class& cl = classes[ci];
     const int64_t hs = (H - cl.rh + st - 1) / st, ws = (W - cl.rw + st - 1) / st;
     const int64_t first = (t - cl.first_tile) * MR;
     const int m = int(std::min<int64_t>(MR, cl.count - first));
-    int n[MR], h[MR], wc[MR];
-    TileView<T> v;
+    // Pixel i: image n[i], row cl.rh + hs_i * st, column cl.rw + ws_i * st, with (hs_i, ws_i) = (hg[i], wg[i]).
+    int n[MR], hg[MR], wg[MR];
     {  // the first pixel decoded, the others stepped with carries
       int64_t wi = first % ws, hi = first / ws % hs, ni = first / (ws * hs);
       for (int i = 0; i < MR; ++i) {
-        wc[i] = int(cl.rw + wi * st);
-        h[i] = int(cl.rh + hi * st);
+        wg[i] = int(wi);
+        hg[i] = int(hi);
         n[i] = int(ni);
-        if (i < m) v.out[i] = dx + ((int64_t(n[i]) * H + h[i]) * W + wc[i]) * C;
+        if (i < m) v.out[i] = dx + ((int64_t(n[i]) * H + cl.rh + hi * st) * W + cl.rw + wi * st) * C;
         if (++wi == ws) {
           wi = 0;
           if (++hi == hs) hi = 0, ++ni;
@@ -677,11 +708,14 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
     for (int r = 0; r < R; ++r)
       for (int ss = 0; ss < S; ++ss) {
         if ((cl.rh + pad - r) % st != 0 || (cl.rw + pad - ss) % st != 0) continue;  // not this class's tap
+        // The output pixel this tap reaches: (h + pad - r) / st, exact for this class's taps, = hg + dp (no
+        // division per pixel and tap; the divisions took longer than the sums of a 16-channel layer).
+        const int dp = (cl.rh + pad - r) / st, dq = (cl.rw + pad - ss) / st;
         bool live = false;
         for (int i = 0; i < MR; ++i) {
-          const int hp = h[i] + pad - r, wq = wc[i] + pad - ss;
-          const bool ok = i < m && hp >= 0 && wq >= 0 && hp / st < P && wq / st < Q;
-          a[nseg * MR + i] = ok ? dy + ((int64_t(n[i]) * P + hp / st) * Q + wq / st) * K : zero;
+          const int op = hg[i] + dp, oq = wg[i] + dq;
+          const bool ok = i < m && op >= 0 && oq >= 0 && op < P && oq < Q;
+          a[nseg * MR + i] = ok ? dy + ((int64_t(n[i]) * P + op) * Q + oq) * K : zero;
           live |= ok;
         }
         if (live) k0[nseg++] = (r * S + ss) * K;
@@ -690,7 +724,6 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
     v.m = m;
     v.k0 = k0;
     v.a = a;
-    return v;
   });
 }
 
