@@ -602,6 +602,141 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                epi);
 }
 
+// ---- the filter gradient of a layer with few input channels (the stem) ----------------------------------------
+// dw[k][(r, s, c)] = sum over output pixels of dy[pix][k] * x[n, p*st - pad + r, q*st - pad + s, c]. For each
+// kernel row r the L = S*C values (s, c) lie contiguous in x, so a register tile of 4 output channels by NV
+// vectors of that row sums dy[pix][k] times the row, pixel after pixel: no im2col matrix (12x the image for the
+// stem) and no GEMM packing, which took two thirds of the stem's filter gradient. The last vector is loaded
+// ending at the row's end (overlapping the one before) so nothing past the row is read. Rows outside the image
+// read zeros; rows cut by the padding are staged with zeros outside.
+template <class T>
+constexpr int kRowGradK = 4;  // output channels per register tile
+
+template <class T>
+int row_grad_vectors(const ConvShape& s) {  // NV, or 0 when the layer does not fit the row kernel
+  constexpr int W = Traits<T>::Vec::W;
+  const int L = s.S * s.C;
+  const bool fits = s.C < 8 && L > W && L <= 3 * W && s.K % kRowGradK<T> == 0;
+  return fits ? (L + W - 1) / W : 0;
+}
+
+// part[k * rsc + r * L + l] = the sum over the nrows pixels whose kernel rows are rows[i * R + r] (i < nrows).
+// Three vectors of the row whatever NV (with NV = 2 the third repeats the second): 12 named accumulators, as an
+// array of vectors GCC stored them to the stack on every pixel.
+template <class T>
+void row_grad_block(int NV, int K, int R, int L, int64_t nrows, const T* const* rows, const T* dy, T* part) {
+  using Vec = typename Traits<T>::Vec;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  static_assert(kRowGradK<T> == 4, "the tile below is 4 channels wide");
+  const int o1 = NV == 3 ? W : L - W, o2 = L - W;
+  const int64_t rsc = int64_t(R) * L;
+  for (int r = 0; r < R; ++r)
+    for (int k0 = 0; k0 < K; k0 += 4) {
+      V a00 = Vec::zero(), a01 = Vec::zero(), a02 = Vec::zero(), a10 = Vec::zero(), a11 = Vec::zero(),
+        a12 = Vec::zero(), a20 = Vec::zero(), a21 = Vec::zero(), a22 = Vec::zero(), a30 = Vec::zero(),
+        a31 = Vec::zero(), a32 = Vec::zero();
+      const T* d = dy + k0;
+      const T* const* rp = rows + r;
+      for (int64_t i = 0; i < nrows; ++i, d += K, rp += R) {
+        const T* xr = *rp;
+        const V x0 = Vec::load(xr), x1 = Vec::load(xr + o1), x2 = Vec::load(xr + o2);
+        V dv = Vec::bcast(d);
+        a00 = Vec::fma(dv, x0, a00);
+        a01 = Vec::fma(dv, x1, a01);
+        a02 = Vec::fma(dv, x2, a02);
+        dv = Vec::bcast(d + 1);
+        a10 = Vec::fma(dv, x0, a10);
+        a11 = Vec::fma(dv, x1, a11);
+        a12 = Vec::fma(dv, x2, a12);
+        dv = Vec::bcast(d + 2);
+        a20 = Vec::fma(dv, x0, a20);
+        a21 = Vec::fma(dv, x1, a21);
+        a22 = Vec::fma(dv, x2, a22);
+        dv = Vec::bcast(d + 3);
+        a30 = Vec::fma(dv, x0, a30);
+        a31 = Vec::fma(dv, x1, a31);
+        a32 = Vec::fma(dv, x2, a32);
+      }
+      const V acc[4][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
+      for (int kk = 0; kk < 4; ++kk) {
+        alignas(64) T tmp[3 * W];
+        for (int v = 0; v < 3; ++v) Vec::store(tmp + v * W, acc[kk][v]);
+        T* out = part + (k0 + kk) * rsc + int64_t(r) * L;
+        // Value l from the first vector that holds it: [0, W) the first, then [W, 2W) the second when NV = 3,
+        // the rest from the last (which ends at L).
+        for (int l = 0; l < L; ++l) out[l] = l < W ? tmp[l] : l < W + (NV == 3 ? W : 0) ? tmp[l] : tmp[2 * W + l - o2];
+      }
+    }
+}
+
+// dwt [K, (r, s, c)] for a layer row_grad_vectors accepts: pixels in blocks fixed by the shape, one partial sum
+// each (the blocks go to the threads whole), added in block order.
+template <class T>
+void row_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dwt) {
+  const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, K = s.K, st = s.stride, pad = s.pad, L = S * C;
+  const int NV = row_grad_vectors<T>(s);
+  const int64_t npq = int64_t(s.N) * P * Q, rsc = int64_t(R) * L, outs = int64_t(K) * rsc;
+  const int64_t block = std::max<int64_t>(256, (npq + 63) / 64), nblocks = (npq + block - 1) / block;
+  T* part = nblocks > 1 ? scratch<T, 6>(size_t(nblocks * outs)) : dwt;
+  const T* zero = zeros<T>(size_t(L));
+  parallel_for(nblocks, 1, [&](int64_t bb, int64_t be) {
+    const T** rows = scratch<const T*, 12>(size_t(block * R));
+    T* stage = scratch<T, 13>(size_t(block * R * L));
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t b0 = blk * block, mb = std::min(block, npq - b0);
+      int q = int(b0 % Q), p = int(b0 / Q % P);
+      int64_t n = b0 / (int64_t(P) * Q);
+      for (int64_t i = 0; i < mb; ++i) {
+        // Kernel rows [r0, r1) are in the image; their taps [s0, s1).
+        const int ih0 = p * st - pad, iw0 = q * st - pad;
+        const int r0 = std::max(0, -ih0), r1 = std::max(r0, std::min(R, s.H - ih0));
+        const int s0 = std::max(0, -iw0), s1 = std::min(S, s.W - iw0);
+        const T** row = rows + i * R;
+        const int64_t at = ((n * s.H + ih0) * s.W + iw0) * C;  // row r at x + at + r * row_step, if in the image
+        const int64_t row_step = int64_t(s.W) * C;
+        for (int r = 0; r < r0; ++r) row[r] = zero;
+        if (s0 == 0 && s1 == S) {
+          for (int r = r0; r < r1; ++r) row[r] = x + (at + r * row_step);
+        } else {
+          for (int r = r0; r < r1; ++r) {  // cut by the padding: the taps in the image, [s0, s1), are one run
+            T* st_row = stage + (i * R + r) * L;
+            std::fill(st_row, st_row + L, T(0));
+            if (s1 > s0) copy_run(st_row + s0 * C, x + (at + r * row_step + int64_t(s0) * C), int64_t(s1 - s0) * C);
+            row[r] = st_row;
+          }
+        }
+        for (int r = r1; r < R; ++r) row[r] = zero;
+        if (++q == Q) {
+          q = 0;
+          if (++p == P) p = 0, ++n;
+        }
+      }
+      T* out = part + (nblocks > 1 ? blk * outs : 0);
+      const T* d = dy + b0 * K;
+      row_grad_block<T>(NV, K, R, L, mb, rows, d, out);
+    }
+  });
+  if (nblocks > 1)
+    parallel_for(outs, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T acc = part[i];
+        for (int64_t blk = 1; blk < nblocks; ++blk) acc += part[blk * outs + i];
+        dwt[i] = acc;
+      }
+    });
+}
+
+// dw [K, C, R, S] from dwt [K, (r, s, c)].
+template <class T>
+void krsc_to_kcrs(int K, int C, int RS, const T* dwt, T* dw) {
+  parallel_for(K, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k)
+      for (int c = 0; c < C; ++c)
+        for (int rs = 0; rs < RS; ++rs) dw[(k * C + c) * RS + rs] = dwt[(k * RS + rs) * C + c];
+  });
+}
+
 }  // namespace
 
 template <class T>
@@ -740,6 +875,11 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
   const int64_t outs = int64_t(K) * rsc;
   const bool reorder = R * S > 1;
   T* dwt = reorder ? scratch<T, 5>(size_t(outs)) : dw;  // [K, (r, s, c)]
+  if (row_grad_vectors<T>(s) > 0) {
+    row_filter_grad<T>(s, x, dy, dwt);
+    krsc_to_kcrs(K, C, R * S, dwt, dw);
+    return;
+  }
   const int P_ = P, Q_ = Q;
   // Rows [b0, b0 + mb) of the im2col matrix [N*P*Q, (r, s, c)] into col.
   auto im2col = [&](int64_t b0, int64_t mb, T* col) {
@@ -815,12 +955,7 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
               int(rsc));
     }
   }
-  if (reorder)
-    parallel_for(K, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k)
-        for (int c = 0; c < C; ++c)
-          for (int rs = 0; rs < R * S; ++rs) dw[(k * C + c) * R * S + rs] = dwt[k * rsc + int64_t(rs) * C + c];
-    });
+  if (reorder) krsc_to_kcrs(K, C, R * S, dwt, dw);
 }
 
 template <class T>
