@@ -7,12 +7,16 @@
 // per call. The data gradient is the same gather written the other way round: each input pixel sums the output
 // pixels its taps reach (for stride 2, pixels of one column parity at a time, so every tap in a tile is live for
 // all or none of them). The filter gradient is a GEMM over pixels of dy^T and an im2col built a block of pixels
-// at a time (a 1x1 stride-1 convolution uses x itself).
+// at a time (a 1x1 stride-1 convolution uses x itself); with fewer than 8 input channels (the stem) a register
+// tile sums dy times each pixel's kernel rows read in place instead.
+//
+// 3x3 stride-1 layers with at least 32 channels on maps of 8x8 or more run all three passes by Winograd
+// F(2x2, 3x3) (conv2d_nhwc_winograd): 2.25x fewer multiply-adds, with the transforms' rounding besides.
 //
 // Every output element is one sum in an order fixed by the shape: over taps in (r, s) order, channels in order
 // (forward and data gradient); over pixels in blocks fixed by the shape (filter gradient). Threads split the
 // tiles, never a sum, so the bits do not depend on the thread count. They differ from the NCHW kernels'
-// (conv.cpp) in the summation order only.
+// (conv.cpp) in the summation order (and Winograd's transforms) only.
 #pragma once
 
 #include "kernels/cpu/ops.h"
@@ -35,6 +39,12 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx);
 // dw [K, C, R, S] from x [N, H, W, C] and dy [N, P, Q, K].
 template <class T>
 void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw);
+
+// Whether the three passes above run this shape by Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels,
+// maps of 8x8 or more, and not turned off by VB_CPU_WINOGRAD=0): their results then carry the transforms'
+// rounding too.
+template <class T>
+bool conv2d_nhwc_winograd(const ConvShape& s);
 
 // NCHW <-> NHWC copies ([N, C, HW] <-> [N, HW, C]).
 template <class T>
