@@ -23,6 +23,8 @@
 #include "kernels/cpu/conv_nhwc.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -134,6 +136,23 @@ inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* 
 #endif
 
 // ---- tiles ------------------------------------------------------------------------------------------------
+// Pixel index i of an [N, P, Q] map as (n, p, q): 32-bit divisions when they suffice (a tile decodes its first
+// pixel; three 64-bit divisions were 5% of a small layer's forward).
+inline void decode_pixel(int64_t i, int P, int Q, int64_t& n, int& p, int& q) {
+  const int64_t pq = int64_t(P) * Q;
+  int rem;
+  if (i <= INT32_MAX && pq <= INT32_MAX) {
+    const int in = int(i) / int(pq);
+    n = in;
+    rem = int(i) - in * int(pq);
+  } else {
+    n = i / pq;
+    rem = int(i - n * pq);
+  }
+  p = rem / Q;
+  q = rem - p * Q;
+}
+
 // A tile's live segments: k0[g] and the 6 row pointers a[6g .. 6g+5]; its m output rows out[i] (i < m).
 template <class T>
 struct TileView {
@@ -145,8 +164,8 @@ struct TileView {
 
 // Runs the tiles [0, ntiles): build(t, k0, a, stage, view) fills tile t's segments (at most max_seg; stage: room
 // for max_seg * 6 * len staged values when `staged`) and its TileView (filled in place: a returned view, copied,
-// stalled on store forwarding); packed: the weights, nsl slivers of rows * NR values; n_out: output channels (the
-// last sliver may be partial).
+// stalled on store forwarding; out[i] only for i < m, the rows the view has); packed: the weights, nsl slivers
+// of rows * NR values; n_out: output channels (the last sliver may be partial).
 // What evaluation applies to each output tile as it is stored: out = act(out + bias (+ residual)), the residual
 // row of an output row at the same offset from `residual` as the row is from `y`.
 template <class T>
@@ -216,7 +235,6 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
       if (built != chunk) {
         for (int64_t tt = t0; tt < t1; ++tt) {
           const size_t off = size_t(tt - t0) * max_seg;
-          views[tt - t0] = TileView<T>{};
           build(tt, k0 + off, a + off * MR, staged ? stage + off * MR * len : nullptr, views[tt - t0]);
         }
         built = chunk;
@@ -633,8 +651,9 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                  int ih0[MR], iw0[MR];
                  int64_t off[MR];
                  {
-                   int q = int(first % Q), p = int(first / Q % P);
-                   int64_t n = first / (int64_t(P) * Q);
+                   int64_t n;
+                   int p, q;
+                   decode_pixel(first, P, Q, n, p, q);
                    for (int i = 0; i < MR; ++i) {
                      ih0[i] = p * st - pad;
                      iw0[i] = q * st - pad;
@@ -931,7 +950,9 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
     // Pixel i: image n[i], row cl.rh + hs_i * st, column cl.rw + ws_i * st, with (hs_i, ws_i) = (hg[i], wg[i]).
     int n[MR], hg[MR], wg[MR];
     {  // the first pixel decoded, the others stepped with carries
-      int64_t wi = first % ws, hi = first / ws % hs, ni = first / (ws * hs);
+      int64_t ni;
+      int hi, wi;
+      decode_pixel(first, int(hs), int(ws), ni, hi, wi);
       for (int i = 0; i < MR; ++i) {
         wg[i] = int(wi);
         hg[i] = int(hi);
@@ -943,6 +964,22 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
         }
       }
     }
+    // Every tap of the class reaches an output pixel of every tile pixel (the output offsets dp, dq of its taps
+    // lie in [dp_lo, dp_hi] x [dq_lo, dq_hi]): pointers by offset, no checks per pixel and tap.
+    int dp_lo = INT_MAX, dp_hi = INT_MIN, dq_lo = INT_MAX, dq_hi = INT_MIN;
+    for (int r = 0; r < R; ++r)
+      if ((cl.rh + pad - r) % st == 0) {
+        dp_lo = std::min(dp_lo, (cl.rh + pad - r) / st);
+        dp_hi = std::max(dp_hi, (cl.rh + pad - r) / st);
+      }
+    for (int ss = 0; ss < S; ++ss)
+      if ((cl.rw + pad - ss) % st == 0) {
+        dq_lo = std::min(dq_lo, (cl.rw + pad - ss) / st);
+        dq_hi = std::max(dq_hi, (cl.rw + pad - ss) / st);
+      }
+    bool inside = m == MR && dp_lo <= dp_hi && dq_lo <= dq_hi;
+    for (int i = 0; i < MR && inside; ++i)
+      inside = hg[i] + dp_lo >= 0 && hg[i] + dp_hi < P && wg[i] + dq_lo >= 0 && wg[i] + dq_hi < Q;
     int nseg = 0;
     for (int r = 0; r < R; ++r)
       for (int ss = 0; ss < S; ++ss) {
@@ -950,12 +987,17 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
         // The output pixel this tap reaches: (h + pad - r) / st, exact for this class's taps, = hg + dp (no
         // division per pixel and tap; the divisions took longer than the sums of a 16-channel layer).
         const int dp = (cl.rh + pad - r) / st, dq = (cl.rw + pad - ss) / st;
-        bool live = false;
-        for (int i = 0; i < MR; ++i) {
-          const int op = hg[i] + dp, oq = wg[i] + dq;
-          const bool ok = i < m && op >= 0 && oq >= 0 && op < P && oq < Q;
-          a[nseg * MR + i] = ok ? dy + ((int64_t(n[i]) * P + op) * Q + oq) * K : zero;
-          live |= ok;
+        bool live = inside;
+        if (inside) {
+          for (int i = 0; i < MR; ++i)
+            a[nseg * MR + i] = dy + ((int64_t(n[i]) * P + hg[i] + dp) * Q + wg[i] + dq) * K;
+        } else {
+          for (int i = 0; i < MR; ++i) {
+            const int op = hg[i] + dp, oq = wg[i] + dq;
+            const bool ok = i < m && op >= 0 && oq >= 0 && op < P && oq < Q;
+            a[nseg * MR + i] = ok ? dy + ((int64_t(n[i]) * P + op) * Q + oq) * K : zero;
+            live |= ok;
+          }
         }
         if (live) k0[nseg++] = (r * S + ss) * K;
       }
