@@ -633,6 +633,29 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
     });
     return;
   }
+  if (s.C < 8 && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
+    // Few channels (the stem): the input copied once with its zero border, so that every tile reads its kernel
+    // rows in place, with no checks and nothing staged (a third of the stem's forward went to its edge tiles).
+    // The rows that fell in the padding now add zeros: the same sums.
+    const int pad = s.pad, Hp = s.H + 2 * pad, Wp = s.W + 2 * pad, C = s.C;
+    T* xp = scratch<T, 17>(size_t(s.N) * Hp * Wp * C);
+    parallel_for(int64_t(s.N) * Hp, 16, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t n = row / Hp;
+        const int h = int(row % Hp) - pad;
+        T* dst = xp + row * Wp * C;
+        if (h < 0 || h >= s.H) {
+          std::fill(dst, dst + int64_t(Wp) * C, T(0));
+          continue;
+        }
+        std::fill(dst, dst + int64_t(pad) * C, T(0));
+        std::memcpy(dst + int64_t(pad) * C, x + ((n * s.H + h) * s.W) * C, sizeof(T) * size_t(s.W) * C);
+        std::fill(dst + int64_t(pad + s.W) * C, dst + int64_t(Wp) * C, T(0));
+      }
+    });
+    fwd<T>(ConvShape{s.N, C, Hp, Wp, s.K, s.R, s.S, s.stride, 0}, xp, w, scale, epi, y);
+    return;
+  }
   constexpr int MR = kMR<T>;
   const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, st = s.stride, pad = s.pad;
   const int64_t npq = int64_t(s.N) * P * Q, rows = int64_t(C) * R * S;
