@@ -208,6 +208,10 @@ void pack_a_sliver(bool transA, const T* A, int64_t lda, int M, int i0, int p0, 
   constexpr int MR = Traits<T>::MR;
   const int m = std::min(MR, M - i0);
   if (transA) {  // op(A)(i, k) = A[k*lda + i]: MR contiguous values per k
+    if (m == MR) {  // a copy of fixed length: a few vector moves per k, not a loop of MR scalar ones
+      for (int k = 0; k < kc; ++k) std::memcpy(dst + k * MR, A + int64_t(p0 + k) * lda + i0, sizeof(T) * MR);
+      return;
+    }
     for (int k = 0; k < kc; ++k) {
       const T* src = A + int64_t(p0 + k) * lda + i0;
       T* d = dst + k * MR;
@@ -219,6 +223,19 @@ void pack_a_sliver(bool transA, const T* A, int64_t lda, int M, int i0, int p0, 
     const T* rows[MR];
     for (int r = 0; r < m; ++r) rows[r] = A + int64_t(i0 + r) * lda + p0;
     interleave_rows<T>(rows, m, kc, dst, MR);
+  }
+}
+
+// Row k of a packed transposed A (kc rows per sliver): src holds op(A)(i, k) for i < M contiguously; value i goes
+// to sliver i / MR at k*MR + i % MR (zero past M in the last sliver), the same values pack_a_sliver writes.
+template <class T>
+void pack_a_row(const T* src, int M, int k, int kc, T* dst) {
+  constexpr int MR = Traits<T>::MR;
+  int i = 0;
+  for (; i + MR <= M; i += MR) std::memcpy(dst + int64_t(i / MR) * MR * kc + int64_t(k) * MR, src + i, sizeof(T) * MR);
+  if (i < M) {
+    T* d = dst + int64_t(i / MR) * MR * kc + int64_t(k) * MR;
+    for (int r = 0; r < MR; ++r) d[r] = i + r < M ? src[i + r] : T(0);
   }
 }
 
@@ -316,13 +333,27 @@ void gemm_driver(bool transA, bool transB, int M, int N, int K, T alpha, const T
     for (int pc = 0; pc < K; pc += KC) {
       const int kc = std::min(KC, K - pc);
       const T beta_eff = pc == 0 ? beta : T(1);
-      const int64_t pack_units = int64_t(m_slivers) + n_slivers;
+      // A transposed A (rows of op(A) are columns of A) is packed a row of A at a time, into every sliver: going
+      // sliver by sliver read MR values per row of A, lda apart, and that gather was a third of a filter
+      // gradient's GEMM (dy^T x, dy's rows 1 KB apart). The other operands are packed sliver by sliver.
+      const bool a_by_rows = transA && m_slivers > 1;
+      if (a_by_rows)
+        parallel_for(kc, serial ? kc : 16, [&](int64_t b, int64_t e) {
+          for (int64_t k = b; k < e; ++k) {
+            // The rows stream from memory (dy, written a whole layer ago): fetch a few rows ahead.
+            if (k + 4 < e)
+              for (int i = 0; i < M; i += 64 / int(sizeof(T)))
+                __builtin_prefetch(A + int64_t(pc + k + 4) * lda + i);
+            pack_a_row<T>(A + int64_t(pc + k) * lda, M, int(k), kc, pa);
+          }
+        });
+      const int64_t pack_units = int64_t(a_by_rows ? 0 : m_slivers) + n_slivers;
       parallel_for(pack_units, serial ? pack_units : 8, [&](int64_t b, int64_t e) {
         for (int64_t u = b; u < e; ++u) {
-          if (u < m_slivers)
+          if (!a_by_rows && u < m_slivers)
             pack_a_sliver<T>(transA, A, lda, M, int(u) * MR, pc, kc, pa + u * MR * kc);
           else {
-            const int64_t s = u - m_slivers;
+            const int64_t s = u - (a_by_rows ? 0 : m_slivers);
             if (direct_b && s < full_slivers) continue;
             pack_b_sliver<T>(transB, B, ldb, N, jc + int(s) * NR, pc, kc, pb + s * NR * kc);
           }
