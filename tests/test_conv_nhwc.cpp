@@ -165,11 +165,19 @@ const ConvShape kShapes[] = {
     // Few input channels (kernel rows as segments) with enough pixels for the partial-sum filter gradient.
     {4, 3, 40, 36, 32, 7, 7, 2, 3},
     {2, 5, 30, 30, 16, 3, 3, 1, 1},
-    // The filter gradient by kernel rows (fewer than 8 channels, a row of 9 to 24 floats, K a multiple of 4):
-    // a row of 9 (2 vectors in float, 3 in double), and padding that cuts rows on both sides and leaves some
-    // output pixels with no kernel row inside the image.
+    // The filter gradient by kernel rows (fewer than 8 channels, a row of L = S*C values with W < L <= 3W for W
+    // values a vector, K a multiple of 4): L = 9 (2 vectors in float, 3 in double), padding that cuts rows on
+    // both sides, padding wider than the kernel (output pixels with no row or column inside the image: a
+    // pointer table overrun once), L = 6 (2 vectors in double), L = 16 and 24 (exactly 2 and 3 in float).
     {3, 3, 17, 19, 8, 3, 3, 2, 1},
     {2, 4, 5, 6, 12, 5, 5, 1, 4},
+    {4, 3, 1, 1, 4, 3, 3, 1, 5},
+    {2, 2, 9, 9, 8, 3, 3, 1, 1},
+    {2, 4, 12, 12, 8, 4, 4, 2, 1},
+    {2, 3, 20, 20, 8, 8, 8, 2, 3},
+    // The data gradient with stride 3 (nine parity classes), and Winograd with padding 2.
+    {1, 8, 11, 11, 8, 3, 3, 3, 1},
+    {1, 32, 10, 10, 32, 3, 3, 1, 2},
     // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, maps of 8x8 or more): odd output sizes (edge
     // tiles), no padding (its data gradient pads by 2), and a 56-wide map of the first stage.
     {2, 32, 9, 11, 48, 3, 3, 1, 1},

@@ -140,17 +140,17 @@ inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* 
 // pixel; three 64-bit divisions were 5% of a small layer's forward).
 inline void decode_pixel(int64_t i, int P, int Q, int64_t& n, int& p, int& q) {
   const int64_t pq = int64_t(P) * Q;
-  int rem;
   if (i <= INT32_MAX && pq <= INT32_MAX) {
-    const int in = int(i) / int(pq);
+    const int in = int(i) / int(pq), rem = int(i) - in * int(pq);
     n = in;
-    rem = int(i) - in * int(pq);
+    p = rem / Q;
+    q = rem - p * Q;
   } else {
     n = i / pq;
-    rem = int(i - n * pq);
+    const int64_t rem = i - n * pq;
+    p = int(rem / Q);
+    q = int(rem - int64_t(p) * Q);
   }
-  p = rem / Q;
-  q = rem - p * Q;
 }
 
 // A tile's live segments: k0[g] and the 6 row pointers a[6g .. 6g+5]; its m output rows out[i] (i < m).
@@ -162,10 +162,10 @@ struct TileView {
   T* out[6] = {};
 };
 
-// Runs the tiles [0, ntiles): build(t, k0, a, stage, view) fills tile t's segments (at most max_seg; stage: room
-// for max_seg * 6 * len staged values when `staged`) and its TileView (filled in place: a returned view, copied,
-// stalled on store forwarding; out[i] only for i < m, the rows the view has); packed: the weights, nsl slivers
-// of rows * NR values; n_out: output channels (the last sliver may be partial).
+// Runs the tiles [0, ntiles): build(t, k0, a, view) fills tile t's segments (at most max_seg) and its TileView
+// (filled in place: a returned view, copied, stalled on store forwarding; out[i] only for i < m, the rows the
+// view has); packed: the weights, nsl slivers of rows * NR values; n_out: output channels (the last sliver may be
+// partial).
 // What evaluation applies to each output tile as it is stored: out = act(out + bias (+ residual)), the residual
 // row of an output row at the same offset from `residual` as the row is from `y`.
 template <class T>
@@ -212,7 +212,7 @@ void sum_segments(int nseg, const int* k0, int len, const T* const* a, const T* 
 }
 
 template <class T, class Build>
-void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, const T* packed, int n_out,
+void run_tiles(int64_t ntiles, int max_seg, int len, int64_t rows, const T* packed, int n_out,
                Build&& build, const Epilogue<T>& epi = {}) {
   constexpr int MR = kMR<T>, NR = kNR<T>;
   const int nsl = (n_out + NR - 1) / NR;
@@ -225,7 +225,6 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
     const size_t seg_room = size_t(kChunk) * max_seg;
     int* k0 = scratch<int, 0>(seg_room);
     const T** a = scratch<const T*, 1>(seg_room * MR);
-    T* stage = staged ? scratch<T, 2>(seg_room * MR * size_t(len)) : nullptr;
     TileView<T> views[kChunk];
     int64_t built = -1;
     for (int64_t item = b; item < e; ++item) {
@@ -235,7 +234,7 @@ void run_tiles(int64_t ntiles, int max_seg, int len, bool staged, int64_t rows, 
       if (built != chunk) {
         for (int64_t tt = t0; tt < t1; ++tt) {
           const size_t off = size_t(tt - t0) * max_seg;
-          build(tt, k0 + off, a + off * MR, staged ? stage + off * MR * len : nullptr, views[tt - t0]);
+          build(tt, k0 + off, a + off * MR, views[tt - t0]);
         }
         built = chunk;
       }
@@ -636,7 +635,8 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   if (s.C < 8 && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
     // Few channels (the stem): the input copied once with its zero border, so that every tile reads its kernel
     // rows in place, with no checks and nothing staged (a third of the stem's forward went to its edge tiles).
-    // The rows that fell in the padding now add zeros: the same sums.
+    // The rows that fell in the padding now add zeros: the same sums. The copy is the calling thread's grow-only
+    // scratch, about the input's size (for ResNet-50's stem, (230/224)^2 of it).
     const int pad = s.pad, Hp = s.H + 2 * pad, Wp = s.W + 2 * pad, C = s.C;
     T* xp = scratch<T, 17>(size_t(s.N) * Hp * Wp * C);
     parallel_for(int64_t(s.N) * Hp, 16, [&](int64_t b, int64_t e) {
@@ -665,8 +665,8 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   const bool by_row = C < 8;  // segments: kernel rows of S*C values (few channels), else taps of C
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
-  run_tiles<T>((npq + MR - 1) / MR, max_seg, len, by_row, rows, packed, s.K,
-               [&](int64_t t, int* k0, const T** a, T* stage, TileView<T>& v) {
+  run_tiles<T>((npq + MR - 1) / MR, max_seg, len, rows, packed, s.K,
+               [&](int64_t t, int* k0, const T** a, TileView<T>& v) {
                  // The tile's pixels: the first decoded once, the others by stepping (q, p, n) with carries.
                  // ih0/iw0: the input position of the kernel's top left tap; off: its offset in x.
                  const int64_t first = t * MR;
@@ -689,7 +689,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                  }
                  const int64_t row_step = int64_t(s.W) * C;
                  int nseg = 0;
-                 bool inside = m == MR;  // every tap of every pixel in the image: no checks, nothing staged
+                 bool inside = m == MR;  // every tap of every pixel in the image: no checks
                  for (int i = 0; i < MR && inside; ++i)
                    inside = ih0[i] >= 0 && ih0[i] + R <= s.H && iw0[i] >= 0 && iw0[i] + S <= s.W;
                  if (inside) {
@@ -702,28 +702,9 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                      }
                  }
                  for (int r = 0; r < R && !inside; ++r) {
-                   if (by_row) {
-                     bool live = false;
-                     for (int i = 0; i < MR; ++i) {
-                       const int ih = ih0[i] + r;
-                       const T*& dst = a[nseg * MR + i];
-                       if (i >= m || ih < 0 || ih >= s.H || iw0[i] + S <= 0 || iw0[i] >= s.W) {
-                         dst = zero;
-                       } else if (iw0[i] >= 0 && iw0[i] + S <= s.W) {
-                         dst = x + off[i] + r * row_step;
-                         live = true;
-                       } else {  // cut by the padding: stage the row with zeros outside
-                         // Its taps in the image, [s0, s1), are one run of contiguous values.
-                         T* row = stage + (int64_t(nseg) * MR + i) * len;
-                         const int s0 = std::max(0, -iw0[i]), s1 = std::min(S, s.W - iw0[i]);
-                         std::fill(row, row + s0 * C, T(0));
-                         copy_run(row + s0 * C, x + off[i] + r * row_step + int64_t(s0) * C, int64_t(s1 - s0) * C);
-                         std::fill(row + s1 * C, row + len, T(0));
-                         dst = row;
-                         live = true;
-                       }
-                     }
-                     if (live) k0[nseg++] = r * S * C;
+                   if (by_row) {  // pad is 0 here (see above): only the rows of a short last tile are missing
+                     for (int i = 0; i < MR; ++i) a[nseg * MR + i] = i < m ? x + off[i] + r * row_step : zero;
+                     k0[nseg++] = r * S * C;
                    } else {
                      bool row_ok[MR];
                      for (int i = 0; i < MR; ++i) row_ok[i] = i < m && unsigned(ih0[i] + r) < unsigned(s.H);
@@ -836,7 +817,7 @@ void row_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dwt) {
       for (int64_t i = 0; i < mb; ++i) {
         // Kernel rows [r0, r1) are in the image; their taps [s0, s1).
         const int ih0 = p * st - pad, iw0 = q * st - pad;
-        const int r0 = std::max(0, -ih0), r1 = std::max(r0, std::min(R, s.H - ih0));
+        const int r0 = std::min(R, std::max(0, -ih0)), r1 = std::max(r0, std::min(R, s.H - ih0));
         const int s0 = std::max(0, -iw0), s1 = std::min(S, s.W - iw0);
         const T** row = rows + i * R;
         const int64_t at = ((n * s.H + ih0) * s.W + iw0) * C;  // row r at x + at + r * row_step, if in the image
@@ -963,7 +944,7 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
       ntiles += (count + MR - 1) / MR;
     }
   const T* zero = zeros<T>(size_t(K));
-  run_tiles<T>(ntiles, R * S, K, false, rows, packed, C, [&](int64_t t, int* k0, const T** a, T*, TileView<T>& v) {
+  run_tiles<T>(ntiles, R * S, K, rows, packed, C, [&](int64_t t, int* k0, const T** a, TileView<T>& v) {
     size_t ci = 0;
     while (ci + 1 < classes.size() && classes[ci + 1].first_tile <= t) ++ci;
     const Class& cl = classes[ci];
