@@ -72,9 +72,11 @@ struct BnShape {
   int HW() const { return H * W; }
   size_t size() const { return size_t(N) * C * H * W; }
 };
-// The task's shapes, plus some that take several reduction chunks (16k values each) and odd channel counts.
-const BnShape kBnShapes[] = {{3, 20, 5, 7}, {2, 64, 7, 7}, {2, 5, 1, 1}, {4, 8, 40, 40},
-                             {2, 256, 14, 14}, {3, 2048, 2, 2}, {2, 33, 9, 11}};
+// The task's shapes, plus some that take several reduction chunks (16k values each) and odd channel counts. Under
+// 64 channels the element passes take 64 / C rows at a time: rows left over after the last whole group (16
+// channels, 105 rows: one; 20 channels, 20 rows: two), and none at all (5 channels, 2 rows).
+const BnShape kBnShapes[] = {{3, 20, 5, 7}, {2, 64, 7, 7}, {2, 5, 1, 1}, {4, 8, 40, 40}, {2, 256, 14, 14},
+                             {3, 2048, 2, 2}, {2, 33, 9, 11}, {3, 16, 5, 7}, {1, 20, 4, 5}};
 
 template <class T>
 std::vector<T> concat(std::initializer_list<const std::vector<T>*> vs) {

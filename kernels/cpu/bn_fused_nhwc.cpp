@@ -231,21 +231,54 @@ void affine_act_rows(const T* x, const T* res, T* y, const T* __restrict a, cons
   }
 }
 
+// Few channels: the element passes take G = 64 / C rows at a time as one row of G*C values, with each
+// per-channel coefficient array repeated G times (`arrays` arrays of C values at coef, C apart, into tag Tag's
+// scratch), so that their loops run over 64 values or more instead of C (16 for a small model's first stage: the
+// loop overhead was most of the pass). The same expression for each element: the same bits. Returns G (1: the
+// coefficients as they are).
+template <class T, int Tag>
+int widen_rows(int C, int arrays, const T* coef, const T*& wide) {
+  const int G = C < 64 ? 64 / C : 1;
+  wide = coef;
+  if (G == 1) return 1;
+  T* rep = scratch<T, Tag>(size_t(arrays) * G * C);
+  for (int k = 0; k < arrays; ++k)
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < C; ++c) rep[(int64_t(k) * G + g) * C + c] = coef[int64_t(k) * C + c];
+  wide = rep;
+  return G;
+}
+
+template <class T>
+void affine_act_span(int64_t r0, int64_t r1, int C, const T* x, const T* res, T* y, const T* a, const T* b,
+                     bool relu) {
+  if (res) {
+    if (relu)
+      affine_act_rows<T, true, true>(x, res, y, a, b, r0, r1, C);
+    else
+      affine_act_rows<T, true, false>(x, res, y, a, b, r0, r1, C);
+  } else {
+    if (relu)
+      affine_act_rows<T, false, true>(x, res, y, a, b, r0, r1, C);
+    else
+      affine_act_rows<T, false, false>(x, res, y, a, b, r0, r1, C);
+  }
+}
+
+// a and b: C values each, b = a + C.
 template <class T>
 void affine_act(int64_t M, int C, const T* x, const T* res, T* y, const T* a, const T* b, bool relu) {
-  parallel_for(M, row_grain(C), [&](int64_t r0, int64_t r1) {
-    if (res) {
-      if (relu)
-        affine_act_rows<T, true, true>(x, res, y, a, b, r0, r1, C);
-      else
-        affine_act_rows<T, true, false>(x, res, y, a, b, r0, r1, C);
-    } else {
-      if (relu)
-        affine_act_rows<T, false, true>(x, res, y, a, b, r0, r1, C);
-      else
-        affine_act_rows<T, false, false>(x, res, y, a, b, r0, r1, C);
-    }
+  T* ab = scratch<T, 6>(2 * size_t(C));
+  std::copy(a, a + C, ab);
+  std::copy(b, b + C, ab + C);
+  const T* wide;
+  const int G = widen_rows<T, 7>(C, 2, ab, wide);
+  const int Cw = G * C;
+  const int64_t groups = M / G;
+  parallel_for(groups, row_grain(Cw), [&](int64_t g0, int64_t g1) {
+    affine_act_span<T>(g0, g1, Cw, x, res, y, wide, wide + Cw, relu);
   });
+  if (groups * G < M) affine_act_span<T>(groups * G, M, C, x, res, y, a, b, relu);  // the rows left over
 }
 
 // dres = g; dx = (g - k_dy - (x - m) * k_x) * a over rows [r0, r1), coefficients per channel (coef: a, k_dy, k_x,
@@ -363,12 +396,18 @@ void bn_bwd_nhwc(int N, int C, int HW, const T* x, const T* y, const T* dy, cons
     coef[3 * C + c] = save_mean[c];
   }
   if (!dx && !dresidual) return;
-  parallel_for(M, row_grain(C), [&](int64_t r0, int64_t r1) {
+  const T* wide;
+  const int G = widen_rows<T, 7>(C, 4, coef, wide);  // rows in groups of G (see widen_rows)
+  const int Cw = G * C;
+  auto apply = [&](int64_t r0, int64_t r1, int c, const T* k) {
     if (relu)
-      grad_apply_rows<T, true>(x, y, dy, dx, dresidual, coef, r0, r1, C);
+      grad_apply_rows<T, true>(x, y, dy, dx, dresidual, k, r0, r1, c);
     else
-      grad_apply_rows<T, false>(x, y, dy, dx, dresidual, coef, r0, r1, C);
-  });
+      grad_apply_rows<T, false>(x, y, dy, dx, dresidual, k, r0, r1, c);
+  };
+  const int64_t groups = M / G;
+  parallel_for(groups, row_grain(Cw), [&](int64_t g0, int64_t g1) { apply(g0, g1, Cw, wide); });
+  if (groups * G < M) apply(groups * G, M, C, coef);  // the rows left over
 }
 
 #define VB_INSTANTIATE_BN_NHWC(T)                                                                                \
