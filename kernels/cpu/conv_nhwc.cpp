@@ -458,10 +458,27 @@ void winograd_output(const T* m, int64_t xs, int K, T* const* o) {
 }
 
 // y = conv(x, w) for a 3x3 stride-1 shape that winograd_fits (x: C channels in, y: K out), weights through gk.
+// Tile `tile` of the [N, th, tw] grid of 2x2 output tiles: its image and position, and in d the pointers to its
+// 4x4 inputs (zero outside the image).
+struct WinoTile {
+  int64_t n;
+  int ty, tx;
+};
+template <class T>
+WinoTile winograd_tile(const ConvShape& s, int th, int tw, int64_t tile, const T* x, const T* zero, const T** d) {
+  const WinoTile t{tile / (int64_t(tw) * th), int(tile / tw % th), int(tile % tw)};
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int ih = 2 * t.ty - s.pad + i, iw = 2 * t.tx - s.pad + j;
+      d[i * 4 + j] = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W ? x + ((t.n * s.H + ih) * s.W + iw) * s.C : zero;
+    }
+  return t;
+}
+
 template <class T, class Kernel>
 void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const Epilogue<T>& epi, Kernel&& gk) {
   constexpr int MR = kMR<T>, NR = kNR<T>;
-  const int C = s.C, K = s.K, H = s.H, W = s.W, P = s.P(), Q = s.Q(), pad = s.pad, nsl = K / NR;
+  const int C = s.C, K = s.K, P = s.P(), Q = s.Q(), nsl = K / NR;
   const T* U = winograd_weights<T>(C, K, scale, gk);
   const int th = (P + 1) / 2, tw = (Q + 1) / 2;
   // Blocks of up to kWinoTiles tiles, smaller when there are few, so that the threads get at least 8 (each tile's
@@ -477,15 +494,8 @@ void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const E
       const int64_t t0 = blk * per_block;
       const int nt = int(std::min<int64_t>(per_block, ntiles - t0));
       for (int t = 0; t < nt; ++t) {  // input transform
-        const int64_t tile = t0 + t;
-        const int tx = int(tile % tw), ty = int(tile / tw % th);
-        const int64_t n = tile / (int64_t(tw) * th);
         const T* d[16];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) {
-            const int ih = 2 * ty - pad + i, iw = 2 * tx - pad + j;
-            d[i * 4 + j] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C : zero;
-          }
+        winograd_tile<T>(s, th, tw, t0 + t, x, zero, d);
         winograd_input<T>(d, C, V + int64_t(t) * C, int64_t(kWinoTiles) * C);
       }
       for (int xi = 0; xi < 16; ++xi)  // the 16 products, 6 tiles x NR channels at a time
@@ -537,7 +547,7 @@ template <class T>
 void winograd_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dw) {
   using Vec = typename Traits<T>::Vec;
   constexpr int W = Vec::W;
-  const int C = s.C, K = s.K, H = s.H, Wd = s.W, P = s.P(), Q = s.Q(), pad = s.pad;
+  const int C = s.C, K = s.K, P = s.P(), Q = s.Q();
   const int th = (P + 1) / 2, tw = (Q + 1) / 2;
   const int64_t ntiles = int64_t(s.N) * th * tw;
   const int64_t per_block = std::min<int64_t>(kWinoGradTiles, ntiles);
@@ -549,15 +559,10 @@ void winograd_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dw) {
     const int nt = int(std::min<int64_t>(per_block, ntiles - t0));
     parallel_for(nt, 4, [&](int64_t b, int64_t e) {  // the transforms of the block's tiles
       for (int64_t t = b; t < e; ++t) {
-        const int64_t tile = t0 + t;
-        const int tx = int(tile % tw), ty = int(tile / tw % th);
-        const int64_t n = tile / (int64_t(tw) * th);
         const T* d[16];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) {
-            const int ih = 2 * ty - pad + i, iw = 2 * tx - pad + j;
-            d[i * 4 + j] = ih >= 0 && ih < H && iw >= 0 && iw < Wd ? x + ((n * H + ih) * Wd + iw) * C : zero;
-          }
+        const WinoTile wt = winograd_tile<T>(s, th, tw, t0 + t, x, zero, d);
+        const int64_t n = wt.n;
+        const int ty = wt.ty, tx = wt.tx;
         winograd_input<T>(d, C, V + t * C, per_block * C);
         const T* g[4];  // dy's 2x2 outputs (i, j) at g[2i + j]
         for (int i = 0; i < 2; ++i)
