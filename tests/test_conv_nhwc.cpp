@@ -109,7 +109,7 @@ void check_shape(const ConvShape& s, double tol) {
     vb::cpu::conv2d_fwd<double>(s, xd.data(), wd.data(), ty.data());
     vb::cpu::conv2d_bwd_data<double>(s, dyd.data(), wd.data(), tdx.data());
     vb::cpu::conv2d_bwd_filter<double>(s, xd.data(), dyd.data(), tdw.data());
-    const bool winograd = vb::cpu::conv2d_nhwc_winograd<T>(s);
+    const bool winograd = vb::cpu::conv2d_nhwc_winograd<T>(s, vb::cpu::ConvPass::FilterGradient);
     auto nchw_err = [&](const std::string& what) {
       return what == "forward" ? max_abs_diff(widen(ry), ty)
              : what == "data gradient" ? max_abs_diff(widen(rdx), tdx) : max_abs_diff(widen(rdw), tdw);
@@ -175,9 +175,11 @@ const ConvShape kShapes[] = {
     {2, 2, 9, 9, 8, 3, 3, 1, 1},
     {2, 4, 12, 12, 8, 4, 4, 2, 1},
     {2, 3, 20, 20, 8, 8, 8, 2, 3},
-    // The data gradient with stride 3 (nine parity classes), and Winograd with padding 2.
+    // The data gradient with stride 3 (nine parity classes), Winograd with padding 2, and a 4x5 map (Winograd
+    // for the filter gradient only; the layer4-like 7x7 shape above is another).
     {1, 8, 11, 11, 8, 3, 3, 3, 1},
     {1, 32, 10, 10, 32, 3, 3, 1, 2},
+    {3, 32, 4, 5, 32, 3, 3, 1, 1},
     // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, maps of 8x8 or more): odd output sizes (edge
     // tiles), no padding (its data gradient pads by 2), and a 56-wide map of the first stage.
     {2, 32, 9, 11, 48, 3, 3, 1, 1},

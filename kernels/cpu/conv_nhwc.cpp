@@ -367,12 +367,16 @@ inline bool winograd_enabled() {
   return on;
 }
 
+// min_map: the smallest output map. The forward and data gradient need 8x8: on smaller maps (ResNet-50's last
+// stage, 7x7: 4x4 tiles with a quarter wasted) their 16 x C x K transformed weights, made and streamed each call,
+// cost more than the products save (7x7, 512 channels, batch 8: 19.5 -> 29.8 ms). The filter gradient makes no
+// transformed weights and gains from 4x4 up (7x7: 22.4 -> 16.4 ms; 3x3 maps lose).
+constexpr int kWinoMinMap = 8, kWinoGradMinMap = 4;
+
 template <class T>
-bool winograd_fits(const ConvShape& s) {
-  // Maps under 8x8 (ResNet-50's last stage, 7x7: 4x4 tiles with a quarter wasted) gain too little (measured
-  // 1.1x) for the 16 x C x K transformed weights they recompute each call.
+bool winograd_fits(const ConvShape& s, int min_map = kWinoMinMap) {
   return s.R == 3 && s.S == 3 && s.stride == 1 && s.pad <= 2 && s.C >= 32 && s.C % Traits<T>::Vec::W == 0 &&
-         s.K % kNR<T> == 0 && s.P() >= 8 && s.Q() >= 8;
+         s.K % kNR<T> == 0 && s.P() >= min_map && s.Q() >= min_map;
 }
 
 // Weights: U[xi][sl][c][j] = (G g G^T)[xi] of g = gk(k = sl*NR + j, c) (a 3x3 kernel), times scale[k] when set.
@@ -535,8 +539,9 @@ void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const E
   });
 }
 
-// The filter gradient of a layer winograd_fits accepts, by the same transforms: as y = A^T [(G g G^T) .* V] A
-// for each tile, dL/dg = G^T [(A dy A^T) .* V] G summed over the tiles, so dw[k][c] = G^T M G with
+// The filter gradient of a layer winograd_fits accepts (from 4x4 maps), by the same transforms: as
+// y = A^T [(G g G^T) .* V] A for each tile, dL/dg = G^T [(A dy A^T) .* V] G summed over the tiles, so
+// dw[k][c] = G^T M G with
 // M[xi][k][c] = sum over tiles t of Y[xi][t][k] V[xi][t][c], Y = A dy_t A^T (dy's 2x2 outputs of tile t, zero
 // past the map's edge) and V = B^T d_t B (its 4x4 inputs): 16 GEMMs over the tiles, 2.25x fewer multiply-adds
 // than the im2col GEMM. Tiles go in blocks of kWinoGradTiles (fixed by the shape; 128 rather than 256 keeps a
@@ -1022,7 +1027,7 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
 template <class T>
 void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
   check_shape(s);
-  if (winograd_fits<T>(s) && s.N > 0 && winograd_enabled()) {
+  if (winograd_fits<T>(s, kWinoGradMinMap) && s.N > 0 && winograd_enabled()) {
     winograd_filter_grad<T>(s, x, dy, dw);
     return;
   }
@@ -1120,8 +1125,8 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
 }
 
 template <class T>
-bool conv2d_nhwc_winograd(const ConvShape& s) {
-  return winograd_fits<T>(s) && winograd_enabled();
+bool conv2d_nhwc_winograd(const ConvShape& s, ConvPass pass) {
+  return winograd_fits<T>(s, pass == ConvPass::FilterGradient ? kWinoGradMinMap : kWinoMinMap) && winograd_enabled();
 }
 
 template <class T>
@@ -1156,7 +1161,7 @@ void nhwc_to_nchw(int N, int C, int HW, const T* src, T* dst) {
                                           T*);                                     \
   template void conv2d_nhwc_bwd_data<T>(const ConvShape&, const T*, const T*, T*); \
   template void conv2d_nhwc_bwd_filter<T>(const ConvShape&, const T*, const T*, T*); \
-  template bool conv2d_nhwc_winograd<T>(const ConvShape&);                          \
+  template bool conv2d_nhwc_winograd<T>(const ConvShape&, ConvPass);                \
   template void nchw_to_nhwc<T>(int, int, int, const T*, T*);                      \
   template void nhwc_to_nchw<T>(int, int, int, const T*, T*);
 VB_INSTANTIATE(float)

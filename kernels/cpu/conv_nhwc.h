@@ -11,7 +11,8 @@
 // tile sums dy times each pixel's kernel rows read in place instead.
 //
 // 3x3 stride-1 layers with at least 32 channels on maps of 8x8 or more run all three passes by Winograd
-// F(2x2, 3x3) (conv2d_nhwc_winograd): 2.25x fewer multiply-adds, with the transforms' rounding besides.
+// F(2x2, 3x3), the filter gradient from 4x4 up (conv2d_nhwc_winograd): 2.25x fewer multiply-adds, with the
+// transforms' rounding besides.
 //
 // Every output element is one sum in an order fixed by the shape: over taps in (r, s) order, channels in order
 // (forward and data gradient); over pixels in blocks fixed by the shape (filter gradient). Threads split the
@@ -40,11 +41,12 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx);
 template <class T>
 void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw);
 
-// Whether the three passes above run this shape by Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels,
-// maps of 8x8 or more, and not turned off by VB_CPU_WINOGRAD=0): their results then carry the transforms'
-// rounding too.
+// Whether a pass runs this shape by Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, output maps of
+// 8x8 or more, 4x4 for the filter gradient, and not turned off by VB_CPU_WINOGRAD=0): its results then carry
+// the transforms' rounding too.
+enum class ConvPass { Forward, DataGradient, FilterGradient };
 template <class T>
-bool conv2d_nhwc_winograd(const ConvShape& s);
+bool conv2d_nhwc_winograd(const ConvShape& s, ConvPass pass);
 
 // NCHW <-> NHWC copies ([N, C, HW] <-> [N, HW, C]).
 template <class T>
