@@ -233,6 +233,7 @@ int run_bench_ops(const BenchOpsOptions& o) {
   }
   std::printf("\nResNet [%s] width %d convolutions, batch %d, %dx%d input (%zu convolutions, %zu distinct)\n",
               o.blocks.c_str(), o.width, o.batch, o.image, o.image, all.size(), shapes.size());
+  std::printf("(GFLOP/s: the direct convolution's arithmetic over the time, for the passes run by Winograd too)\n");
   const bool run_nchw = o.layout != "nhwc", run_nhwc = o.layout != "nchw";
   std::printf("%5s %5s %5s %5s %6s %2s %9s", "C", "HxW", "K", "RxS", "stride", "n", "GFLOP");
   if (run_nchw) std::printf(" | %8s %8s %8s %7s", "NCHW fwd", "dx ms", "dw ms", "GFLOP/s");
@@ -274,6 +275,12 @@ int run_bench_ops(const BenchOpsOptions& o) {
           },
           o.min_seconds);
       std::printf(" | %8.3f %8.3f %8.3f %7.1f", tf * 1e3, td * 1e3, tw * 1e3, (stem ? 2 : 3) * flop / (tf + td + tw) / 1e9);
+      if (nhwc) {  // the passes that run by Winograd (their GFLOP/s count the direct convolution's arithmetic)
+        const bool wf = cpu::conv2d_nhwc_winograd<float>(s, cpu::ConvPass::Forward),
+                   wd = !stem && cpu::conv2d_nhwc_winograd<float>(s, cpu::ConvPass::DataGradient),
+                   ww = cpu::conv2d_nhwc_winograd<float>(s, cpu::ConvPass::FilterGradient);
+        if (wf || wd || ww) std::printf("  Winograd:%s%s%s", wf ? " fwd" : "", wd ? " dx" : "", ww ? " dw" : "");
+      }
       totals[layout].fwd += count * tf;
       totals[layout].dx += count * td;
       totals[layout].dw += count * tw;

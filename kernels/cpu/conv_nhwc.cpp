@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -372,6 +373,13 @@ inline bool winograd_enabled() {
 // cost more than the products save (7x7, 512 channels, batch 8: 19.5 -> 29.8 ms). The filter gradient makes no
 // transformed weights and gains from 4x4 up (7x7: 22.4 -> 16.4 ms; 3x3 maps lose).
 constexpr int kWinoMinMap = 8, kWinoGradMinMap = 4;
+
+// A stride-1 3x3 layer's data gradient as a forward convolution (of dy with the kernel turned half round), when
+// it is one.
+inline std::optional<ConvShape> winograd_data_grad_shape(const ConvShape& s) {
+  if (s.stride != 1 || s.R != 3 || s.S != 3 || s.pad > 2) return std::nullopt;
+  return ConvShape{s.N, s.K, s.P(), s.Q(), s.C, 3, 3, 1, 2 - s.pad};
+}
 
 template <class T>
 bool winograd_fits(const ConvShape& s, int min_map = kWinoMinMap) {
@@ -898,13 +906,12 @@ void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T*
 template <class T>
 void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s);
-  if (s.stride == 1 && s.R == 3 && s.S == 3 && s.N > 0 && s.pad <= 2) {
+  if (const auto t = winograd_data_grad_shape(s); t && s.N > 0) {
     // A stride-1 3x3 data gradient is the forward convolution of dy (K channels in, C out) with the kernel
     // turned half round and padding 2 - pad (whose output is H x W again): through Winograd when that shape
     // fits it.
-    const ConvShape t{s.N, s.K, s.P(), s.Q(), s.C, 3, 3, 1, 2 - s.pad};
-    if (winograd_fits<T>(t) && winograd_enabled()) {
-      winograd_conv<T>(t, dy, dx, nullptr, Epilogue<T>{}, [&](int c, int k, T g[3][3]) {
+    if (winograd_fits<T>(*t) && winograd_enabled()) {
+      winograd_conv<T>(*t, dy, dx, nullptr, Epilogue<T>{}, [&](int c, int k, T g[3][3]) {
         const T* src = w + (int64_t(k) * s.C + c) * 9;
         for (int r = 0; r < 3; ++r)
           for (int q = 0; q < 3; ++q) g[r][q] = src[(2 - r) * 3 + (2 - q)];
@@ -1126,7 +1133,13 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
 
 template <class T>
 bool conv2d_nhwc_winograd(const ConvShape& s, ConvPass pass) {
-  return winograd_fits<T>(s, pass == ConvPass::FilterGradient ? kWinoGradMinMap : kWinoMinMap) && winograd_enabled();
+  if (!winograd_enabled() || s.N == 0) return false;
+  switch (pass) {
+    case ConvPass::Forward: return winograd_fits<T>(s);
+    case ConvPass::DataGradient: return winograd_data_grad_shape(s) && winograd_fits<T>(*winograd_data_grad_shape(s));
+    case ConvPass::FilterGradient: return winograd_fits<T>(s, kWinoGradMinMap);
+  }
+  return false;
 }
 
 template <class T>
