@@ -53,12 +53,21 @@ T* scratch(size_t n) {
 }
 
 // ---- the micro-kernel -------------------------------------------------------------------------------------
+// Evaluation's epilogue on a full 6 x NR tile, applied in registers before the store: c = act((c + bias) + res),
+// as apply_epilogue computes it (ReLU as max(0, v): 0 for v < 0, v itself for -0 and NaN, as v < 0 ? 0 : v).
+template <class T>
+struct TileEpilogue {
+  const T* bias = nullptr;         // NR values
+  const T* const* res = nullptr;  // row i's NR residual values at res[i]; null: no residual
+  bool relu = false;
+};
+
 // acc[i][j] (i < 6, j < NR) = sum over segments g, then j' in [jb, je), of a[6g + i][j'] * b[(k0[g] + j') * NR + j];
-// then c[i][j] = acc (add: c[i][j] + acc).
+// then c[i][j] = acc (add: c[i][j] + acc), then the epilogue when there is one.
 #ifdef VB_GEMM_AVX2
 template <class T>
 inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const T* bs, T* const* c,
-                       bool add) {
+                       bool add, const TileEpilogue<T>* epi = nullptr) {
   using Vec = typename Traits<T>::Vec;
   using V = typename Vec::V;
   constexpr int W = Vec::W, NR = 2 * W;
@@ -104,6 +113,50 @@ inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* 
     c50 = Vec::add(Vec::load(c[5]), c50);
     c51 = Vec::add(Vec::load(c[5] + W), c51);
   }
+  if (epi) {
+    const V b0 = Vec::load(epi->bias), b1 = Vec::load(epi->bias + W);
+    c00 = Vec::add(c00, b0);
+    c01 = Vec::add(c01, b1);
+    c10 = Vec::add(c10, b0);
+    c11 = Vec::add(c11, b1);
+    c20 = Vec::add(c20, b0);
+    c21 = Vec::add(c21, b1);
+    c30 = Vec::add(c30, b0);
+    c31 = Vec::add(c31, b1);
+    c40 = Vec::add(c40, b0);
+    c41 = Vec::add(c41, b1);
+    c50 = Vec::add(c50, b0);
+    c51 = Vec::add(c51, b1);
+    if (const T* const* r = epi->res) {
+      c00 = Vec::add(c00, Vec::load(r[0]));
+      c01 = Vec::add(c01, Vec::load(r[0] + W));
+      c10 = Vec::add(c10, Vec::load(r[1]));
+      c11 = Vec::add(c11, Vec::load(r[1] + W));
+      c20 = Vec::add(c20, Vec::load(r[2]));
+      c21 = Vec::add(c21, Vec::load(r[2] + W));
+      c30 = Vec::add(c30, Vec::load(r[3]));
+      c31 = Vec::add(c31, Vec::load(r[3] + W));
+      c40 = Vec::add(c40, Vec::load(r[4]));
+      c41 = Vec::add(c41, Vec::load(r[4] + W));
+      c50 = Vec::add(c50, Vec::load(r[5]));
+      c51 = Vec::add(c51, Vec::load(r[5] + W));
+    }
+    if (epi->relu) {
+      const V z = Vec::zero();
+      c00 = Vec::max(z, c00);
+      c01 = Vec::max(z, c01);
+      c10 = Vec::max(z, c10);
+      c11 = Vec::max(z, c11);
+      c20 = Vec::max(z, c20);
+      c21 = Vec::max(z, c21);
+      c30 = Vec::max(z, c30);
+      c31 = Vec::max(z, c31);
+      c40 = Vec::max(z, c40);
+      c41 = Vec::max(z, c41);
+      c50 = Vec::max(z, c50);
+      c51 = Vec::max(z, c51);
+    }
+  }
   Vec::store(c[0], c00);
   Vec::store(c[0] + W, c01);
   Vec::store(c[1], c10);
@@ -120,7 +173,7 @@ inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* 
 #else
 template <class T>
 inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const T* bs, T* const* c,
-                       bool add) {
+                       bool add, const TileEpilogue<T>* epi = nullptr) {
   constexpr int NR = kNR<T>;
   T acc[6][NR] = {};
   for (int g = 0; g < nseg; ++g) {
@@ -132,7 +185,15 @@ inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* 
       }
   }
   for (int i = 0; i < 6; ++i)
-    for (int q = 0; q < NR; ++q) c[i][q] = add ? c[i][q] + acc[i][q] : acc[i][q];
+    for (int q = 0; q < NR; ++q) {
+      T v = add ? c[i][q] + acc[i][q] : acc[i][q];
+      if (epi) {
+        v = v + epi->bias[q];
+        if (epi->res) v = v + epi->res[i][q];
+        if (epi->relu) v = v < T(0) ? T(0) : v;
+      }
+      c[i][q] = v;
+    }
 }
 #endif
 
@@ -197,18 +258,24 @@ void apply_epilogue(T* __restrict y, const T* __restrict res, const T* __restric
 // One tile's sum for one sliver: c[i][0..NR) = sum over the segments of a[6g + i][j] * bs[(k0[g] + j) * NR + ...],
 // in passes of about KC multiply-adds, each added to the last (as the GEMM's K blocks): whole segments while
 // they are short, else each segment in KC-long pieces.
+// epi (may be null): applied by the last pass.
 template <class T>
-void sum_segments(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c) {
+void sum_segments(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c,
+                  const TileEpilogue<T>* epi = nullptr) {
   constexpr int MR = kMR<T>, KC = Traits<T>::KC;
-  if (len >= KC) {
+  if (nseg == 0) {
+    tap_kernel<T>(0, k0, 0, len, a, bs, c, false, epi);
+  } else if (len >= KC) {
     for (int g = 0; g < nseg; ++g)
-      for (int jb = 0; jb < len; jb += KC)
-        tap_kernel<T>(1, k0 + g, jb, std::min(len, jb + KC), a + g * MR, bs, c, g > 0 || jb > 0);
+      for (int jb = 0; jb < len; jb += KC) {
+        const bool last = g == nseg - 1 && jb + KC >= len;
+        tap_kernel<T>(1, k0 + g, jb, std::min(len, jb + KC), a + g * MR, bs, c, g > 0 || jb > 0, last ? epi : nullptr);
+      }
   } else {
     const int group = KC / len;
     for (int g = 0; g < nseg; g += group)
-      tap_kernel<T>(std::min(group, nseg - g), k0 + g, 0, len, a + g * MR, bs, c, g > 0);
-    if (nseg == 0) tap_kernel<T>(0, k0, 0, len, a, bs, c, false);
+      tap_kernel<T>(std::min(group, nseg - g), k0 + g, 0, len, a + g * MR, bs, c, g > 0,
+                    g + group >= nseg ? epi : nullptr);
   }
 }
 
@@ -249,8 +316,19 @@ void run_tiles(int64_t ntiles, int max_seg, int len, int64_t rows, const T* pack
           alignas(64) T tmp[MR * NR];
           T* c[MR];
           for (int i = 0; i < MR; ++i) c[i] = direct ? v.out[i] + sl * NR : tmp + i * NR;
-          sum_segments<T>(v.nseg, v.k0, len, v.a, bs, c);
-          if (epi.bias)
+          // A full tile takes the epilogue in registers; a partial one (through tmp) as a pass over its rows.
+          TileEpilogue<T> te;
+          const T* res[MR];
+          if (epi.bias && direct) {
+            te.bias = epi.bias + sl * NR;
+            te.relu = epi.relu;
+            if (epi.residual) {
+              for (int i = 0; i < MR; ++i) res[i] = epi.residual + (v.out[i] - epi.y) + sl * NR;
+              te.res = res;
+            }
+          }
+          sum_segments<T>(v.nseg, v.k0, len, v.a, bs, c, te.bias ? &te : nullptr);
+          if (epi.bias && !direct)
             for (int i = 0; i < v.m; ++i)
               apply_epilogue<T>(c[i], epi.residual ? epi.residual + (v.out[i] - epi.y) + sl * NR : nullptr,
                                 epi.bias + sl * NR, epi.relu, n);

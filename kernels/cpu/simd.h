@@ -25,6 +25,7 @@ struct VecF {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }  // a > b ? a : b (b when either is a NaN)
 };
 struct VecD {
   using T = double;
@@ -39,6 +40,7 @@ struct VecD {
   static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static V add(V a, V b) { return _mm256_add_pd(a, b); }
   static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  static V max(V a, V b) { return _mm256_max_pd(a, b); }  // a > b ? a : b (b when either is a NaN)
 };
 template <class T>
 struct Traits;
@@ -69,6 +71,7 @@ struct VecScalar {
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
+  static V max(V a, V b) { return a > b ? a : b; }
 };
 template <class T>
 struct Traits {
