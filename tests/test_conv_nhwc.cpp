@@ -180,6 +180,8 @@ const ConvShape kShapes[] = {
     {1, 8, 11, 11, 8, 3, 3, 3, 1},
     {1, 32, 10, 10, 32, 3, 3, 1, 2},
     {3, 32, 4, 5, 32, 3, 3, 1, 1},
+    // A 1x1 convolution with padding and more channels than a KC pass: its border pixels have no tap at all.
+    {1, 384, 3, 3, 16, 1, 1, 1, 1},
     // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, maps of 8x8 or more): odd output sizes (edge
     // tiles), no padding (its data gradient pads by 2), and a 56-wide map of the first stage.
     {2, 32, 9, 11, 48, 3, 3, 1, 1},
