@@ -6,16 +6,22 @@
 // of NR output channels (16 floats, 8 doubles) the micro-kernel sums, segment after segment, len broadcast
 // multiply-adds per pixel against the packed weight rows k0 .. k0+len-1, in registers. A segment is one tap
 // (r, s) of C channels, or, for inputs with few channels (the stem's 3), one kernel row r of S*C values
-// (contiguous in NHWC), copied to a staging row where the padding cuts it. Segments dead for every pixel of a
-// tile (a kernel row above the image, a tap of the wrong parity in a strided data gradient) are dropped. The
-// sum goes in passes of about KC multiply-adds (whole segments while they are short, else KC-long pieces of
-// one), each pass's registers added to the stored tile, as the GEMM adds its K blocks: the order of a sum is
-// fixed by the shape and the tile, which the shape fixes. Evaluation's epilogue (bias, residual, ReLU: the
-// folded batch norm) is applied to the tile once its sum is complete.
+// (contiguous in NHWC; such a layer reads a copy of its input with the zero border written out, so no row is
+// ever cut). Segments dead for every pixel of a tile (a tap in the padding, a tap of the wrong parity in a
+// strided data gradient) are dropped. The sum goes in passes of about KC multiply-adds (whole segments while
+// they are short, else KC-long pieces of one), each pass's registers added to the stored tile, as the GEMM adds
+// its K blocks: the order of a sum is fixed by the shape and the tile, which the shape fixes. Evaluation's
+// epilogue (bias, residual, ReLU: the folded batch norm) is applied by the last pass in registers (a partial
+// tile: once its sum is stored).
 //
 // Filter gradient: a GEMM dw = dy^T im2col(x) over blocks of pixels (a 1x1 stride-1 convolution reads x itself).
 // A small result gets one partial sum per block, the blocks split over the threads, the partial sums then added
-// in block order; a large one is accumulated block after block, each GEMM split over the threads.
+// in block order; a large one is accumulated block after block, each GEMM split over the threads. Layers with
+// fewer than 8 input channels (the stem) sum dy times each pixel's kernel rows in a register tile instead
+// (row_filter_grad).
+//
+// Winograd F(2x2, 3x3) takes the 3x3 stride-1 layers with at least 32 channels: all three passes on maps of 8x8
+// or more, the filter gradient from 4x4 (see winograd_fits).
 //
 // Tiles go in chunks of kChunk; a chunk's pointer tables are built once and reused for every sliver, and the
 // sliver's packed weights (C*R*S*NR values) stay in L2 across the chunk's tiles. Threads take (chunk, group
