@@ -50,6 +50,8 @@ constexpr int kMR = 6;
 template <class T>
 constexpr int kNR = 2 * Traits<T>::Vec::W;  // two vectors: 16 floats, 8 doubles
 constexpr int kChunk = 8;                    // tiles per chunk (48 pixels)
+// Below this many input channels a layer (the stem) is run by kernel rows of S*C values, not by taps of C.
+constexpr int kFewChannels = 8;
 
 template <class T, int Tag>
 T* scratch(size_t n) {
@@ -553,16 +555,18 @@ void winograd_output(const T* m, int64_t xs, int K, T* const* o) {
   }
 }
 
-// y = conv(x, w) for a 3x3 stride-1 shape that winograd_fits (x: C channels in, y: K out), weights through gk.
-// Tile `tile` of the [N, th, tw] grid of 2x2 output tiles: its image and position, and in d the pointers to its
-// 4x4 inputs (zero outside the image).
+// Tile `tile` of the [N, th, tw] grid of 2x2 output tiles: its image and position.
 struct WinoTile {
   int64_t n;
   int ty, tx;
 };
+inline WinoTile winograd_tile_at(int th, int tw, int64_t tile) {
+  return WinoTile{tile / (int64_t(tw) * th), int(tile / tw % th), int(tile % tw)};
+}
+// The same, and in d the pointers to its 4x4 inputs (zero outside the image).
 template <class T>
 WinoTile winograd_tile(const ConvShape& s, int th, int tw, int64_t tile, const T* x, const T* zero, const T** d) {
-  const WinoTile t{tile / (int64_t(tw) * th), int(tile / tw % th), int(tile % tw)};
+  const WinoTile t = winograd_tile_at(th, tw, tile);
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) {
       const int ih = 2 * t.ty - s.pad + i, iw = 2 * t.tx - s.pad + j;
@@ -571,6 +575,7 @@ WinoTile winograd_tile(const ConvShape& s, int th, int tw, int64_t tile, const T
   return t;
 }
 
+// y = conv(x, w) for a 3x3 stride-1 shape that winograd_fits (x: C channels in, y: K out), weights through gk.
 template <class T, class Kernel>
 void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const Epilogue<T>& epi, Kernel&& gk) {
   constexpr int MR = kMR<T>, NR = kNR<T>;
@@ -612,14 +617,12 @@ void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const E
         }
       T* spare = scratch<T, 10>(size_t(K));  // where outputs past the image's edge go
       for (int t = 0; t < nt; ++t) {          // output transform
-        const int64_t tile = t0 + t;
-        const int tx = int(tile % tw), ty = int(tile / tw % th);
-        const int64_t n = tile / (int64_t(tw) * th);
+        const WinoTile wt = winograd_tile_at(th, tw, t0 + t);
         T* out[4];
         for (int i = 0; i < 2; ++i)
           for (int j = 0; j < 2; ++j) {
-            const int p = 2 * ty + i, q = 2 * tx + j;
-            out[i * 2 + j] = p < P && q < Q ? y + ((n * P + p) * Q + q) * K : spare;
+            const int p = 2 * wt.ty + i, q = 2 * wt.tx + j;
+            out[i * 2 + j] = p < P && q < Q ? y + ((wt.n * P + p) * Q + q) * K : spare;
           }
         winograd_output<T>(M + int64_t(t) * K, int64_t(kWinoTiles) * K, K, out);
         if (epi.bias)
@@ -660,14 +663,12 @@ void winograd_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dw) {
       for (int64_t t = b; t < e; ++t) {
         const T* d[16];
         const WinoTile wt = winograd_tile<T>(s, th, tw, t0 + t, x, zero, d);
-        const int64_t n = wt.n;
-        const int ty = wt.ty, tx = wt.tx;
         winograd_input<T>(d, C, V + t * C, per_block * C);
         const T* g[4];  // dy's 2x2 outputs (i, j) at g[2i + j]
         for (int i = 0; i < 2; ++i)
           for (int j = 0; j < 2; ++j) {
-            const int p = 2 * ty + i, q = 2 * tx + j;
-            g[i * 2 + j] = p < P && q < Q ? dy + ((n * P + p) * Q + q) * K : zero;
+            const int p = 2 * wt.ty + i, q = 2 * wt.tx + j;
+            g[i * 2 + j] = p < P && q < Q ? dy + ((wt.n * P + p) * Q + q) * K : zero;
           }
         // A g A^T with A = [1 0; 1 1; 1 -1; 0 -1]: rows (g0, g0 + g1, g0 - g1, -g1) of the 2x2, each row (u, v)
         // then (u, u + v, u - v, -v).
@@ -728,7 +729,7 @@ void winograd_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dw) {
 template <class T>
 void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilogue<T>& epi, T* y) {
   check_shape(s);
-  if (winograd_fits<T>(s) && s.N > 0 && winograd_enabled()) {
+  if (conv2d_nhwc_winograd<T>(s, ConvPass::Forward)) {
     winograd_conv<T>(s, x, y, scale, epi, [&](int k, int c, T g[3][3]) {
       const T* src = w + (int64_t(k) * s.C + c) * 9;
       for (int r = 0; r < 3; ++r)
@@ -736,7 +737,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
     });
     return;
   }
-  if (s.C < 8 && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
+  if (s.C < kFewChannels && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
     // Few channels (the stem): the input copied once with its zero border, so that every tile reads its kernel
     // rows in place, with no checks and nothing staged (a third of the stem's forward went to its edge tiles).
     // The rows that fell in the padding now add zeros: the same sums. The copy is the calling thread's grow-only
@@ -766,7 +767,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   if (npq == 0) return;
   // Rows of the packed weights in (r, s, c) order: the order of the input values in NHWC.
   const T* packed = pack_weights<T>(s, w, false, scale);
-  const bool by_row = C < 8;  // segments: kernel rows of S*C values (few channels), else taps of C
+  const bool by_row = C < kFewChannels;  // segments: kernel rows of S*C values, else taps of C
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
   run_tiles<T>((npq + MR - 1) / MR, max_seg, len, rows, packed, s.K,
@@ -833,6 +834,18 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                epi);
 }
 
+// dst[i] = the sum of part[blk * outs + i] over blk < nblocks, in block order (thread-count independent).
+template <class T>
+void sum_block_partials(const T* part, int64_t nblocks, int64_t outs, T* dst) {
+  parallel_for(outs, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      T acc = part[i];
+      for (int64_t blk = 1; blk < nblocks; ++blk) acc += part[blk * outs + i];
+      dst[i] = acc;
+    }
+  });
+}
+
 // ---- the filter gradient of a layer with few input channels (the stem) ----------------------------------------
 // dw[k][(r, s, c)] = sum over output pixels of dy[pix][k] * x[n, p*st - pad + r, q*st - pad + s, c]. For each
 // kernel row r the L = S*C values (s, c) lie contiguous in x, so a register tile of 4 output channels by NV
@@ -847,7 +860,7 @@ template <class T>
 int row_grad_vectors(const ConvShape& s) {  // NV, or 0 when the layer does not fit the row kernel
   constexpr int W = Traits<T>::Vec::W;
   const int L = s.S * s.C;
-  const bool fits = s.C < 8 && L > W && L <= 3 * W && s.K % kRowGradK<T> == 0;
+  const bool fits = s.C < kFewChannels && L > W && L <= 3 * W && s.K % kRowGradK<T> == 0;
   return fits ? (L + W - 1) / W : 0;
 }
 
@@ -916,8 +929,9 @@ void row_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dwt) {
     T* stage = scratch<T, 13>(size_t(block * R * L));
     for (int64_t blk = bb; blk < be; ++blk) {
       const int64_t b0 = blk * block, mb = std::min(block, npq - b0);
-      int q = int(b0 % Q), p = int(b0 / Q % P);
-      int64_t n = b0 / (int64_t(P) * Q);
+      int64_t n;
+      int p, q;
+      decode_pixel(b0, P, Q, n, p, q);
       for (int64_t i = 0; i < mb; ++i) {
         // Kernel rows [r0, r1) are in the image; their taps [s0, s1).
         const int ih0 = p * st - pad, iw0 = q * st - pad;
@@ -948,14 +962,7 @@ void row_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dwt) {
       row_grad_block<T>(NV, K, R, L, mb, rows, d, out);
     }
   });
-  if (nblocks > 1)
-    parallel_for(outs, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        T acc = part[i];
-        for (int64_t blk = 1; blk < nblocks; ++blk) acc += part[blk * outs + i];
-        dwt[i] = acc;
-      }
-    });
+  if (nblocks > 1) sum_block_partials(part, nblocks, outs, dwt);
 }
 
 // dw [K, C, R, S] from dwt [K, (r, s, c)].
@@ -990,18 +997,16 @@ void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T*
 template <class T>
 void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s);
-  if (const auto t = winograd_data_grad_shape(s); t && s.N > 0) {
+  if (conv2d_nhwc_winograd<T>(s, ConvPass::DataGradient)) {
     // A stride-1 3x3 data gradient is the forward convolution of dy (K channels in, C out) with the kernel
     // turned half round and padding 2 - pad (whose output is H x W again): through Winograd when that shape
     // fits it.
-    if (winograd_fits<T>(*t) && winograd_enabled()) {
-      winograd_conv<T>(*t, dy, dx, nullptr, Epilogue<T>{}, [&](int c, int k, T g[3][3]) {
-        const T* src = w + (int64_t(k) * s.C + c) * 9;
-        for (int r = 0; r < 3; ++r)
-          for (int q = 0; q < 3; ++q) g[r][q] = src[(2 - r) * 3 + (2 - q)];
-      });
-      return;
-    }
+    winograd_conv<T>(*winograd_data_grad_shape(s), dy, dx, nullptr, Epilogue<T>{}, [&](int c, int k, T g[3][3]) {
+      const T* src = w + (int64_t(k) * s.C + c) * 9;
+      for (int r = 0; r < 3; ++r)
+        for (int q = 0; q < 3; ++q) g[r][q] = src[(2 - r) * 3 + (2 - q)];
+    });
+    return;
   }
   constexpr int MR = kMR<T>;
   const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, K = s.K, st = s.stride, pad = s.pad, H = s.H, W = s.W;
@@ -1118,7 +1123,7 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
 template <class T>
 void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
   check_shape(s);
-  if (winograd_fits<T>(s, kWinoGradMinMap) && s.N > 0 && winograd_enabled()) {
+  if (conv2d_nhwc_winograd<T>(s, ConvPass::FilterGradient)) {
     winograd_filter_grad<T>(s, x, dy, dw);
     return;
   }
@@ -1193,13 +1198,7 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
                 int(rsc));
       }
     });
-    parallel_for(outs, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        T acc = part[i];
-        for (int64_t blk = 1; blk < nblocks; ++blk) acc += part[blk * outs + i];
-        dwt[i] = acc;
-      }
-    });
+    sum_block_partials(part, nblocks, outs, dwt);
   } else if (pointwise) {
     gemm<T>(true, false, K, C, int(npq), T(1), dy, K, x, C, T(0), dw, C);
   } else {
@@ -1217,10 +1216,14 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
 
 template <class T>
 bool conv2d_nhwc_winograd(const ConvShape& s, ConvPass pass) {
+  // The one place that decides: the three passes above ask here.
   if (!winograd_enabled() || s.N == 0) return false;
   switch (pass) {
     case ConvPass::Forward: return winograd_fits<T>(s);
-    case ConvPass::DataGradient: return winograd_data_grad_shape(s) && winograd_fits<T>(*winograd_data_grad_shape(s));
+    case ConvPass::DataGradient: {
+      const auto t = winograd_data_grad_shape(s);
+      return t && winograd_fits<T>(*t);
+    }
     case ConvPass::FilterGradient: return winograd_fits<T>(s, kWinoGradMinMap);
   }
   return false;
