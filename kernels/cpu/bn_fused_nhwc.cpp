@@ -265,12 +265,9 @@ void affine_act_span(int64_t r0, int64_t r1, int C, const T* x, const T* res, T*
   }
 }
 
-// a and b: C values each, b = a + C.
+// ab: the coefficients a (C values), then b (C values).
 template <class T>
-void affine_act(int64_t M, int C, const T* x, const T* res, T* y, const T* a, const T* b, bool relu) {
-  T* ab = scratch<T, 6>(2 * size_t(C));
-  std::copy(a, a + C, ab);
-  std::copy(b, b + C, ab + C);
+void affine_act(int64_t M, int C, const T* x, const T* res, T* y, const T* ab, bool relu) {
   const T* wide;
   const int G = widen_rows<T, 7>(C, 2, ab, wide);
   const int Cw = G * C;
@@ -278,7 +275,7 @@ void affine_act(int64_t M, int C, const T* x, const T* res, T* y, const T* a, co
   parallel_for(groups, row_grain(Cw), [&](int64_t g0, int64_t g1) {
     affine_act_span<T>(g0, g1, Cw, x, res, y, wide, wide + Cw, relu);
   });
-  if (groups * G < M) affine_act_span<T>(groups * G, M, C, x, res, y, a, b, relu);  // the rows left over
+  if (groups * G < M) affine_act_span<T>(groups * G, M, C, x, res, y, ab, ab + C, relu);  // the rows left over
 }
 
 // dres = g; dx = (g - k_dy - (x - m) * k_x) * a over rows [r0, r1), coefficients per channel (coef: a, k_dy, k_x,
@@ -348,7 +345,7 @@ void bn_train_fwd_nhwc(int N, int C, int HW, const T* x, const T* gamma, const T
     // From the statistics as saved (rounded to T), so that bn_apply_nhwc reproduces y bit for bit.
     bn_affine(gamma, beta, c, T(mean[c]), T(invstd), a[c], b[c]);
   }
-  if (y) affine_act(M, C, x, residual, y, a, b, relu);
+  if (y) affine_act(M, C, x, residual, y, a, relu);
 }
 
 template <class T>
@@ -357,7 +354,7 @@ void bn_apply_nhwc(int N, int C, int HW, const T* x, const T* gamma, const T* be
   T* a = scratch<T, 4>(2 * size_t(C));
   T* b = a + C;
   for (int c = 0; c < C; ++c) bn_affine(gamma, beta, c, save_mean[c], save_invstd[c], a[c], b[c]);
-  affine_act<T>(int64_t(N) * HW, C, x, nullptr, y, a, b, relu);
+  affine_act<T>(int64_t(N) * HW, C, x, nullptr, y, a, relu);
 }
 
 template <class T>
@@ -367,7 +364,7 @@ void bn_eval_fwd_nhwc(int N, int C, int HW, const T* x, const T* gamma, const T*
   T* a = scratch<T, 4>(2 * size_t(C));
   T* b = a + C;
   for (int c = 0; c < C; ++c) bn_eval_affine(gamma, beta, running_mean, running_var, eps, c, a[c], b[c]);
-  affine_act(int64_t(N) * HW, C, x, residual, y, a, b, relu);
+  affine_act(int64_t(N) * HW, C, x, residual, y, a, relu);
 }
 
 template <class T>
