@@ -202,32 +202,19 @@ void interleave_rows<float>(const float* const* rows, int nrows, int kc, float* 
 }
 #endif
 
-// Sliver s of A: rows [i0, i0+MR) of op(A), columns [p0, p0+kc), stored k-major: dst[k*MR + r].
+// Sliver s of a non-transposed A: rows [i0, i0+MR), columns [p0, p0+kc), stored k-major: dst[k*MR + r].
 template <class T>
-void pack_a_sliver(bool transA, const T* A, int64_t lda, int M, int i0, int p0, int kc, T* dst) {
+void pack_a_sliver(const T* A, int64_t lda, int M, int i0, int p0, int kc, T* dst) {
   constexpr int MR = Traits<T>::MR;
   const int m = std::min(MR, M - i0);
-  if (transA) {  // op(A)(i, k) = A[k*lda + i]: MR contiguous values per k
-    if (m == MR) {  // a copy of fixed length: a few vector moves per k, not a loop of MR scalar ones
-      for (int k = 0; k < kc; ++k) std::memcpy(dst + k * MR, A + int64_t(p0 + k) * lda + i0, sizeof(T) * MR);
-      return;
-    }
-    for (int k = 0; k < kc; ++k) {
-      const T* src = A + int64_t(p0 + k) * lda + i0;
-      T* d = dst + k * MR;
-      int r = 0;
-      for (; r < m; ++r) d[r] = src[r];
-      for (; r < MR; ++r) d[r] = T(0);
-    }
-  } else {  // op(A)(i, k) = A[i*lda + k]: one contiguous row per r
-    const T* rows[MR];
-    for (int r = 0; r < m; ++r) rows[r] = A + int64_t(i0 + r) * lda + p0;
-    interleave_rows<T>(rows, m, kc, dst, MR);
-  }
+  // op(A)(i, k) = A[i*lda + k]: one contiguous row per r (a transposed A is packed by pack_a_row)
+  const T* rows[MR];
+  for (int r = 0; r < m; ++r) rows[r] = A + int64_t(i0 + r) * lda + p0;
+  interleave_rows<T>(rows, m, kc, dst, MR);
 }
 
 // Row k of a packed transposed A (kc rows per sliver): src holds op(A)(i, k) for i < M contiguously; value i goes
-// to sliver i / MR at k*MR + i % MR (zero past M in the last sliver), the same values pack_a_sliver writes.
+// to sliver i / MR at k*MR + i % MR (zero past M in the last sliver): pack_a_sliver's layout.
 template <class T>
 void pack_a_row(const T* src, int M, int k, int kc, T* dst) {
   constexpr int MR = Traits<T>::MR;
@@ -336,8 +323,7 @@ void gemm_driver(bool transA, bool transB, int M, int N, int K, T alpha, const T
       // A transposed A (rows of op(A) are columns of A) is packed a row of A at a time, into every sliver: going
       // sliver by sliver read MR values per row of A, lda apart, and that gather was a third of a filter
       // gradient's GEMM (dy^T x, dy's rows 1 KB apart). The other operands are packed sliver by sliver.
-      const bool a_by_rows = transA && m_slivers > 1;
-      if (a_by_rows)
+      if (transA)
         parallel_for(kc, serial ? kc : 16, [&](int64_t b, int64_t e) {
           for (int64_t k = b; k < e; ++k) {
             // The rows stream from memory (dy, written a whole layer ago): fetch a few rows ahead.
@@ -347,13 +333,14 @@ void gemm_driver(bool transA, bool transB, int M, int N, int K, T alpha, const T
             pack_a_row<T>(A + int64_t(pc + k) * lda, M, int(k), kc, pa);
           }
         });
-      const int64_t pack_units = int64_t(a_by_rows ? 0 : m_slivers) + n_slivers;
+      const int a_units = transA ? 0 : m_slivers;  // slivers of A packed below
+      const int64_t pack_units = int64_t(a_units) + n_slivers;
       parallel_for(pack_units, serial ? pack_units : 8, [&](int64_t b, int64_t e) {
         for (int64_t u = b; u < e; ++u) {
-          if (!a_by_rows && u < m_slivers)
-            pack_a_sliver<T>(transA, A, lda, M, int(u) * MR, pc, kc, pa + u * MR * kc);
+          if (u < a_units)
+            pack_a_sliver<T>(A, lda, M, int(u) * MR, pc, kc, pa + u * MR * kc);
           else {
-            const int64_t s = u - (a_by_rows ? 0 : m_slivers);
+            const int64_t s = u - a_units;
             if (direct_b && s < full_slivers) continue;
             pack_b_sliver<T>(transB, B, ldb, N, jc + int(s) * NR, pc, kc, pb + s * NR * kc);
           }
