@@ -16,6 +16,28 @@ vb::ModelConfig mini(std::vector<int> hidden = {16}) {
   c.hidden = std::move(hidden);
   return c;
 }
+
+// A [1,1,1,1] ResNet of the given width and a batch for it: B normal images of H x W, labels (label_step * i) % 8,
+// class weights 1.
+template <class T>
+struct SmallRun {
+  vb::ModelConfig cfg;
+  std::vector<T> x;
+  std::vector<int64_t> y;
+  std::vector<T> cw = std::vector<T>(8, T(1));
+};
+template <class T>
+SmallRun<T> small_run(int width, int B, int H, int W, uint32_t seed, int label_step) {
+  SmallRun<T> r;
+  r.cfg.blocks = {1, 1, 1, 1};
+  r.cfg.width = width;
+  std::mt19937 rng(seed);
+  std::normal_distribution<T> nd;
+  r.x.resize(size_t(B) * 3 * H * W);
+  for (T& v : r.x) v = nd(rng);
+  for (int i = 0; i < B; ++i) r.y.push_back((label_step * i) % 8);
+  return r;
+}
 }  // namespace
 
 TEST_CASE("tensor table: torchvision's names, shapes and state_dict order") {
@@ -201,17 +223,9 @@ TEST_CASE("the CPU backend's NHWC and NCHW layouts give the same training step a
   // statistics and the evaluation logits agree up to the order of the sums and Winograd's transforms (the first
   // stage's 3x3 layer, 16x14, goes through Winograd in NHWC; the golden runs check NHWC against PyTorch on maps
   // too small for it).
-  vb::ModelConfig cfg;
-  cfg.blocks = {1, 1, 1, 1};
-  cfg.width = 32;
   const int B = 12, H = 64, W = 56;
-  std::mt19937 rng(3);
-  std::normal_distribution<double> nd;
-  std::vector<double> x(size_t(B) * 3 * H * W);
-  for (double& v : x) v = nd(rng);
-  std::vector<int64_t> y(B);
-  for (int i = 0; i < B; ++i) y[size_t(i)] = i % 8;
-  std::vector<double> cw(8, 1.0);
+  const SmallRun<double> in = small_run<double>(32, B, H, W, 3, 1);
+  const auto& [cfg, x, y, cw] = in;
   struct Result {
     std::vector<double> grads, buffers, logits_train, logits_eval;
   };
@@ -253,17 +267,9 @@ TEST_CASE("the CPU backend's NHWC and NCHW layouts give the same training step a
 
 TEST_CASE("a CPU training step and evaluation give the same bits on 1 and 2 threads (float, NHWC and NCHW)") {
   // Exact resume rests on this: the CPU kernels split work over threads, never a sum.
-  vb::ModelConfig cfg;
-  cfg.blocks = {1, 1, 1, 1};
-  cfg.width = 16;
   const int B = 16, H = 40, W = 48;
-  std::mt19937 rng(4);
-  std::normal_distribution<float> nd;
-  std::vector<float> x(size_t(B) * 3 * H * W);
-  for (float& v : x) v = nd(rng);
-  std::vector<int64_t> y(B);
-  for (int i = 0; i < B; ++i) y[size_t(i)] = (3 * i) % 8;
-  std::vector<float> cw(8, 1.f);
+  const SmallRun<float> in = small_run<float>(16, B, H, W, 4, 3);
+  const auto& [cfg, x, y, cw] = in;
   for (vb::Layout layout : {vb::Layout::NHWC, vb::Layout::NCHW}) {
     auto run = [&](int threads) {
       auto be = vb::make_cpu_backend(threads, layout);
