@@ -287,6 +287,18 @@ void sum_segments(int nseg, const int* k0, int len, const T* const* a, const T* 
   }
 }
 
+// The (tile, sliver) items of a chunk run in order, sliver by sliver; the item kPrefetchTiles ahead has its
+// output rows (and residual rows) prefetched: each is one cache line per pixel, K values apart, which the
+// hardware prefetcher does not foresee, and evaluation's in-register epilogue otherwise waited on every
+// residual line (ResNet-50's 64 -> 256-channel layer at 56x56, batch 8: 12.7 -> 10.6-11.2 ms).
+constexpr int kPrefetchTiles = 4;
+template <class T>
+inline void prefetch_tile(const TileView<T>& v, int64_t off, const Epilogue<T>& epi) {
+  for (int i = 0; i < v.m; ++i) {
+    __builtin_prefetch(v.out[i] + off, 1, 3);
+    if (epi.residual) __builtin_prefetch(epi.residual + (v.out[i] - epi.y) + off, 0, 3);
+  }
+}
 template <class T, class Build>
 void run_tiles(int64_t ntiles, int max_seg, int len, int64_t rows, const T* packed, int n_out,
                Build&& build, const Epilogue<T>& epi = {}) {
@@ -315,11 +327,15 @@ void run_tiles(int64_t ntiles, int max_seg, int len, int64_t rows, const T* pack
         built = chunk;
       }
       const int s0 = grp * per_group, s1 = std::min(nsl, s0 + per_group);
+      const int nt = int(t1 - t0);
+      const int steps = (s1 - s0) * nt;
       for (int sl = s0; sl < s1; ++sl) {
         const T* bs = packed + int64_t(sl) * rows * NR;
         const int n = std::min(NR, n_out - sl * NR);
         for (int64_t tt = t0; tt < t1; ++tt) {
           const TileView<T>& v = views[tt - t0];
+          const int ahead = (sl - s0) * nt + int(tt - t0) + kPrefetchTiles;
+          if (ahead < steps) prefetch_tile(views[ahead % nt], int64_t(s0 + ahead / nt) * NR, epi);
           const bool direct = v.m == MR && n == NR;
           alignas(64) T tmp[MR * NR];
           T* c[MR];
