@@ -169,8 +169,11 @@ std::unique_ptr<Backend> make_cpu_backend(int threads, Layout layout = Layout::N
 std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads, Layout layout = Layout::NHWC);
 // The layout make_backend gives the CPU: NHWC, or what VB_CPU_LAYOUT says (nhwc or nchw).
 Layout default_cpu_layout();
+// The layout make_backend gives the GPU: NCHW, or what VB_CUDA_LAYOUT says (nhwc or nchw). NHWC becomes the
+// default once it has been measured on a GPU.
+Layout default_cuda_layout();
 // Throws vb::Error with one line ("no CUDA device: ...") when CUDA is not built in or no GPU is present.
-std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
+std::unique_ptr<Backend> make_cuda_backend(int device_index = 0, Layout layout = default_cuda_layout());
 bool cuda_available();  // built with CUDA and at least one device is visible
 
 // "auto" -> cuda when available, else cpu. Throws on an unknown name.

@@ -259,17 +259,23 @@ std::unique_ptr<Backend> make_cpu_backend(int threads, Layout layout) {
 std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads, Layout layout) {
   return std::make_unique<CpuBackend<double>>(threads, layout);
 }
-Layout default_cpu_layout() {
-  const char* e = std::getenv("VB_CPU_LAYOUT");
-  if (!e || !*e) return Layout::NHWC;
+namespace {
+// The layout an environment variable names, or `fallback` when it is unset or empty.
+Layout layout_from_env(const char* var, Layout fallback) {
+  const char* e = std::getenv(var);
+  if (!e || !*e) return fallback;
   const std::string v = e;
   if (v == "nhwc") return Layout::NHWC;
   if (v == "nchw") return Layout::NCHW;
-  fail("VB_CPU_LAYOUT='", escape(v), "' is not a layout (expected nhwc or nchw)");
+  fail(var, "='", escape(v), "' is not a layout (expected nhwc or nchw)");
 }
+}  // namespace
+
+Layout default_cpu_layout() { return layout_from_env("VB_CPU_LAYOUT", Layout::NHWC); }
+Layout default_cuda_layout() { return layout_from_env("VB_CUDA_LAYOUT", Layout::NCHW); }
 
 #ifndef VB_WITH_CUDA
-std::unique_ptr<Backend> make_cuda_backend(int) {
+std::unique_ptr<Backend> make_cuda_backend(int, Layout) {
   fail("no CUDA device: this build of vbtrain has no CUDA support (configure with the CUDA toolkit present)");
 }
 bool cuda_available() { return false; }

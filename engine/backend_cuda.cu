@@ -1,12 +1,14 @@
 // The CUDA backend: convolutions on cuDNN (legacy API), the head on cuBLAS, everything else on the custom
 // kernels of kernels/cuda. One stream; the cuDNN and cuBLAS handles are bound to it.
 //
-// Activation layout: NCHW. cuDNN's tensor-core convolutions prefer NHWC and transpose NCHW internally (about
-// 8% of PyTorch's fp32 step, see docs/anchors.md), so NHWC is the next step for speed; it is not taken here
-// because it has to hold for every op at once (batch norm, pooling, the transforms, upload/download) with the
-// OIHW weights kept as the single parameter copy, and none of it can be checked on a GPU yet. Every custom
-// kernel is written against NCHW planes; moving to NHWC means new reduction layouts for batch norm and a
-// KRSC filter descriptor (or a weight copy) for cuDNN.
+// Activation layout: NCHW by default; NHWC with VB_CUDA_LAYOUT=nhwc (make_cuda_backend's layout). cuDNN's
+// tensor-core convolutions prefer NHWC and transpose NCHW internally (about 8% of PyTorch's fp32 step, see
+// docs/anchors.md). In NHWC the convolutions get NHWC activations and KRSC filters: the parameters stay one
+// OIHW copy (torchvision's layout, which AdamW, checkpoints and exports see), each convolution permutes its
+// weights into a KRSC scratch buffer before the call (the filter gradient is computed there and permuted back),
+// a few microseconds per layer at the H200's bandwidth; batch norm and pooling run the NHWC kernels of
+// kernels/cuda/bn_nhwc.cu and pool_nhwc.cu; upload_activation and download_activation transpose on the device
+// through a staging buffer. NHWC is not the default until it has been measured on a GPU (docs/STATUS.md).
 //
 // Memory: alloc is cudaMalloc + a stream-ordered memset (no managed memory). The cuDNN workspace is one
 // buffer shared by every convolution; it grows only while an algorithm is being chosen (the first time a
@@ -32,8 +34,11 @@
 #include "engine/conv_algo_cache.h"
 #include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/batchnorm.cuh"
+#include "kernels/cuda/bn_nhwc.cuh"
 #include "kernels/cuda/elementwise.cuh"
+#include "kernels/cuda/layout.cuh"
 #include "kernels/cuda/pool.cuh"
+#include "kernels/cuda/pool_nhwc.cuh"
 #include "kernels/cuda/softmax_wce.cuh"
 
 namespace vb {
@@ -96,7 +101,7 @@ std::vector<Candidate> candidates(const Perf* p, int n) {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : dev_(device) {
+  CudaBackend(int device, Layout layout) : dev_(device), nhwc_(layout == Layout::NHWC) {
     VB_CUDA_CHECK(cudaSetDevice(dev_));
     cudaDeviceProp prop{};
     VB_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev_));
@@ -115,7 +120,7 @@ class CudaBackend final : public Backend {
     set_precision(Precision::TF32);
     const size_t v = cudnnGetVersion();
     desc_ = std::string("cuda: ") + prop.name + ", cuDNN " + std::to_string(v / 10000) + "." +
-            std::to_string((v % 10000) / 100);
+            std::to_string((v % 10000) / 100) + (nhwc_ ? ", NHWC" : "");
   }
 
   ~CudaBackend() override {
@@ -125,6 +130,8 @@ class CudaBackend final : public Backend {
     for (auto& kv : sizes_) cudaFree(kv.first);
     if (ws_) cudaFree(ws_);
     if (bn_work_) cudaFree(bn_work_);
+    if (stage_) cudaFree(stage_);
+    if (wt_) cudaFree(wt_);
     if (blas_ws_) cudaFree(blas_ws_);
     for (cudaEvent_t e : scalar_ev_)
       if (e) cudaEventDestroy(e);
@@ -137,6 +144,7 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::CUDA; }
   std::string description() const override { return desc_; }
+  Layout activation_layout() const override { return nhwc_ ? Layout::NHWC : Layout::NCHW; }
 
   void set_precision(Precision p) override {
     VB_CHECK(p == Precision::FP32 || p == Precision::TF32, "the CUDA backend computes in fp32 or tf32, not ",
@@ -223,24 +231,38 @@ class CudaBackend final : public Backend {
   }
   void fill_zero(void* p, size_t bytes) override { VB_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, st_)); }
   void sync() override { VB_CUDA_CHECK(cudaStreamSynchronize(st_)); }
+  // NHWC: the host's NCHW batch goes up into the staging buffer, then is transposed into dst on the stream
+  // (the buffer grows only when a batch larger than any before arrives: the first step).
   void upload_activation(float* dst, const float* src, int N, int C, int H, int W) override {
-    upload(dst, src, sizeof(float) * size_t(N) * C * H * W);
+    const size_t bytes = sizeof(float) * size_t(N) * C * H * W;
+    if (!nhwc_) return upload(dst, src, bytes);
+    grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer");
+    upload(stage_, src, bytes);
+    cuda::nchw_to_nhwc(st_, N, C, H * W, static_cast<const float*>(stage_), dst);
   }
   void download_activation(float* dst, const float* src, int N, int C, int H, int W) override {
-    download(dst, src, sizeof(float) * size_t(N) * C * H * W);
+    const size_t bytes = sizeof(float) * size_t(N) * C * H * W;
+    if (!nhwc_) return download(dst, src, bytes);
+    grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer");
+    cuda::nhwc_to_nchw(st_, N, C, H * W, src, static_cast<float*>(stage_));
+    download(dst, stage_, bytes);
   }
 
   // ---- convolution ----
   // a, b, c: the direction's buffers as choose() takes them (fwd: x, w, y; bwd-data: dx, w, dy; bwd-filter:
   // x, dw, dy).
+  // NHWC: w (OIHW) is permuted into the KRSC scratch first; the filter gradient is made there and permuted back.
   void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) override {
-    conv_run(s, ConvDir::Fwd, x, w, y);
+    conv_run(s, ConvDir::Fwd, x, nhwc_ ? krsc_weights(s, w) : w, y);
   }
   void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) override {
-    conv_run(s, ConvDir::BwdData, dx, w, dy);
+    conv_run(s, ConvDir::BwdData, dx, nhwc_ ? krsc_weights(s, w) : w, dy);
   }
   void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override {
-    conv_run(s, ConvDir::BwdFilter, x, dw, dy);
+    if (!nhwc_) return conv_run(s, ConvDir::BwdFilter, x, dw, dy);
+    float* krsc = krsc_scratch(s);
+    conv_run(s, ConvDir::BwdFilter, x, krsc, dy);
+    cuda::nhwc_to_nchw(st_, s.K, s.C, s.R * s.S, krsc, dw);
   }
 
   // ---- batch norm ----
@@ -248,38 +270,54 @@ class CudaBackend final : public Backend {
                     const float* residual, bool relu, float* y, float* save_mean, float* save_invstd,
                     float* running_mean, float* running_var, double momentum, double eps) override {
     grow_bn_work(C);
+    if (nhwc_)
+      return cuda::bn_nhwc_train_fwd<float>(st_, int64_t(N) * H * W, C, x, gamma, beta, residual, relu, y, save_mean,
+                                            save_invstd, running_mean, running_var, momentum, eps, bn_work_);
     cuda::bn_train_fwd(st_, N, C, H * W, x, gamma, beta, residual, relu, y, save_mean, save_invstd, running_mean,
                        running_var, momentum, eps, bn_work_);
   }
   void bn_eval_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
                    const float* running_mean, const float* running_var, double eps, const float* residual,
                    bool relu, float* y) override {
+    if (nhwc_)
+      return cuda::bn_nhwc_eval_fwd<float>(st_, int64_t(N) * H * W, C, x, gamma, beta, running_mean, running_var, eps,
+                                           residual, relu, y);
     cuda::bn_eval_fwd(st_, N, C, H * W, x, gamma, beta, running_mean, running_var, eps, residual, relu, y);
   }
   void bn_apply(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
                 const float* save_mean, const float* save_invstd, bool relu, float* y) override {
+    if (nhwc_)
+      return cuda::bn_nhwc_apply<float>(st_, int64_t(N) * H * W, C, x, gamma, beta, save_mean, save_invstd, nullptr,
+                                        relu, y);
     cuda::bn_apply(st_, N, C, H * W, x, gamma, beta, save_mean, save_invstd, relu, y);
   }
   void bn_bwd(int N, int C, int H, int W, const float* x, const float* y, const float* dy, const float* gamma,
               const float* save_mean, const float* save_invstd, bool relu, float* dx, float* dresidual,
               float* dgamma, float* dbeta, float* scratch) override {
     grow_bn_work(C);
+    if (nhwc_)  // pass 2 reads the masked gradient from dresidual when there is one (no scratch needed)
+      return cuda::bn_nhwc_bwd<float>(st_, int64_t(N) * H * W, C, x, y, dy, gamma, save_mean, save_invstd, relu, dx,
+                                      dresidual, dgamma, dbeta, bn_work_);
     cuda::bn_bwd(st_, N, C, H * W, x, y, dy, gamma, save_mean, save_invstd, relu, dx, dresidual, dgamma, dbeta,
                  scratch, bn_work_);
   }
 
   // ---- pooling ----
   void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const float* x, float* y) override {
+    if (nhwc_) return cuda::maxpool_nhwc_fwd<float>(st_, N, H, W, C, k, s, p, x, y);
     cuda::maxpool_fwd(st_, N, C, H, W, k, s, p, x, y);
   }
   void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const float* x, const float* y,
                    const float* dy, float* dx) override {
+    if (nhwc_) return cuda::maxpool_nhwc_bwd<float>(st_, N, H, W, C, k, s, p, x, dy, dx);
     cuda::maxpool_bwd(st_, N, C, H, W, k, s, p, x, y, dy, dx);
   }
   void avgpool_fwd(int N, int C, int H, int W, const float* x, float* y) override {
+    if (nhwc_) return cuda::avgpool_nhwc_fwd<float>(st_, N, H * W, C, x, y);
     cuda::avgpool_fwd(st_, N, C, H * W, x, y);
   }
   void avgpool_bwd(int N, int C, int H, int W, const float* dy, float* dx) override {
+    if (nhwc_) return cuda::avgpool_nhwc_bwd<float>(st_, N, H * W, C, dy, dx);
     cuda::avgpool_bwd(st_, N, C, H * W, dy, dx);
   }
 
@@ -352,12 +390,27 @@ class CudaBackend final : public Backend {
     size = bytes;
   }
 
+  // One scratch for both layouts' batch-norm kernels (NCHW: cuda::bn_work_floats; NHWC: bn_nhwc_work_bytes).
   void grow_bn_work(int C) {
     void* buf = bn_work_;
     size_t bytes = bn_work_floats_ * sizeof(float);
-    grow_buffer(buf, bytes, cuda::bn_work_floats(C) * sizeof(float), "batch norm's scratch");
+    const size_t need = nhwc_ ? (cuda::bn_nhwc_work_bytes(C) + sizeof(float) - 1) / sizeof(float) * sizeof(float)
+                              : cuda::bn_work_floats(C) * sizeof(float);
+    grow_buffer(buf, bytes, need, "batch norm's scratch");
     bn_work_ = static_cast<float*>(buf);
     bn_work_floats_ = bytes / sizeof(float);
+  }
+
+  // NHWC: the KRSC scratch for one layer's filter (grown on the first step to the largest layer), and w
+  // permuted into it.
+  float* krsc_scratch(const ConvShape& s) {
+    grow_buffer(wt_, wt_size_, sizeof(float) * size_t(s.K) * s.C * s.R * s.S, "the KRSC filter scratch");
+    return static_cast<float*>(wt_);
+  }
+  const float* krsc_weights(const ConvShape& s, const float* w) {
+    float* krsc = krsc_scratch(s);
+    cuda::nchw_to_nhwc(st_, s.K, s.C, s.R * s.S, w, krsc);
+    return krsc;
   }
 
   // Only while an algorithm is being chosen (or a reused one needs more for its actual shape).
@@ -457,9 +510,11 @@ class CudaBackend final : public Backend {
     VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p->y));
     VB_CUDNN_CHECK(cudnnCreateFilterDescriptor(&p->w));
     VB_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&p->conv));
-    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, s.N, s.C, s.H, s.W));
-    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, s.N, s.K, s.P(), s.Q()));
-    VB_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, s.K, s.C, s.R, s.S));
+    // NHWC: activations NHWC and the filter KRSC (cuDNN's NHWC filter format), so no transposes inside cuDNN.
+    const cudnnTensorFormat_t f = nhwc_ ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->x, f, CUDNN_DATA_FLOAT, s.N, s.C, s.H, s.W));
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->y, f, CUDNN_DATA_FLOAT, s.N, s.K, s.P(), s.Q()));
+    VB_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p->w, CUDNN_DATA_FLOAT, f, s.K, s.C, s.R, s.S));
     VB_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(p->conv, s.pad, s.pad, s.stride, s.stride, 1, 1,
                                                    CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
     int n = 0, c = 0, h = 0, w = 0;
@@ -562,6 +617,7 @@ class CudaBackend final : public Backend {
   }
 
   int dev_;
+  bool nhwc_;  // activation layout NHWC (filters KRSC for cuDNN), else NCHW
   bool deterministic_ = false;
   cudaStream_t st_ = nullptr;
   cudnnHandle_t dnn_ = nullptr;
@@ -571,6 +627,10 @@ class CudaBackend final : public Backend {
   size_t ws_size_ = 0;
   float* bn_work_ = nullptr;
   size_t bn_work_floats_ = 0;
+  void* stage_ = nullptr;  // NHWC: upload_activation / download_activation's NCHW staging buffer
+  size_t stage_size_ = 0;
+  void* wt_ = nullptr;  // NHWC: one layer's filter (or filter gradient) in KRSC
+  size_t wt_size_ = 0;
   std::string desc_;
   std::map<ConvKey, std::unique_ptr<ConvPlan>> plans_;
   std::map<void*, size_t> sizes_;  // live allocations, for release and the memory figures
@@ -595,7 +655,7 @@ bool cuda_available() {
   return n > 0;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+std::unique_ptr<Backend> make_cuda_backend(int device_index, Layout layout) {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
@@ -605,7 +665,7 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index) {
   if (n == 0) fail("no CUDA device: the driver sees none");
   if (device_index < 0 || device_index >= n)
     fail("no CUDA device: index ", device_index, " requested, ", n, " visible");
-  return std::make_unique<CudaBackend>(device_index);
+  return std::make_unique<CudaBackend>(device_index, layout);
 }
 
 }  // namespace vb

@@ -1,4 +1,4 @@
-// The NHWC CUDA kernels of issue 11 (kernels/cuda/bn_nhwc.cuh, pool_nhwc.cuh) against their CPU twins
+// The NHWC CUDA kernels of issue 11 (kernels/cuda/bn_nhwc.cuh, pool_nhwc.cuh, layout.cuh) against their CPU twins
 // (kernels/cpu/nhwc.h, themselves checked against the NCHW ops by test_nhwc_cpu), float and bf16, on odd
 // shapes: C a multiple of the 128-bit width and not, several column tiles, reductions over one and several row
 // slices, and pointers one element off 16-byte alignment (the scalar paths). Every device output is poisoned
@@ -16,6 +16,7 @@
 // Without a GPU only the host-side argument checks run; when they pass the binary prints
 // "[GPU tests skipped: no CUDA device]" (CTest reports SKIPPED) and exits 0.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -27,6 +28,7 @@
 #include "engine/backend.h"
 #include "kernels/bf16.h"
 #include "kernels/check.h"
+#include "kernels/cpu/conv_nhwc.h"
 #include "kernels/cpu/nhwc.h"
 #include "tests/nhwc_util.h"
 #include "tests/gpu_test_util.h"
@@ -35,6 +37,7 @@
 #ifdef VB_WITH_CUDA
 #include "kernels/cuda/bf16_convert.cuh"
 #include "kernels/cuda/bn_nhwc.cuh"
+#include "kernels/cuda/layout.cuh"
 #include "kernels/cuda/pool_nhwc.cuh"
 #endif
 
@@ -63,6 +66,7 @@ TEST_CASE("NHWC kernels check their arguments on the host, before any launch") {
   // The scratch grows with C and stays small at ResNet-50's widths (the partial sums of the row slices).
   CHECK(cuda::bn_nhwc_work_bytes(64) >= 64 * 5 * sizeof(float));
   CHECK(cuda::bn_nhwc_work_bytes(2048) < (size_t(8) << 20));
+  CHECK_THROWS_AS(cuda::transpose_batched(nullptr, 1, -1, 4, nullptr, nullptr), Error);
 }
 
 namespace {
@@ -300,3 +304,30 @@ TEST_CASE("bf16 on the device: float_to_bf16 / bf16_to_float are bit-identical t
 }
 
 #endif  // VB_WITH_CUDA
+
+#ifdef VB_WITH_CUDA
+TEST_CASE("layout changes on the device (the CUDA backend in NHWC): bit for bit against cpu::nchw_to_nhwc / nhwc_to_nchw") {
+  if (!has_gpu()) return;
+  // Activations (N, C, H*W) and filters (K, C, R*S): sides below, at and above the 32 x 32 tile, one value.
+  const std::vector<std::array<int, 3>> shapes = {
+      {3, 5, 37}, {2, 64, 49}, {1, 3, 33 * 31}, {4, 33, 1}, {1, 1, 1}, {7, 6, 9}, {2, 2048, 1}, {5, 32, 32}};
+  uint32_t seed = 5000;
+  for (const auto& [N, C, HW] : shapes) {
+    CAPTURE(N);
+    CAPTURE(C);
+    CAPTURE(HW);
+    const size_t n = size_t(N) * C * HW;
+    const std::vector<float> x = vbtest::uniform(n, seed++);
+    std::vector<float> nhwc(n), nchw(n);
+    cpu::nchw_to_nhwc<float>(N, C, HW, x.data(), nhwc.data());
+    cpu::nhwc_to_nchw<float>(N, C, HW, x.data(), nchw.data());
+    DevBuf<float> src(x, false), a(n, false), b(n, false), back(n, false);
+    cuda::nchw_to_nhwc(nullptr, N, C, HW, src.p, a.p);
+    cuda::nhwc_to_nchw(nullptr, N, C, HW, src.p, b.p);
+    cuda::nhwc_to_nchw(nullptr, N, C, HW, a.p, back.p);
+    vbtest::check_bits("nchw_to_nhwc", a.down(), nhwc);
+    vbtest::check_bits("nhwc_to_nchw", b.down(), nchw);
+    vbtest::check_bits("the round trip", back.down(), x);
+  }
+}
+#endif

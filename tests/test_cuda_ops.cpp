@@ -13,6 +13,10 @@
 // `--test-case-exclude="*(large)*"` leaves small, odd shapes that still reach every kernel and every path of
 // it (scalar and float4 loads, reductions over one and several blocks, the cuDNN choice and its reuse).
 //
+// The layout is the CUDA backend's default, VB_CUDA_LAYOUT (NCHW when unset): CTest runs the file twice, as
+// test_cuda_ops (NCHW) and test_cuda_ops_nhwc (every op, the algorithm choice and the golden run in NHWC, against
+// the CPU backend in NHWC).
+//
 // Without a GPU: only the "no device" error test and the host run of the transform kernel's arithmetic run,
 // and when they pass the binary prints
 // "[GPU tests skipped: no CUDA device]" (CTest reports SKIPPED) and exits 0.
@@ -54,7 +58,7 @@ Backend& dev() {
   return *be;
 }
 Backend& ref() {
-  static std::unique_ptr<Backend> be = make_cpu_backend(0, Layout::NCHW);  // the CUDA backend's layout
+  static std::unique_ptr<Backend> be = make_cpu_backend(0, default_cuda_layout());  // the CUDA backend's layout
   return *be;
 }
 
@@ -153,6 +157,21 @@ TEST_CASE("make_backend(\"cuda\") without a GPU is a one-line error") {
   }
   // "auto" falls back to the CPU.
   CHECK(make_backend("auto", 1)->device() == Device::CPU);
+}
+
+TEST_CASE("VB_CUDA_LAYOUT and VB_CPU_LAYOUT pick the backends' layouts; anything else is a one-line error") {
+  const char* saved = std::getenv("VB_CUDA_LAYOUT");
+  const std::string keep = saved ? saved : "";
+  const auto restore = [&] { saved ? setenv("VB_CUDA_LAYOUT", keep.c_str(), 1) : unsetenv("VB_CUDA_LAYOUT"); };
+  unsetenv("VB_CUDA_LAYOUT");
+  CHECK(default_cuda_layout() == Layout::NCHW);  // until NHWC has been measured on a GPU
+  setenv("VB_CUDA_LAYOUT", "nhwc", 1);
+  CHECK(default_cuda_layout() == Layout::NHWC);
+  setenv("VB_CUDA_LAYOUT", "NHWC ", 1);
+  CHECK_THROWS_WITH_AS(default_cuda_layout(), doctest::Contains("VB_CUDA_LAYOUT='NHWC ' is not a layout"), Error);
+  restore();
+  const char* cpu = std::getenv("VB_CPU_LAYOUT");
+  if (!cpu || !*cpu) CHECK(default_cpu_layout() == Layout::NHWC);
 }
 
 namespace {

@@ -22,10 +22,10 @@
 #   3. compute-sanitizer memcheck over the CUDA op tests (test cases named "(large)" left out), racecheck
 #      over the reduction kernels (batch norm, softmax + weighted CE, pooling); compute-sanitizer comes from
 #      .gpu-tools/ (tools/fetch-gpu-tools.sh, carried with the build), else PATH;
-#   4. every test binary, the CUDA op tests first;
+#   4. every test binary, the CUDA op tests first, then the CUDA op tests with the backend in NHWC;
 #   5. parity: PyTorch's own distances to the golden run (tools/torch_distances.py, fp32 and tf32, made here)
 #      and `vbtrain verify --device cuda --against` them; bf16 distances for later;
-#   6. `vbtrain bench` (tf32, fp32), vbbench, tools/torch_bench.py, then the README's default run (what
+#   6. `vbtrain bench` (tf32, fp32, tf32 with the backend in NHWC), vbbench, tools/torch_bench.py, then the README's default run (what
 #      tools/run.sh runs after its setup step: `vbtrain train` with no --data) if time remains.
 # Each step's row is printed the moment the step ends, and the files in $OUT are rewritten after every step,
 # so a run killed from outside still leaves what it did. $OUT gets three files: gpu-results-<date>.md (the
@@ -276,7 +276,7 @@ def num(v, fmt="{:,.0f}"):
     return fmt.format(v) if v is not None else "n/a"
 def verdict(v, ok):
     return "n/a" if v is None else ("PASS" if ok(v) else "FAIL")
-bt, bf, tb = figs.get("bench-tf32"), figs.get("bench-fp32"), figs.get("torch-bench")
+bt, bf, bn, tb = figs.get("bench-tf32"), figs.get("bench-fp32"), figs.get("bench-tf32-nhwc"), figs.get("torch-bench")
 tr = lambda k, f="img_s": g(tb, "results", k, f)
 ratio = lambda a, b: "{:.2f}x".format(a / b) if a and b else "n/a"
 L = ["# GPU check {} (tools/gpu-check.sh)".format(meta.get("date", "?")), ""]
@@ -298,6 +298,9 @@ L += ["| training img/s, tf32, batch 150 | >= 2,073 | {} | {} | {} (defaults) | 
           num(t_peak, "{:.2f}"), verdict(t_peak, lambda v: v <= 12.5), num(tr("train_fp32_default", "peak_gib"), "{:.2f}")),
       "| evaluation img/s, tf32 | >= 7,054 | {} | {} | {} | {} |".format(
           num(e_img), verdict(e_img, lambda v: v >= 7054), num(tr("eval_fp32_default")), ratio(e_img, tr("eval_fp32_default"))),
+      "| training img/s, tf32, NHWC (VB_CUDA_LAYOUT=nhwc) | >= 2,073 | {} | {} | {} (defaults) | {} |".format(
+          num(g(bn, "train_img_s")), verdict(g(bn, "train_img_s"), lambda v: v >= 2073), num(tr("train_fp32_default")),
+          ratio(g(bn, "train_img_s"), tr("train_fp32_default"))),
       "| training img/s, strict fp32 | (PyTorch 868) | {} | | {} | {} |".format(
           num(g(bf, "train_img_s")), num(tr("train_fp32_strict")), ratio(g(bf, "train_img_s"), tr("train_fp32_strict"))),
       "| training img/s, bf16 + channels_last | (PyTorch 4,174) | (not in vbtrain) | | {} | |".format(num(tr("train_bf16_cl"))),
@@ -306,7 +309,7 @@ L += ["| training img/s, tf32, batch 150 | >= 2,073 | {} | {} | {} (defaults) | 
       "workspaces; PyTorch's max_memory_allocated.", "",
       "## Steps, in the order run", "", "| step | result | time | note |", "| --- | --- | --- | --- |"]
 L += ["| {} | {} | {} s | {} |".format(r.get("step"), r.get("result"), r.get("seconds"), r.get("note")) for r in rows]
-bd = [(p, figs.get("bench-" + p)) for p in ("tf32", "fp32")]
+bd = [(p, figs.get("bench-" + p)) for p in ("tf32", "fp32", "tf32-nhwc")]
 if any(g(b, "breakdown_ms", "sum") for _, b in bd):
     L += ["", "## vbtrain bench: one training step by phase (ms; median, waiting after each phase)", "",
           "| precision | upload | forward + loss | backward | optimizer | sum | back-to-back step | peak GiB | device in use GiB |",
@@ -447,15 +450,22 @@ fi
 
 # ---- 4. every test binary, the CUDA op tests first ----
 seen=" "
-for t in "$CUDA_OPS" "$CUDA_NHWC" "$BUILD"/tests/test_*; do
-  [[ -f "$t" && -x "$t" ]] || continue
-  name=$(basename "$t")
-  [[ "$seen" == *" $name "* ]] && continue
+test_binary() {  # NAME CAP [ENV=VALUE...] BINARY: one test binary, once
+  local name=$1 cap=$2; shift 2
+  [[ "$seen" == *" $name "* ]] && return
   seen+="$name "
-  run_step "$name" $([[ $name == test_cuda_ops ]] && echo 180 || echo 120) "$t"
+  run_step "$name" "$cap" env "$@"
   verdict "$LOGS/$name.log"
   row "$name" "$RESULT" "$(doctest_summary "$LOGS/$name.log")"
   [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/$name.log"
+}
+[[ -x "$CUDA_OPS" ]] && test_binary test_cuda_ops 180 "$CUDA_OPS"
+[[ -x "$CUDA_NHWC" ]] && test_binary test_cuda_nhwc 120 "$CUDA_NHWC"
+# The CUDA op tests again with the backend in NHWC (cuDNN on NHWC activations and KRSC filters, the NHWC
+# batch norm and pooling kernels, the golden run), against the CPU backend in NHWC.
+[[ -x "$CUDA_OPS" ]] && test_binary test_cuda_ops_nhwc 150 VB_CUDA_LAYOUT=nhwc "$CUDA_OPS"
+for t in "$BUILD"/tests/test_*; do
+  [[ -f "$t" && -x "$t" ]] && test_binary "$(basename "$t")" 120 "$t"
 done
 
 # ---- 5. parity with PyTorch at the same precision ----
@@ -485,9 +495,13 @@ for p in fp32 tf32 bf16; do
 done
 
 # ---- 6. speed: vbtrain, vbbench, PyTorch, then the default run ----
-for p in tf32 fp32; do
+# tf32-nhwc: the backend in NHWC (VB_CUDA_LAYOUT=nhwc), not yet the default: this row decides whether it becomes it.
+for p in tf32 fp32 tf32-nhwc; do
   NOTE=""
-  run_step "bench-$p" 120 "$VBTRAIN" bench --device cuda --batch-size 150 --precision $p --json "$FIG/bench-$p.json"
+  layout=nchw
+  [[ $p == *-nhwc ]] && layout=nhwc
+  run_step "bench-$p" 120 env VB_CUDA_LAYOUT=$layout "$VBTRAIN" bench --device cuda --batch-size 150 \
+    --precision "${p%-nhwc}" --json "$FIG/bench-$p.json"
   verdict "$LOGS/bench-$p.log"
   row "bench-$p" "$RESULT" "$(grep -E '^(training step|evaluation|peak memory)' "$LOGS/bench-$p.log" | cut -d'(' -f1-2 | tr '\n' ';')"
   [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/bench-$p.log"
