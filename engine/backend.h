@@ -162,8 +162,8 @@ class BackendT {
 
 using Backend = BackendT<float>;
 
-// The CPU backend. Activations channels-last by default (the fast path); NCHW runs the NCHW kernels, the
-// layout of the CUDA backend (its tests compare op by op).
+// The CPU backend. Activations channels-last by default (the fast path); NCHW runs the NCHW kernels (the CUDA
+// op tests compare the CUDA backend op by op against the CPU backend in the CUDA backend's layout).
 std::unique_ptr<Backend> make_cpu_backend(int threads, Layout layout = Layout::NHWC);
 // The CPU path in double: the reference that gradient checks and golden runs can use.
 std::unique_ptr<BackendT<double>> make_cpu_backend_f64(int threads, Layout layout = Layout::NHWC);
@@ -172,8 +172,10 @@ Layout default_cpu_layout();
 // The layout make_backend gives the GPU: NCHW, or what VB_CUDA_LAYOUT says (nhwc or nchw). NHWC becomes the
 // default once it has been measured on a GPU.
 Layout default_cuda_layout();
-// Throws vb::Error with one line ("no CUDA device: ...") when CUDA is not built in or no GPU is present.
-std::unique_ptr<Backend> make_cuda_backend(int device_index = 0, Layout layout = default_cuda_layout());
+// Throws vb::Error with one line ("no CUDA device: ...") when CUDA is not built in or no GPU is present. Without
+// a layout: default_cuda_layout(), read after the device is found.
+std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
+std::unique_ptr<Backend> make_cuda_backend(int device_index, Layout layout);
 bool cuda_available();  // built with CUDA and at least one device is visible
 
 // "auto" -> cuda when available, else cpu. Throws on an unknown name.

@@ -278,6 +278,7 @@ Layout default_cuda_layout() { return layout_from_env("VB_CUDA_LAYOUT", Layout::
 std::unique_ptr<Backend> make_cuda_backend(int, Layout) {
   fail("no CUDA device: this build of vbtrain has no CUDA support (configure with the CUDA toolkit present)");
 }
+std::unique_ptr<Backend> make_cuda_backend(int device_index) { return make_cuda_backend(device_index, Layout::NCHW); }
 bool cuda_available() { return false; }
 #endif
 

@@ -54,6 +54,9 @@ constexpr size_t kMaxConvWorkspace = size_t(512) << 20;
 constexpr size_t kCublasWorkspace = size_t(32) << 20;
 // Batch-norm scratch is sized for this many channels up front (ResNet-50 has at most 2048).
 constexpr int kBnChannels = 4096;
+// NHWC: the KRSC filter scratch is sized up front for this many floats (ResNet-50's largest filter, 512 x 512 x
+// 3 x 3), so that no step allocates it; a larger filter grows it once.
+constexpr size_t kKrscFloats = size_t(512) * 512 * 9;
 // Page-locked slots for scalar_push: values in flight at once before a push parks the oldest on the host.
 constexpr int kScalarSlots = 64;
 
@@ -114,6 +117,7 @@ class CudaBackend final : public Backend {
     blas_ws_ = device_malloc(kCublasWorkspace, "cuBLAS's workspace");
     VB_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace));
     grow_bn_work(kBnChannels);
+    if (nhwc_) grow_buffer(wt_, wt_size_, kKrscFloats * sizeof(float), "the KRSC filter scratch");
     VB_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&scalar_host_), kScalarSlots * sizeof(float)));
     for (cudaEvent_t& e : scalar_ev_) VB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     VB_CUDA_CHECK(cudaEventCreateWithFlags(&upload_ev_, cudaEventDisableTiming));
@@ -252,14 +256,15 @@ class CudaBackend final : public Backend {
   // a, b, c: the direction's buffers as choose() takes them (fwd: x, w, y; bwd-data: dx, w, dy; bwd-filter:
   // x, dw, dy).
   // NHWC: w (OIHW) is permuted into the KRSC scratch first; the filter gradient is made there and permuted back.
+  // A 1x1 filter is the same bytes in both layouts: used in place.
   void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) override {
-    conv_run(s, ConvDir::Fwd, x, nhwc_ ? krsc_weights(s, w) : w, y);
+    conv_run(s, ConvDir::Fwd, x, permuted(s) ? krsc_weights(s, w) : w, y);
   }
   void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) override {
-    conv_run(s, ConvDir::BwdData, dx, nhwc_ ? krsc_weights(s, w) : w, dy);
+    conv_run(s, ConvDir::BwdData, dx, permuted(s) ? krsc_weights(s, w) : w, dy);
   }
   void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override {
-    if (!nhwc_) return conv_run(s, ConvDir::BwdFilter, x, dw, dy);
+    if (!permuted(s)) return conv_run(s, ConvDir::BwdFilter, x, dw, dy);
     float* krsc = krsc_scratch(s);
     conv_run(s, ConvDir::BwdFilter, x, krsc, dy);
     cuda::nhwc_to_nchw(st_, s.K, s.C, s.R * s.S, krsc, dw);
@@ -401,8 +406,9 @@ class CudaBackend final : public Backend {
     bn_work_floats_ = bytes / sizeof(float);
   }
 
-  // NHWC: the KRSC scratch for one layer's filter (grown on the first step to the largest layer), and w
-  // permuted into it.
+  // NHWC: whether a layer's filter goes through the KRSC scratch (not a 1x1 one); the scratch (sized in the
+  // constructor), and w permuted into it.
+  bool permuted(const ConvShape& s) const { return nhwc_ && s.R * s.S > 1; }
   float* krsc_scratch(const ConvShape& s) {
     grow_buffer(wt_, wt_size_, sizeof(float) * size_t(s.K) * s.C * s.R * s.S, "the KRSC filter scratch");
     return static_cast<float*>(wt_);
@@ -655,7 +661,8 @@ bool cuda_available() {
   return n > 0;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index, Layout layout) {
+namespace {
+void check_cuda_device(int device_index) {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
@@ -665,7 +672,16 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index, Layout layout) {
   if (n == 0) fail("no CUDA device: the driver sees none");
   if (device_index < 0 || device_index >= n)
     fail("no CUDA device: index ", device_index, " requested, ", n, " visible");
+}
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index, Layout layout) {
+  check_cuda_device(device_index);
   return std::make_unique<CudaBackend>(device_index, layout);
+}
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  check_cuda_device(device_index);  // "no CUDA device" first, whatever VB_CUDA_LAYOUT says
+  return std::make_unique<CudaBackend>(device_index, default_cuda_layout());
 }
 
 }  // namespace vb

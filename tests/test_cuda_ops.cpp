@@ -143,6 +143,10 @@ constexpr Tol kFp32{1e-5, 1e-4};
 TEST_CASE("make_backend(\"cuda\") without a GPU is a one-line error") {
   if (has_gpu()) {
     CHECK(make_backend("cuda", 1)->device() == Device::CUDA);
+    // The layout this run tests (VB_CUDA_LAYOUT) is the one both backends of the comparisons have.
+    CHECK(dev().activation_layout() == default_cuda_layout());
+    CHECK(ref().activation_layout() == default_cuda_layout());
+    CHECK((dev().description().find(", NHWC") != std::string::npos) == (default_cuda_layout() == Layout::NHWC));
     return;
   }
   CHECK_FALSE(cuda_available());
@@ -167,8 +171,14 @@ TEST_CASE("VB_CUDA_LAYOUT and VB_CPU_LAYOUT pick the backends' layouts; anything
   CHECK(default_cuda_layout() == Layout::NCHW);  // until NHWC has been measured on a GPU
   setenv("VB_CUDA_LAYOUT", "nhwc", 1);
   CHECK(default_cuda_layout() == Layout::NHWC);
+  setenv("VB_CUDA_LAYOUT", "nchw", 1);
+  CHECK(default_cuda_layout() == Layout::NCHW);
+  setenv("VB_CUDA_LAYOUT", "", 1);
+  CHECK(default_cuda_layout() == Layout::NCHW);
   setenv("VB_CUDA_LAYOUT", "NHWC ", 1);
   CHECK_THROWS_WITH_AS(default_cuda_layout(), doctest::Contains("VB_CUDA_LAYOUT='NHWC ' is not a layout"), Error);
+  // Without a GPU, "no CUDA device" comes first, whatever the variable says.
+  if (!has_gpu()) CHECK_THROWS_WITH_AS(make_cuda_backend(0), doctest::Contains("no CUDA device"), Error);
   restore();
   const char* cpu = std::getenv("VB_CPU_LAYOUT");
   if (!cpu || !*cpu) CHECK(default_cpu_layout() == Layout::NHWC);

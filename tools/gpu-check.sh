@@ -58,6 +58,9 @@ END_MS=$((T0_MS + DEADLINE * 1000))
 RESERVE_MS=$((DEADLINE * 100 < 3000 ? 3000 : DEADLINE * 100 > 8000 ? 8000 : DEADLINE * 100))
 MIN_STEP_MS=1500
 FAKE=${VB_GPU_CHECK_FAKE:-0}
+# Every step runs the backend's default layout unless it names one (the NHWC steps do): a VB_CUDA_LAYOUT in
+# the caller's environment would silently make the default-layout rows test another layout.
+unset VB_CUDA_LAYOUT
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ -z "$BUILD" ]]; then
@@ -495,8 +498,9 @@ for p in fp32 tf32 bf16; do
 done
 
 # ---- 6. speed: vbtrain, vbbench, PyTorch, then the default run ----
-# tf32-nhwc: the backend in NHWC (VB_CUDA_LAYOUT=nhwc), not yet the default: this row decides whether it becomes it.
-for p in tf32 fp32 tf32-nhwc; do
+# tf32-nhwc: the backend in NHWC (VB_CUDA_LAYOUT=nhwc), not yet the default: this row decides whether it becomes
+# it, so it runs right after tf32's.
+for p in tf32 tf32-nhwc fp32; do
   NOTE=""
   layout=nchw
   [[ $p == *-nhwc ]] && layout=nhwc
