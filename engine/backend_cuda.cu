@@ -34,6 +34,7 @@
 #include "engine/conv_algo_cache.h"
 #include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/batchnorm.cuh"
+#include "kernels/cuda/bn_fold.cuh"
 #include "kernels/cuda/bn_nhwc.cuh"
 #include "kernels/cuda/elementwise.cuh"
 #include "kernels/cuda/layout.cuh"
@@ -68,6 +69,8 @@ struct ConvPlan {
   cudnnTensorDescriptor_t x = nullptr, y = nullptr;
   cudnnFilterDescriptor_t w = nullptr;
   cudnnConvolutionDescriptor_t conv = nullptr;
+  cudnnTensorDescriptor_t bias = nullptr;  // [1, K, 1, 1]: conv_bn_eval's folded bias (made on first use)
+  bool unfused = false;  // conv_bn_eval: cuDNN refused the fused call once; convolution and batch norm apart
   bool chosen[3] = {false, false, false};
   bool reused[3] = {false, false, false};  // the choice was searched for a larger batch of the layer
   int algo[3] = {0, 0, 0};  // cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t
@@ -79,6 +82,7 @@ struct ConvPlan {
     if (y) cudnnDestroyTensorDescriptor(y);
     if (w) cudnnDestroyFilterDescriptor(w);
     if (conv) cudnnDestroyConvolutionDescriptor(conv);
+    if (bias) cudnnDestroyTensorDescriptor(bias);
   }
 };
 
@@ -117,7 +121,13 @@ class CudaBackend final : public Backend {
     blas_ws_ = device_malloc(kCublasWorkspace, "cuBLAS's workspace");
     VB_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace));
     grow_bn_work(kBnChannels);
-    if (nhwc_) grow_buffer(wt_, wt_size_, kKrscFloats * sizeof(float), "the KRSC filter scratch");
+    // The filter scratch: KRSC weights in NHWC, folded weights in evaluation (either layout).
+    grow_buffer(wt_, wt_size_, kKrscFloats * sizeof(float), "the filter scratch");
+    fold_bias_ = static_cast<float*>(device_malloc(kBnChannels * sizeof(float), "the folded batch-norm bias"));
+    VB_CUDNN_CHECK(cudnnCreateActivationDescriptor(&relu_));
+    VB_CUDNN_CHECK(cudnnSetActivationDescriptor(relu_, CUDNN_ACTIVATION_RELU, CUDNN_PROPAGATE_NAN, 0.0));
+    VB_CUDNN_CHECK(cudnnCreateActivationDescriptor(&identity_));
+    VB_CUDNN_CHECK(cudnnSetActivationDescriptor(identity_, CUDNN_ACTIVATION_IDENTITY, CUDNN_PROPAGATE_NAN, 0.0));
     VB_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&scalar_host_), kScalarSlots * sizeof(float)));
     for (cudaEvent_t& e : scalar_ev_) VB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     VB_CUDA_CHECK(cudaEventCreateWithFlags(&upload_ev_, cudaEventDisableTiming));
@@ -136,6 +146,9 @@ class CudaBackend final : public Backend {
     if (bn_work_) cudaFree(bn_work_);
     if (stage_) cudaFree(stage_);
     if (wt_) cudaFree(wt_);
+    if (fold_bias_) cudaFree(fold_bias_);
+    if (relu_) cudnnDestroyActivationDescriptor(relu_);
+    if (identity_) cudnnDestroyActivationDescriptor(identity_);
     if (blas_ws_) cudaFree(blas_ws_);
     for (cudaEvent_t e : scalar_ev_)
       if (e) cudaEventDestroy(e);
@@ -268,6 +281,51 @@ class CudaBackend final : public Backend {
     float* krsc = krsc_scratch(s);
     conv_run(s, ConvDir::BwdFilter, x, krsc, dy);
     cuda::nhwc_to_nchw(st_, s.K, s.C, s.R * s.S, krsc, dw);
+  }
+
+  // Evaluation: the batch norm folded into the weights (cuda::bn_fold_weights: the CPU backend's folded values,
+  // into the filter scratch, KRSC in NHWC) and one cuDNN call, y = act(conv(x, w a) + residual + b)
+  // (cudnnConvolutionBiasActivationForward) with the layer's forward algorithm. cuDNN fuses the identity only
+  // with IMPLICIT_PRECOMP_GEMM; where it cannot fuse, or refuses the call, the convolution and bn_eval_fwd run
+  // apart (the default), and the layer keeps to that.
+  void conv_bn_eval(const ConvShape& s, const float* x, const float* w, const float* gamma, const float* beta,
+                    const float* running_mean, const float* running_var, double eps, const float* residual,
+                    bool relu, float* y) override {
+    ConvPlan& p = plan(s);
+    const int d = int(ConvDir::Fwd);
+    if (!p.unfused) {
+      if (s.K > kBnChannels) {
+        p.unfused = true;
+      } else {
+        float* wf = krsc_scratch(s);
+        cuda::bn_fold_weights(st_, s.K, s.C, s.R * s.S, w, gamma, beta, running_mean, running_var, eps, nhwc_, wf,
+                              fold_bias_);
+        if (!p.chosen[d]) resolve(s, p, ConvDir::Fwd, x, wf, y);
+        if (!relu && p.algo[d] != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) {
+          p.unfused = true;
+        } else {
+          if (!p.bias) {
+            VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p.bias));
+            VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p.bias, nhwc_ ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW,
+                                                      CUDNN_DATA_FLOAT, 1, s.K, 1, 1));
+          }
+          const float one = 1.f, zero = 0.f;
+          VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[d]));
+          const cudnnStatus_t st = cudnnConvolutionBiasActivationForward(
+              dnn_, &one, p.x, x, p.w, wf, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[d]), ws_, p.ws[d],
+              residual ? &one : &zero, p.y, residual ? residual : y, p.bias, fold_bias_, relu ? relu_ : identity_,
+              p.y, y);
+          if (st == CUDNN_STATUS_SUCCESS) return;
+          if (st != CUDNN_STATUS_NOT_SUPPORTED && st != CUDNN_STATUS_BAD_PARAM) VB_CUDNN_CHECK(st);
+          p.unfused = true;
+        }
+      }
+      if (std::getenv("VB_CUDNN_LOG"))
+        std::fprintf(stderr, "cudnn %s conv_bn_eval N%d C%d %dx%d K%d %dx%d/%d: not fused (algo %d%s), convolution "
+                     "then batch norm\n", precision_name(precision_), s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride,
+                     p.algo[d], relu ? "" : ", no ReLU");
+    }
+    Backend::conv_bn_eval(s, x, w, gamma, beta, running_mean, running_var, eps, residual, relu, y);
   }
 
   // ---- batch norm ----
@@ -407,10 +465,10 @@ class CudaBackend final : public Backend {
   }
 
   // NHWC: whether a layer's filter goes through the KRSC scratch (not a 1x1 one); the scratch (sized in the
-  // constructor), and w permuted into it.
+  // constructor for ResNet-50, grown for a larger filter), and w permuted into it.
   bool permuted(const ConvShape& s) const { return nhwc_ && s.R * s.S > 1; }
   float* krsc_scratch(const ConvShape& s) {
-    grow_buffer(wt_, wt_size_, sizeof(float) * size_t(s.K) * s.C * s.R * s.S, "the KRSC filter scratch");
+    grow_buffer(wt_, wt_size_, sizeof(float) * size_t(s.K) * s.C * s.R * s.S, "the filter scratch");
     return static_cast<float*>(wt_);
   }
   const float* krsc_weights(const ConvShape& s, const float* w) {
@@ -635,8 +693,10 @@ class CudaBackend final : public Backend {
   size_t bn_work_floats_ = 0;
   void* stage_ = nullptr;  // NHWC: upload_activation / download_activation's NCHW staging buffer
   size_t stage_size_ = 0;
-  void* wt_ = nullptr;  // NHWC: one layer's filter (or filter gradient) in KRSC
+  void* wt_ = nullptr;  // one layer's filter: KRSC (NHWC), or folded for evaluation
   size_t wt_size_ = 0;
+  float* fold_bias_ = nullptr;  // conv_bn_eval's folded bias, kBnChannels floats
+  cudnnActivationDescriptor_t relu_ = nullptr, identity_ = nullptr;  // conv_bn_eval's activations
   std::string desc_;
   std::map<ConvKey, std::unique_ptr<ConvPlan>> plans_;
   std::map<void*, size_t> sizes_;  // live allocations, for release and the memory figures

@@ -1,4 +1,5 @@
-// The NHWC CUDA kernels of issue 11 (kernels/cuda/bn_nhwc.cuh, pool_nhwc.cuh, layout.cuh) against their CPU twins
+// The NHWC CUDA kernels of issue 11 (kernels/cuda/bn_nhwc.cuh, pool_nhwc.cuh, layout.cuh) and evaluation's
+// weight folding (bn_fold.cuh) against their CPU twins
 // (kernels/cpu/nhwc.h, themselves checked against the NCHW ops by test_nhwc_cpu), float and bf16, on odd
 // shapes: C a multiple of the 128-bit width and not, several column tiles, reductions over one and several row
 // slices, and pointers one element off 16-byte alignment (the scalar paths). Every device output is poisoned
@@ -28,6 +29,7 @@
 #include "engine/backend.h"
 #include "kernels/bf16.h"
 #include "kernels/check.h"
+#include "kernels/cpu/bn_coeffs.h"
 #include "kernels/cpu/conv_nhwc.h"
 #include "kernels/cpu/nhwc.h"
 #include "tests/nhwc_util.h"
@@ -36,6 +38,7 @@
 
 #ifdef VB_WITH_CUDA
 #include "kernels/cuda/bf16_convert.cuh"
+#include "kernels/cuda/bn_fold.cuh"
 #include "kernels/cuda/bn_nhwc.cuh"
 #include "kernels/cuda/layout.cuh"
 #include "kernels/cuda/pool_nhwc.cuh"
@@ -67,6 +70,8 @@ TEST_CASE("NHWC kernels check their arguments on the host, before any launch") {
   CHECK(cuda::bn_nhwc_work_bytes(64) >= 64 * 5 * sizeof(float));
   CHECK(cuda::bn_nhwc_work_bytes(2048) < (size_t(8) << 20));
   CHECK_THROWS_AS(cuda::transpose_batched(nullptr, 1, -1, 4, nullptr, nullptr), Error);
+  CHECK_THROWS_AS(cuda::bn_fold_weights(nullptr, 0, 4, 9, f, f, f, f, f, 1e-5, false, f, f), Error);
+  CHECK_THROWS_AS(cuda::bn_fold_weights(nullptr, 4, 4, 9, f, f, f, nullptr, f, 1e-5, false, f, f), Error);
 }
 
 namespace {
@@ -329,5 +334,45 @@ TEST_CASE("layout changes on the device (the CUDA backend in NHWC): bit for bit 
     vbtest::check_bits("nhwc_to_nchw", b.down(), nchw);
     vbtest::check_bits("the round trip", back.down(), x);
   }
+}
+#endif
+
+#ifdef VB_WITH_CUDA
+TEST_CASE("batch norm folded into convolution weights on the device: the CPU's folded values, bit for bit") {
+  if (!has_gpu()) return;
+  // cpu::bn_eval_affine's a and b (double, rounded to float), then w * a in float: what the CPU backend's
+  // evaluation multiplies into its packed weights. OIHW and KRSC, with and without gamma / beta.
+  uint32_t seed = 6000;
+  for (const auto& [K, C, RS] : std::vector<std::array<int, 3>>{{4, 5, 9}, {24, 16, 1}, {64, 3, 49}, {33, 7, 9}})
+    for (bool affine : {true, false})
+      for (bool krsc : {false, true}) {
+        CAPTURE(K);
+        CAPTURE(C);
+        CAPTURE(RS);
+        CAPTURE(affine);
+        CAPTURE(krsc);
+        const size_t n = size_t(K) * C * RS;
+        const auto w = vbtest::uniform(n, seed++), gamma = vbtest::uniform(K, seed++, 0.5f, 1.5f),
+                   beta = vbtest::uniform(K, seed++), rm = vbtest::uniform(K, seed++),
+                   rv = vbtest::uniform(K, seed++, 0.01f, 3.f);
+        std::vector<float> want(n), want_bias(K), folded(n);
+        for (int k = 0; k < K; ++k) {
+          float a = 0, b = 0;
+          cpu::bn_eval_affine<float>(affine ? gamma.data() : nullptr, affine ? beta.data() : nullptr, rm.data(),
+                                     rv.data(), 1e-5, k, a, b);
+          want_bias[size_t(k)] = b;
+          for (size_t i = 0; i < size_t(C) * RS; ++i) folded[size_t(k) * C * RS + i] = w[size_t(k) * C * RS + i] * a;
+        }
+        if (krsc)
+          cpu::nchw_to_nhwc<float>(K, C, RS, folded.data(), want.data());
+        else
+          want = folded;
+        DevBuf<float> dw(w, false), dg(gamma, false), db(beta, false), drm(rm, false), drv(rv, false), wf(n, false),
+            bias(size_t(K), false);
+        cuda::bn_fold_weights(nullptr, K, C, RS, dw.p, affine ? dg.p : nullptr, affine ? db.p : nullptr, drm.p, drv.p,
+                              1e-5, krsc, wf.p, bias.p);
+        vbtest::check_bits("folded weights", wf.down(), want);
+        vbtest::check_bits("folded bias", bias.down(), want_bias);
+      }
 }
 #endif

@@ -242,6 +242,44 @@ TEST_CASE("convolutions: cuDNN vs CPU on ResNet-50 layer shapes (large)") {
   });
 }
 
+TEST_CASE("conv_bn_eval: the batch norm folded into the convolution, one fused cuDNN call, against the CPU") {
+  // With and without residual and ReLU (without ReLU cuDNN fuses only with one algorithm: the other layers take
+  // the unfused path, checked the same way), fp32 and tf32, twice each (the first call chooses the algorithm).
+  if (!has_gpu()) return;
+  const std::vector<ConvShape> shapes = {
+      {3, 5, 7, 9, 4, 3, 3, 1, 1}, {2, 3, 33, 31, 8, 7, 7, 2, 3}, {2, 16, 6, 5, 24, 1, 1, 1, 0}, {4, 64, 8, 8, 64, 3, 3, 1, 1}};
+  for (Precision prec : {Precision::FP32, Precision::TF32}) {
+    dev().set_precision(prec);
+    const Tol t = matmul_tol(prec);
+    uint32_t seed = 900;
+    for (const ConvShape& s : shapes)
+      for (int variant = 0; variant < 4; ++variant) {
+        const bool use_res = variant & 1, relu = variant & 2;
+        const size_t nx = size_t(s.N) * s.C * s.H * s.W, nw = size_t(s.K) * s.C * s.R * s.S,
+                     ny = size_t(s.N) * s.K * s.P() * s.Q(), K = size_t(s.K);
+        const auto x = randv(nx, seed++), w = randv(nw, seed++), res = randv(ny, seed++);
+        const auto gamma = randv(K, seed++, 0.5f, 1.5f), beta = randv(K, seed++), rm = randv(K, seed++),
+                   rv = randv(K, seed++, 0.5f, 2.f);
+        std::vector<float> y(ny);
+        ref().conv_bn_eval(s, x.data(), w.data(), gamma.data(), beta.data(), rm.data(), rv.data(), 1e-5,
+                           use_res ? res.data() : nullptr, relu, y.data());
+        auto X = up(x), Wt = up(w), R = up(res), G = up(gamma), B = up(beta), RM = up(rm), RV = up(rv);
+        for (int rep = 0; rep < 2; ++rep) {
+          auto Y = poisoned(ny);
+          dev().conv_bn_eval(s, X->f(), Wt->f(), G->f(), B->f(), RM->f(), RV->f(), 1e-5, use_res ? R->f() : nullptr,
+                             relu, Y->f());
+          expect_close(std::string("conv_bn_eval ") + precision_name(prec) + " C" + std::to_string(s.C) + " K" +
+                           std::to_string(s.K) + " " + std::to_string(s.R) + "x" + std::to_string(s.S) +
+                           (use_res ? " +res" : "") + (relu ? " relu" : ""),
+                       down(*Y, ny), y, t.norm, t.elem);
+        }
+        // The weights are read, never written (the fold goes to the backend's scratch).
+        expect_identical("conv_bn_eval leaves w", down(*Wt, nw), w);
+      }
+  }
+  dev().set_precision(Precision::TF32);
+}
+
 namespace {
 struct BnShape {
   int N, C, H, W;
