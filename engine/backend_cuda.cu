@@ -287,14 +287,14 @@ class CudaBackend final : public Backend {
   // into the filter scratch, KRSC in NHWC) and one cuDNN call, y = act(conv(x, w a) + residual + b)
   // (cudnnConvolutionBiasActivationForward) with the layer's forward algorithm. cuDNN fuses the identity only
   // with IMPLICIT_PRECOMP_GEMM; where it cannot fuse, or refuses the call, the convolution and bn_eval_fwd run
-  // apart (the default), and the layer keeps to that.
+  // apart (the default), and the layer keeps to that. VB_CUDA_FOLD_BN=0 never fuses.
   void conv_bn_eval(const ConvShape& s, const float* x, const float* w, const float* gamma, const float* beta,
                     const float* running_mean, const float* running_var, double eps, const float* residual,
                     bool relu, float* y) override {
     ConvPlan& p = plan(s);
     const int d = int(ConvDir::Fwd);
     if (!p.unfused) {
-      if (s.K > kBnChannels) {
+      if (s.K > kBnChannels || !fold_bn_) {
         p.unfused = true;
       } else {
         float* wf = krsc_scratch(s);
@@ -316,7 +316,12 @@ class CudaBackend final : public Backend {
               residual ? &one : &zero, p.y, residual ? residual : y, p.bias, fold_bias_, relu ? relu_ : identity_,
               p.y, y);
           if (st == CUDNN_STATUS_SUCCESS) return;
-          if (st != CUDNN_STATUS_NOT_SUPPORTED && st != CUDNN_STATUS_BAD_PARAM) VB_CUDNN_CHECK(st);
+          // Any refusal: the layer runs unfused from now on (an evaluation must not fail on an optimisation);
+          // other than "not supported", said once on stderr.
+          if (st != CUDNN_STATUS_NOT_SUPPORTED)
+            std::fprintf(stderr, "vbtrain: cuDNN's fused convolution + bias + activation failed (%s) for C%d %dx%d "
+                         "K%d %dx%d/%d; this layer's evaluation runs unfused\n", cudnnGetErrorString(st), s.C, s.H,
+                         s.W, s.K, s.R, s.S, s.stride);
           p.unfused = true;
         }
       }
@@ -697,6 +702,12 @@ class CudaBackend final : public Backend {
   size_t wt_size_ = 0;
   float* fold_bias_ = nullptr;  // conv_bn_eval's folded bias, kBnChannels floats
   cudnnActivationDescriptor_t relu_ = nullptr, identity_ = nullptr;  // conv_bn_eval's activations
+  // VB_CUDA_FOLD_BN=0: evaluation runs convolution then batch norm (for comparisons, or should cuDNN's fused
+  // call misbehave on some GPU).
+  bool fold_bn_ = [] {
+    const char* e = std::getenv("VB_CUDA_FOLD_BN");
+    return !(e && std::string(e) == "0");
+  }();
   std::string desc_;
   std::map<ConvKey, std::unique_ptr<ConvPlan>> plans_;
   std::map<void*, size_t> sizes_;  // live allocations, for release and the memory figures
