@@ -61,8 +61,23 @@ TEST_CASE("a run folder holds what the notebook saves, and more") {
   REQUIRE(r.code == 0);
   for (const char* f : {"config.json", "metrics.csv", "metrics.jsonl", "checkpoint-last.safetensors",
                         "checkpoint-best.safetensors", "model-epoch0.safetensors", "final_model.safetensors",
-                        "report.html", "test_metrics.json", "test_confusion.csv", "test_confusion.svg"})
+                        "report.html", "test_metrics.json", "test_confusion.csv", "test_confusion.svg", "timing.json"})
     CHECK_MESSAGE(fs::exists(out / f), f);
+  // The wall time by phase: every part measured, none negative, and together no more than the whole.
+  const auto t = nlohmann::json::parse(read(out / "timing.json"));
+  CHECK(t.at("epochs") == 3);
+  CHECK(t.at("jpeg_decodes").get<int64_t>() > 0);
+  double parts = 0;
+  for (const char* k : {"setup_s", "training_s", "validation_s", "checkpoints_s", "test_s", "final_files_s"}) {
+    CHECK_MESSAGE(t.at(k).get<double>() >= 0, k);
+    parts += t.at(k).get<double>();
+  }
+  CHECK(t.at("training_s").get<double>() > 0);
+  CHECK(t.at("validation_s").get<double>() > 0);
+  CHECK(t.at("training_data_wait_s").get<double>() <= t.at("training_s").get<double>());
+  CHECK(parts <= t.at("total_s").get<double>() + 1e-6);
+  CHECK(t.at("other_s").get<double>() == doctest::Approx(t.at("total_s").get<double>() - parts).epsilon(1e-9));
+  CHECK(r.out.find("time: ") != std::string::npos);
   auto cfg = nlohmann::json::parse(read(out / "config.json"));
   CHECK(cfg.at("epochs") == 3);
   CHECK(cfg.at("batch_size") == 16);

@@ -182,7 +182,7 @@ TEST_CASE("resolve_run: resuming a run folder with and without checkpoint-last")
 
 TEST_CASE("remove_run_files removes a run's files and keeps the others") {
   TempDir t;
-  for (const char* f : {"config.json", "metrics.jsonl", "model-epoch10.safetensors", "skipped.csv", "notes.txt",
+  for (const char* f : {"config.json", "metrics.jsonl", "model-epoch10.safetensors", "skipped.csv", "timing.json", "notes.txt",
                         "model-epoch.txt"})
     touch(t.path / f);
   remove_run_files(t.path);

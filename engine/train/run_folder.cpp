@@ -18,7 +18,7 @@ namespace {
 const char* const kRunFiles[] = {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint-last.safetensors",
                                  "checkpoint-best.safetensors", "final_model.safetensors", "report.html",
                                  "test_metrics.json", "test_confusion.csv", "test_confusion.svg",
-                                 "val_confusion_best.csv", "skipped.csv"};
+                                 "val_confusion_best.csv", "skipped.csv", "timing.json"};
 bool is_epoch_model_file(const std::string& n) {
   return n.rfind("model-epoch", 0) == 0 && n.size() > 23 && n.compare(n.size() - 12, 12, ".safetensors") == 0;
 }

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <csignal>
@@ -88,6 +89,31 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
+nlohmann::json RunTimes::to_json() const {
+  const double accounted = setup + training + validation + checkpoints + test + final_files;
+  return {{"total_s", total},
+          {"setup_s", setup},
+          {"training_s", training},
+          {"training_data_wait_s", data_wait},
+          {"validation_s", validation},
+          {"checkpoints_s", checkpoints},
+          {"test_s", test},
+          {"final_files_s", final_files},
+          {"other_s", std::max(0.0, total - accounted)},
+          {"epochs", epochs},
+          {"jpeg_decodes", decoded}};
+}
+
+std::string RunTimes::line() const {
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "time: %.1f s: setup %.1f s, training %.1f s (%lld epochs; waiting for data %.1f s; %lld JPEG "
+                "decodes), validation %.1f s, checkpoints and reports %.1f s, test %.1f s, final model %.1f s",
+                total, setup, training, (long long)epochs, data_wait, (long long)decoded, validation, checkpoints,
+                test, final_files);
+  return buf;
+}
+
 int run_training(TrainOptions opt, const std::string& resume, bool epochs_given) {
   Trainer trainer(resolve_run(std::move(opt), resume, epochs_given));
   return trainer.run();
@@ -97,10 +123,12 @@ Trainer::Trainer(ResolvedRun run) : run_(std::move(run)), opt_(run_.opt), out_(r
 Trainer::~Trainer() = default;
 
 int Trainer::run() {
+  run_start_ = std::chrono::steady_clock::now();
   build_data();
   build_model();
   restore();
   open_run_folder();
+  times_.setup = seconds_since(run_start_);
   SigintGuard sigint;
   for (int64_t epoch = pos_.epoch; epoch < opt_.epochs; ++epoch) {
     EpochRow row;
@@ -299,6 +327,11 @@ bool Trainer::train_epoch(int64_t epoch, EpochRow& row) {
   skipped_.merge(train_loader_->skipped("train"));
   if (step == 0) fail_all_skipped(opt_.data, "training", train_.size(), skipped_, out_);
   const double train_seconds = seconds_since(epoch_start_);
+  const data::LoaderStats ls = train_loader_->stats();
+  times_.training += train_seconds;
+  times_.data_wait += ls.wait_seconds;
+  times_.decoded += ls.decoded;
+  ++times_.epochs;
   row.epoch = epoch + 1;
   row.train_loss = step ? losses.sum() / double(step) : NAN;
   row.lr = lr;
@@ -340,6 +373,7 @@ void Trainer::save_mid_epoch(int64_t epoch, int64_t step, double loss_sum) {
 }
 
 std::unique_ptr<Confusion> Trainer::validate(EpochRow& row) {
+  const auto t0 = std::chrono::steady_clock::now();
   std::unique_ptr<Confusion> conf;
   if (val_loader_) {
     EvalResult v = evaluate(*model_, *val_loader_, *loss_);
@@ -353,10 +387,12 @@ std::unique_ptr<Confusion> Trainer::validate(EpochRow& row) {
     row.class_accuracy.assign(data::kNumClasses, NAN);
   }
   row.seconds = seconds_since(epoch_start_);
+  times_.validation += seconds_since(t0);
   return conf;
 }
 
 bool Trainer::checkpoint(int64_t epoch, const EpochRow& row, const Confusion* val) {
+  const auto t0 = std::chrono::steady_clock::now();
   sched_->step();
   pos_.epoch = epoch + 1;
   pos_.step_in_epoch = 0;
@@ -378,6 +414,7 @@ bool Trainer::checkpoint(int64_t epoch, const EpochRow& row, const Confusion* va
   write_metrics(out_, rows_);
   write_report(out_, opt_, cfg_.describe(), rows_, best_confusion_.get(), pos_.best_epoch, nullptr);
   save_last(pos_);
+  times_.checkpoints += seconds_since(t0);
   return best;
 }
 
@@ -401,12 +438,21 @@ void Trainer::report_epoch(const EpochRow& row, bool validated, bool best) {
 // ------------------------------------------------------------------------------------------------ the end
 
 void Trainer::finish() {
+  auto t0 = std::chrono::steady_clock::now();
   save_model_file((out_ / "final_model.safetensors").string(), *model_, opt_.image_size);
+  times_.final_files += seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
   const std::unique_ptr<Confusion> test = evaluate_test_split();
+  times_.test = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
   write_report(out_, opt_, cfg_.describe(), rows_, best_confusion_.get(), pos_.best_epoch, test.get());
   skipped_.announced = 0;  // the summary once more, at the end, where it is seen
   skipped_.save(out_);
-  std::printf("done: %s (final model, checkpoints, metrics.csv, report.html)\n", escape(opt_.out).c_str());
+  times_.final_files += seconds_since(t0);
+  times_.total = seconds_since(run_start_);
+  write_file_atomic((out_ / "timing.json").string(), json_dump(times_.to_json(), 2) + "\n");
+  std::printf("%s\n", times_.line().c_str());
+  std::printf("done: %s (final model, checkpoints, metrics.csv, report.html, timing.json)\n", escape(opt_.out).c_str());
 }
 
 // The final model on the test split (when asked and present): test_confusion.{csv,svg}, test_metrics.json.

@@ -31,6 +31,23 @@
 
 namespace vb {
 
+// This process's wall time by phase: printed at the end of a run and kept in its timing.json (a resumed run
+// counts from its resume).
+struct RunTimes {
+  double setup = 0;        // dataset index, backend, model, restore, run folder, loaders
+  double training = 0;     // the epochs' training passes, of which:
+  double data_wait = 0;    //   waiting for the loader (decoding, augmenting) rather than computing
+  double validation = 0;   // the validation passes
+  double checkpoints = 0;  // after each epoch: StepLR, checkpoints, model files, metrics, report
+  double test = 0;         // the final model on the test split
+  double final_files = 0;  // final_model and the final report
+  int64_t decoded = 0;     // training JPEG decodes (decoded-frame cache misses)
+  int64_t epochs = 0;      // epochs trained by this process
+  double total = 0;        // from the start of Trainer::run to the end of finish
+  nlohmann::json to_json() const;
+  std::string line() const;  // "time: ..." for the terminal
+};
+
 // Runs (or resumes) a training run; returns the process exit code (130 when interrupted by Ctrl-C).
 // resume: a run folder to continue, or a notebook checkpoint (.pth) to continue from; "" for a new run.
 int run_training(TrainOptions opt, const std::string& resume, bool epochs_given);
@@ -64,6 +81,7 @@ class Trainer {
   const TrainPosition& position() const { return pos_; }
   const std::vector<EpochRow>& rows() const { return rows_; }
   const std::vector<float>& class_weights() const { return class_weights_; }
+  const RunTimes& times() const { return times_; }
   Model* model() { return model_.get(); }
 
  private:
@@ -98,6 +116,8 @@ class Trainer {
   SkipList skipped_;
   int64_t steps_this_run_ = 0;
   std::chrono::steady_clock::time_point epoch_start_;
+  std::chrono::steady_clock::time_point run_start_ = std::chrono::steady_clock::now();
+  RunTimes times_;
 };
 
 }  // namespace vb

@@ -328,14 +328,15 @@ void run_tiles(int64_t ntiles, int max_seg, int len, int64_t rows, const T* pack
       }
       const int s0 = grp * per_group, s1 = std::min(nsl, s0 + per_group);
       const int nt = int(t1 - t0);
-      const int steps = (s1 - s0) * nt;
+      // The item kPrefetchTiles ahead: tile pt of sliver ps (advanced with the loops, no division per item).
+      int ps = s0 + kPrefetchTiles / nt, pt = kPrefetchTiles % nt;
       for (int sl = s0; sl < s1; ++sl) {
         const T* bs = packed + int64_t(sl) * rows * NR;
         const int n = std::min(NR, n_out - sl * NR);
         for (int64_t tt = t0; tt < t1; ++tt) {
           const TileView<T>& v = views[tt - t0];
-          const int ahead = (sl - s0) * nt + int(tt - t0) + kPrefetchTiles;
-          if (ahead < steps) prefetch_tile(views[ahead % nt], int64_t(s0 + ahead / nt) * NR, epi);
+          if (ps < s1) prefetch_tile(views[pt], int64_t(ps) * NR, epi);
+          if (++pt == nt) pt = 0, ++ps;
           const bool direct = v.m == MR && n == NR;
           alignas(64) T tmp[MR * NR];
           T* c[MR];
