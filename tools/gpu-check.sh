@@ -528,7 +528,7 @@ run_step default-run 100000 "$VBTRAIN" train --device cuda
 STEP_DIR=""
 verdict "$LOGS/default-run.log"
 RUNDIR=$WORK/default/runs/default
-for f in config.json metrics.jsonl test_metrics.json; do [[ -f "$RUNDIR/$f" ]] && cp "$RUNDIR/$f" "$LOGS/default-run-$f"; done
+for f in config.json metrics.jsonl test_metrics.json timing.json; do [[ -f "$RUNDIR/$f" ]] && cp "$RUNDIR/$f" "$LOGS/default-run-$f"; done
 epochs=0
 [[ -f "$RUNDIR/metrics.jsonl" ]] && epochs=$(wc -l <"$RUNDIR/metrics.jsonl")
 acc=$(grep -o '"accuracy": *[0-9.eE+-]*' "$RUNDIR/test_metrics.json" 2>/dev/null | grep -o '[0-9.eE+-]*$')
