@@ -79,6 +79,7 @@ f1() { awk -v a="$1" 'BEGIN { printf "%.1f", a }'; }
 backend=$(sed -n 's/.*"backend": *"\([^"]*\)".*/\1/p' "$out/config.json" | head -1)
 model=$(sed -n 's/.*"model": *"\([^"]*\)".*/\1/p' "$out/config.json" | head -1)
 accuracy=$(sed -n 's/.*"accuracy": *\([0-9.eE+-]*\).*/\1/p' "$out/test_metrics.json" 2>/dev/null | head -1)
+[[ -n "$accuracy" ]] && accuracy=$(awk -v a="$accuracy" 'BEGIN { printf "%.4f", a }')
 
 echo "# B1 end to end, $(date -u +%Y-%m-%d) ($(nproc) cores)"
 echo
