@@ -154,6 +154,9 @@ class BackendT {
   // How many convolution algorithm searches ran so far (cuDNN: one per layer and direction for the largest
   // batch seen, plus a search where a reused choice does not fit a smaller shape); 0 where there is no search.
   virtual size_t conv_algo_searches() const { return 0; }
+  // How many conv_bn_eval calls ran as one fused call (cuDNN's convolution + bias + activation); 0 where the
+  // backend folds otherwise or not at all.
+  virtual size_t conv_bn_eval_fused() const { return 0; }
 
  protected:
   Precision precision_ = Precision::TF32;

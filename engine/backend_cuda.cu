@@ -70,7 +70,8 @@ struct ConvPlan {
   cudnnFilterDescriptor_t w = nullptr;
   cudnnConvolutionDescriptor_t conv = nullptr;
   cudnnTensorDescriptor_t bias = nullptr;  // [1, K, 1, 1]: conv_bn_eval's folded bias (made on first use)
-  bool unfused = false;  // conv_bn_eval: cuDNN refused the fused call once; convolution and batch norm apart
+  // conv_bn_eval: cuDNN refused the fused call once, without ([0]) or with ([1]) ReLU; unfused from then on.
+  bool unfused[2] = {false, false};
   bool chosen[3] = {false, false, false};
   bool reused[3] = {false, false, false};  // the choice was searched for a larger batch of the layer
   int algo[3] = {0, 0, 0};  // cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t
@@ -286,52 +287,22 @@ class CudaBackend final : public Backend {
   // Evaluation: the batch norm folded into the weights (cuda::bn_fold_weights: the CPU backend's folded values,
   // into the filter scratch, KRSC in NHWC) and one cuDNN call, y = act(conv(x, w a) + residual + b)
   // (cudnnConvolutionBiasActivationForward) with the layer's forward algorithm. cuDNN fuses the identity only
-  // with IMPLICIT_PRECOMP_GEMM; where it cannot fuse, or refuses the call, the convolution and bn_eval_fwd run
-  // apart (the default), and the layer keeps to that. VB_CUDA_FOLD_BN=0 never fuses.
+  // with IMPLICIT_PRECOMP_GEMM: a layer without ReLU whose algorithm is another runs unfused (the convolution,
+  // then bn_eval_fwd: the default). A layer whose fused call cuDNN refuses runs unfused from then on, for that
+  // activation (said once on stderr unless the refusal is "not supported"). VB_CUDA_FOLD_BN=0 never fuses;
+  // conv_bn_eval_fused() counts the fused calls (the tests and VB_CUDNN_LOG read it).
   void conv_bn_eval(const ConvShape& s, const float* x, const float* w, const float* gamma, const float* beta,
                     const float* running_mean, const float* running_var, double eps, const float* residual,
                     bool relu, float* y) override {
     ConvPlan& p = plan(s);
-    const int d = int(ConvDir::Fwd);
-    if (!p.unfused) {
-      if (s.K > kBnChannels || !fold_bn_) {
-        p.unfused = true;
-      } else {
-        float* wf = krsc_scratch(s);
-        cuda::bn_fold_weights(st_, s.K, s.C, s.R * s.S, w, gamma, beta, running_mean, running_var, eps, nhwc_, wf,
-                              fold_bias_);
-        if (!p.chosen[d]) resolve(s, p, ConvDir::Fwd, x, wf, y);
-        if (!relu && p.algo[d] != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) {
-          p.unfused = true;
-        } else {
-          if (!p.bias) {
-            VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p.bias));
-            VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p.bias, nhwc_ ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW,
-                                                      CUDNN_DATA_FLOAT, 1, s.K, 1, 1));
-          }
-          const float one = 1.f, zero = 0.f;
-          VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[d]));
-          const cudnnStatus_t st = cudnnConvolutionBiasActivationForward(
-              dnn_, &one, p.x, x, p.w, wf, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[d]), ws_, p.ws[d],
-              residual ? &one : &zero, p.y, residual ? residual : y, p.bias, fold_bias_, relu ? relu_ : identity_,
-              p.y, y);
-          if (st == CUDNN_STATUS_SUCCESS) return;
-          // Any refusal: the layer runs unfused from now on (an evaluation must not fail on an optimisation);
-          // other than "not supported", said once on stderr.
-          if (st != CUDNN_STATUS_NOT_SUPPORTED)
-            std::fprintf(stderr, "vbtrain: cuDNN's fused convolution + bias + activation failed (%s) for C%d %dx%d "
-                         "K%d %dx%d/%d; this layer's evaluation runs unfused\n", cudnnGetErrorString(st), s.C, s.H,
-                         s.W, s.K, s.R, s.S, s.stride);
-          p.unfused = true;
-        }
-      }
-      if (std::getenv("VB_CUDNN_LOG"))
-        std::fprintf(stderr, "cudnn %s conv_bn_eval N%d C%d %dx%d K%d %dx%d/%d: not fused (algo %d%s), convolution "
-                     "then batch norm\n", precision_name(precision_), s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride,
-                     p.algo[d], relu ? "" : ", no ReLU");
+    if (fold_bn_ && s.K <= kBnChannels && !p.unfused[relu] && fused_eval(s, p, x, w, gamma, beta, running_mean,
+                                                                          running_var, eps, residual, relu, y)) {
+      ++fused_evals_;
+      return;
     }
     Backend::conv_bn_eval(s, x, w, gamma, beta, running_mean, running_var, eps, residual, relu, y);
   }
+  size_t conv_bn_eval_fused() const override { return fused_evals_; }
 
   // ---- batch norm ----
   void bn_train_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
@@ -467,6 +438,41 @@ class CudaBackend final : public Backend {
     grow_buffer(buf, bytes, need, "batch norm's scratch");
     bn_work_ = static_cast<float*>(buf);
     bn_work_floats_ = bytes / sizeof(float);
+  }
+
+  // conv_bn_eval's fused path; false when it did not run (the caller then runs the layer unfused).
+  bool fused_eval(const ConvShape& s, ConvPlan& p, const float* x, const float* w, const float* gamma,
+                  const float* beta, const float* running_mean, const float* running_var, double eps,
+                  const float* residual, bool relu, float* y) {
+    const int d = int(ConvDir::Fwd);
+    float* wf = krsc_scratch(s);
+    cuda::bn_fold_weights(st_, s.K, s.C, s.R * s.S, w, gamma, beta, running_mean, running_var, eps, nhwc_, wf,
+                          fold_bias_);
+    if (!p.chosen[d]) resolve(s, p, ConvDir::Fwd, x, wf, y);
+    const bool log = std::getenv("VB_CUDNN_LOG") != nullptr;
+    if (!relu && p.algo[d] != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) {
+      if (log)
+        std::fprintf(stderr, "cudnn conv_bn_eval C%d %dx%d K%d %dx%d/%d: no ReLU with algo %d, not fused\n", s.C, s.H,
+                     s.W, s.K, s.R, s.S, s.stride, p.algo[d]);
+      return false;
+    }
+    if (!p.bias) {
+      VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p.bias));
+      VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p.bias, nhwc_ ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW,
+                                                CUDNN_DATA_FLOAT, 1, s.K, 1, 1));
+    }
+    const float one = 1.f, zero = 0.f;
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[d]));
+    const cudnnStatus_t st = cudnnConvolutionBiasActivationForward(
+        dnn_, &one, p.x, x, p.w, wf, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[d]), ws_, p.ws[d],
+        residual ? &one : &zero, p.y, residual ? residual : y, p.bias, fold_bias_, relu ? relu_ : identity_, p.y, y);
+    if (st == CUDNN_STATUS_SUCCESS) return true;
+    p.unfused[relu] = true;
+    if (st != CUDNN_STATUS_NOT_SUPPORTED || log)
+      std::fprintf(stderr, "vbtrain: cuDNN refused the fused convolution + bias + %s (%s) for C%d %dx%d K%d %dx%d/%d "
+                   "(algo %d); this layer's evaluation runs unfused\n", relu ? "ReLU" : "identity",
+                   cudnnGetErrorString(st), s.C, s.H, s.W, s.K, s.R, s.S, s.stride, p.algo[d]);
+    return false;
   }
 
   // NHWC: whether a layer's filter goes through the KRSC scratch (not a 1x1 one); the scratch (sized in the
@@ -702,6 +708,7 @@ class CudaBackend final : public Backend {
   size_t wt_size_ = 0;
   float* fold_bias_ = nullptr;  // conv_bn_eval's folded bias, kBnChannels floats
   cudnnActivationDescriptor_t relu_ = nullptr, identity_ = nullptr;  // conv_bn_eval's activations
+  size_t fused_evals_ = 0;  // conv_bn_eval calls that ran fused
   // VB_CUDA_FOLD_BN=0: evaluation runs convolution then batch norm (for comparisons, or should cuDNN's fused
   // call misbehave on some GPU).
   bool fold_bn_ = [] {

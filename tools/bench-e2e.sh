@@ -22,17 +22,18 @@ out="$root/runs/e2e"
 scale=1
 clips=88
 train_args=()
+value() { [[ $# -ge 2 ]] || { echo "bench-e2e: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --build) build="$2"; shift 2 ;;
-    --data) data="$2"; shift 2 ;;
-    --synth-dir) synth_dir="$2"; shift 2 ;;
-    --epochs) epochs="$2"; shift 2 ;;
-    --out) out="$2"; shift 2 ;;
-    --scale) scale="$2"; shift 2 ;;
-    --clips-per-video) clips="$2"; shift 2 ;;
+    --build) value "$@"; build="$2"; shift 2 ;;
+    --data) value "$@"; data="$2"; shift 2 ;;
+    --synth-dir) value "$@"; synth_dir="$2"; shift 2 ;;
+    --epochs) value "$@"; epochs="$2"; shift 2 ;;
+    --out) value "$@"; out="${2%/}"; shift 2 ;;
+    --scale) value "$@"; scale="$2"; shift 2 ;;
+    --clips-per-video) value "$@"; clips="$2"; shift 2 ;;
     --) shift; train_args=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-e2e: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -46,14 +47,28 @@ if [[ -z "$data" ]]; then
   if [[ -n "$synth_dir" ]]; then data="$synth_dir"
   elif [[ "$scale" == 1 && "$clips" == 88 ]]; then data="$root/data-e2e"
   else data="$root/data-e2e-$scale-$clips"; fi
+  # .complete holds the size the set was made at; a folder without it is only ever replaced when empty or
+  # left by an interrupted synth of this script (.partial), never a dataset of someone else's.
+  want="scale $scale clips-per-video $clips"
   if [[ -f "$data/.complete" ]]; then
+    [[ "$(cat "$data/.complete")" == "$want" ]] || {
+      echo "bench-e2e: $data holds a set of another size ($(cat "$data/.complete")); remove it or give --synth-dir" >&2
+      exit 2
+    }
     synth_note="kept from an earlier run"
   else
+    if [[ -e "$data" && ! -f "$data/.partial" && -n "$(ls -A "$data" 2>/dev/null)" ]]; then
+      echo "bench-e2e: $data is not empty and not a set this script made; give another --synth-dir" >&2
+      exit 2
+    fi
     echo "bench-e2e: writing the synthetic dataset into $data (once) ..." >&2
     t0=$(now)
     rm -rf "$data"
-    "$vbtrain" synth --out "$data" --scale "$scale" --clips-per-video "$clips" >&2
-    touch "$data/.complete"
+    mkdir -p "$data"
+    touch "$data/.partial"
+    "$vbtrain" synth --out "$data" --overwrite --scale "$scale" --clips-per-video "$clips" >&2
+    echo "$want" >"$data/.complete"
+    rm -f "$data/.partial"
     synth_note="written in $(secs "$t0" "$(now)") s, not part of the run"
   fi
 fi
@@ -78,7 +93,8 @@ field() { sed -n "s/.*\"$1\": *\([0-9.eE+-]*\).*/\1/p" "$out/timing.json" | head
 f1() { awk -v a="$1" 'BEGIN { printf "%.1f", a }'; }
 backend=$(sed -n 's/.*"backend": *"\([^"]*\)".*/\1/p' "$out/config.json" | head -1)
 model=$(sed -n 's/.*"model": *"\([^"]*\)".*/\1/p' "$out/config.json" | head -1)
-accuracy=$(sed -n 's/.*"accuracy": *\([0-9.eE+-]*\).*/\1/p' "$out/test_metrics.json" 2>/dev/null | head -1)
+accuracy=""
+[[ -f "$out/test_metrics.json" ]] && accuracy=$(sed -n 's/.*"accuracy": *\([0-9.eE+-]*\).*/\1/p' "$out/test_metrics.json" | head -1)
 [[ -n "$accuracy" ]] && accuracy=$(awk -v a="$accuracy" 'BEGIN { printf "%.4f", a }')
 
 echo "# B1 end to end, $(date -u +%Y-%m-%d) ($(nproc) cores)"

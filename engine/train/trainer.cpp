@@ -275,6 +275,9 @@ void Trainer::open_run_folder() {
   config_["test_clips"] = test_.size();
   config_["class_weights"] = class_weights_;
   write_file_atomic((out_ / "config.json").string(), json_dump(config_, 2) + "\n");
+  // An earlier process's timing (a resumed run) would not describe this one: finish writes it anew.
+  std::error_code ignored;
+  fs::remove(out_ / "timing.json", ignored);
 
   train_loader_ = std::make_unique<data::Loader>(train_, loader_options(opt_, true, *be_));
   if (!val_.empty()) val_loader_ = std::make_unique<data::Loader>(val_, loader_options(opt_, false, *be_));

@@ -32,7 +32,8 @@
 namespace vb {
 
 // This process's wall time by phase: printed at the end of a run and kept in its timing.json (a resumed run
-// counts from its resume).
+// counts from its resume, the replay of an interrupted epoch's first steps as training; a run stopped before
+// its end writes none, and a resumed one removes the earlier process's).
 struct RunTimes {
   double setup = 0;        // dataset index, backend, model, restore, run folder, loaders
   double training = 0;     // the epochs' training passes, of which:

@@ -23,7 +23,9 @@ inline void bn_eval_affine(const T* gamma, const T* beta, const T* running_mean,
   const double invstd = 1.0 / std::sqrt(double(running_var[c]) + eps);
   const double ad = (gamma ? double(gamma[c]) : 1.0) * invstd;
   a = T(ad);
-  b = T((beta ? double(beta[c]) : 0.0) - double(running_mean[c]) * ad);
+  // One rounding, written out (the compiler contracted it to this FMA anyway): the CUDA fold
+  // (kernels/cuda/bn_fold.cu) computes the same fma and gets the same bits.
+  b = T(std::fma(-double(running_mean[c]), ad, beta ? double(beta[c]) : 0.0));
 }
 
 }  // namespace vb::cpu

@@ -27,7 +27,7 @@ __global__ void fold_kernel(int K, int C, int RS, const float* __restrict__ w, c
     const float a = float(ad);
     const int64_t dst = krsc ? k * per_k + (rem % RS) * C + rem / RS : i;
     wf[dst] = w[i] * a;
-    if (rem == 0) bias[k] = float((beta ? double(beta[k]) : 0.0) - double(running_mean[k]) * ad);
+    if (rem == 0) bias[k] = float(fma(-double(running_mean[k]), ad, beta ? double(beta[k]) : 0.0));  // bn_eval_affine's
   }
 }
 

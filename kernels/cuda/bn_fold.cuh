@@ -1,7 +1,7 @@
 // Evaluation's batch norm folded into the convolution before it (the CUDA backend's conv_bn_eval):
 // bn(conv(x, w)) = conv(x, w * a) + b per output channel k, with
 //   a[k] = gamma[k] / sqrt(running_var[k] + eps),  b[k] = beta[k] - running_mean[k] * a[k],
-// computed in double and rounded to float, then w * a in float: cpu::bn_eval_affine's arithmetic and the CPU
+// computed in double (b as one fma) and rounded to float, then w * a in float: cpu::bn_eval_affine's arithmetic and the CPU
 // backend's folded weights (kernels/cpu/bn_coeffs.h, conv_nhwc.cpp's pack_weights with a scale), so the
 // folded weights are the same bits on both devices.
 #pragma once
