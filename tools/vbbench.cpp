@@ -6,7 +6,8 @@
 // for when bf16 kernels exist); 67 TFLOP/s FP32 without tensor cores (strict fp32 convolutions and the head,
 // which cuBLAS computes in fp32 in both modes). A last section weights each layer by how often ResNet-50 uses
 // it: the time one training step spends in convolutions and batch norm. Last come issue 11's NHWC kernels
-// (batch norm fused with add + ReLU, max pool, global average pool) with bf16 and float activations.
+// (batch norm fused with add + ReLU, max pool, global average pool) with bf16 and float activations, and the
+// CUDA backend's NHWC input transpose and evaluation fold.
 //
 // --versions prints what the process actually loaded (cuDNN, cuBLAS, the CUDA runtime and driver, the
 // library files) and the GPU's name, clocks and memory, and exits: the first thing tools/gpu-check.sh asks.
@@ -35,7 +36,9 @@
 
 #include "engine/backend.h"
 #include "kernels/cuda/bf16_convert.cuh"
+#include "kernels/cuda/bn_fold.cuh"
 #include "kernels/cuda/bn_nhwc.cuh"
+#include "kernels/cuda/layout.cuh"
 #include "kernels/cuda/pool_nhwc.cuh"
 #include "kernels/cuda/transforms.cuh"
 #include "tools/commands.h"
@@ -313,6 +316,28 @@ void bench_nhwc(Bench& bench, vb::Backend& be, int N, int S, const std::map<BnLa
                 bench.time_ms([&] { vb::cuda::avgpool_nhwc_fwd<A>(nullptr, N, H * H, F, x.p, y.p); }));
       bench.mem("pool_nhwc_" + tn, nm + " bwd", es * double(nx + size_t(N) * F),
                 bench.time_ms([&] { vb::cuda::avgpool_nhwc_bwd<A>(nullptr, N, H * H, F, y.p, dx.p); }));
+    }
+  }
+  if constexpr (std::is_same_v<A, float>) {
+    // What the CUDA backend adds in NHWC and in evaluation: the input batch's transpose (each upload), and the
+    // fold of a batch norm into ResNet-50's largest filter, written in KRSC (each evaluation layer).
+    const std::string nt = "transpose nchw->nhwc " + std::to_string(N) + "x3x" + std::to_string(S) + "x" +
+                           std::to_string(S);
+    if (bench.wanted(nt)) {
+      const size_t n = size_t(N) * 3 * S * S;
+      Buf x(be, n, 1), y(be, n, 2);
+      bench.mem("layout", nt, 2.0 * sizeof(float) * double(n),
+                bench.time_ms([&] { vb::cuda::nchw_to_nhwc(nullptr, N, 3, S * S, x.p, y.p); }));
+    }
+    const std::string nf = "bn fold 512x512x3x3 into KRSC";
+    if (bench.wanted(nf)) {
+      const int K = 512, C = 512;
+      const size_t n = size_t(K) * C * 9;
+      Buf w(be, n, 1), wf(be, n, 2), g(be, size_t(K), 3, 0.5f, 1.5f), bt(be, size_t(K), 4), rm(be, size_t(K), 5),
+          rv(be, size_t(K), 6, 0.5f, 1.5f), bias(be, size_t(K), 7);
+      bench.mem("bn_fold", nf, 2.0 * sizeof(float) * double(n), bench.time_ms([&] {
+        vb::cuda::bn_fold_weights(nullptr, K, C, 9, w.p, g.p, bt.p, rm.p, rv.p, 1e-5, true, wf.p, bias.p);
+      }));
     }
   }
 }
