@@ -61,6 +61,10 @@ class BackendT {
   // Bytes of device memory this backend holds now and at most so far (0 where not tracked).
   virtual size_t memory_in_use() const { return 0; }
   virtual size_t memory_peak() const { return 0; }
+  // How many blocks of backend memory have been allocated so far (alloc and the backend's own scratch and
+  // workspaces): a steady-state training step or evaluation batch adds none (the rule above; what a captured
+  // CUDA graph needs).
+  virtual size_t allocations() const { return 0; }
   // At most this many bytes held at once (0: no limit); an allocation beyond it fails as out of memory would.
   // For tests of the out-of-memory paths, and to try a memory budget on a larger device.
   virtual void set_memory_limit(size_t) {}

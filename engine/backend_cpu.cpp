@@ -107,6 +107,7 @@ class CpuBackend final : public BackendT<T> {
     if (!p) fail("out of host memory allocating ", bytes, " bytes");
     std::memset(p, 0, rounded);
     sizes_[p] = rounded;
+    ++allocations_;
     in_use_ += rounded;
     peak_ = std::max(peak_, in_use_);
     return p;
@@ -122,6 +123,7 @@ class CpuBackend final : public BackendT<T> {
   }
   size_t memory_in_use() const override { return in_use_; }
   size_t memory_peak() const override { return peak_; }
+  size_t allocations() const override { return allocations_; }
   void set_memory_limit(size_t bytes) override { limit_ = bytes; }
   void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
@@ -246,7 +248,7 @@ class CpuBackend final : public BackendT<T> {
   std::vector<T> coef_;  // conv_bn_eval's folded scale and bias
   OpProfile prof_;
   std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
-  size_t in_use_ = 0, peak_ = 0;
+  size_t in_use_ = 0, peak_ = 0, allocations_ = 0;
   size_t limit_ = 0;  // set_memory_limit; 0: none
 
 };

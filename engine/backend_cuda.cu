@@ -200,6 +200,7 @@ class CudaBackend final : public Backend {
   void set_deterministic(bool on) override { deterministic_ = on; }
   size_t memory_in_use() const override { return in_use_; }
   size_t memory_peak() const override { return peak_; }
+  size_t allocations() const override { return allocations_; }
   void set_memory_limit(size_t bytes) override { limit_ = bytes; }
   size_t conv_algo_searches() const override { return algo_cache_.searches(); }
   void upload(void* dst, const void* src, size_t bytes) override {
@@ -412,6 +413,7 @@ class CudaBackend final : public Backend {
            "): ", cudaGetErrorString(e));
     }
     account(int64_t(bytes));
+    ++allocations_;
     return p;
   }
 
@@ -718,7 +720,7 @@ class CudaBackend final : public Backend {
   std::string desc_;
   std::map<ConvKey, std::unique_ptr<ConvPlan>> plans_;
   std::map<void*, size_t> sizes_;  // live allocations, for release and the memory figures
-  size_t in_use_ = 0, peak_ = 0;
+  size_t in_use_ = 0, peak_ = 0, allocations_ = 0;
   size_t limit_ = 0;  // set_memory_limit; 0: none
   ConvAlgoCache algo_cache_;
   float* scalar_host_ = nullptr;  // kScalarSlots page-locked floats

@@ -39,6 +39,7 @@
 #include "engine/golden.h"
 #include "engine/weights.h"
 #include "tests/gpu_test_util.h"
+#include "tests/steady_state.h"
 #include "tests/test_util.h"
 
 #ifdef VB_WITH_CUDA
@@ -240,6 +241,15 @@ TEST_CASE("convolutions: cuDNN vs CPU on ResNet-50 layer shapes (large)") {
       {2, 1024, 14, 14, 2048, 1, 1, 2, 0},  // layer4 downsample
       {2, 512, 7, 7, 512, 3, 3, 1, 1},     // layer4 3x3
   });
+}
+
+TEST_CASE("a steady-state training step or evaluation allocates no device memory (the rule a captured step needs)") {
+  // A fresh backend: the warm-up inside makes its buffers, workspace and algorithm choices; then full and partial
+  // steps and evaluations of both sizes must allocate nothing (a smaller batch reuses the larger one's choices).
+  if (!has_gpu()) return;
+  std::unique_ptr<Backend> be = make_cuda_backend(0);
+  CHECK(vbtest::steady_state_allocations(*be) == 0);
+  CHECK(be->allocations() > 0);
 }
 
 TEST_CASE("conv_bn_eval: the batch norm folded into the convolution, one fused cuDNN call, against the CPU") {

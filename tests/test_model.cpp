@@ -7,6 +7,7 @@
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "engine/weights.h"
+#include "tests/steady_state.h"
 #include "tests/test_util.h"
 
 namespace {
@@ -263,6 +264,15 @@ TEST_CASE("the CPU backend's NHWC and NCHW layouts give the same training step a
   CHECK(vbtest::rel_err(a.grads, b.grads) < 1e-12);
   vbtest::check_close("running statistics", a.buffers.data(), b.buffers.data(), b.buffers.size(), 1e-13, 1e-11);
   vbtest::check_close("evaluation logits", a.logits_eval.data(), b.logits_eval.data(), b.logits_eval.size(), 1e-13, 1e-11);
+}
+
+TEST_CASE("a steady-state training step or evaluation allocates no backend memory (CPU, NHWC and NCHW)") {
+  for (vb::Layout layout : {vb::Layout::NHWC, vb::Layout::NCHW}) {
+    auto be = vb::make_cpu_backend(2, layout);
+    const size_t warm = be->allocations();
+    CHECK(vbtest::steady_state_allocations(*be) == 0);
+    CHECK(be->allocations() > warm);  // the counter counts: the model's buffers were allocated
+  }
 }
 
 TEST_CASE("a CPU training step and evaluation give the same bits on 1 and 2 threads (float, NHWC and NCHW)") {
