@@ -291,7 +291,7 @@ class CudaBackend final : public Backend {
   // with IMPLICIT_PRECOMP_GEMM: a layer without ReLU whose algorithm is another runs unfused (the convolution,
   // then bn_eval_fwd: the default). A layer whose fused call cuDNN refuses runs unfused from then on, for that
   // activation (said once on stderr unless the refusal is "not supported"). VB_CUDA_FOLD_BN=0 never fuses;
-  // conv_bn_eval_fused() counts the fused calls (the tests and VB_CUDNN_LOG read it).
+  // conv_bn_eval_fused() counts the fused calls (the tests read it).
   void conv_bn_eval(const ConvShape& s, const float* x, const float* w, const float* gamma, const float* beta,
                     const float* running_mean, const float* running_var, double eps, const float* residual,
                     bool relu, float* y) override {

@@ -11,7 +11,7 @@
 # data-e2e-<scale>-<clips>/ for other sizes) and kept; --scale / --clips-per-video: its size (for a quick check;
 # the defaults are the real size). Everything after `--` goes to `vbtrain train` (e.g. --device cuda --precision
 # tf32, or a smaller model). The run goes to --out (default runs/e2e, replaced each time). Prints a Markdown
-# table; exit status is vbtrain's.
+# table; exit status: vbtrain's (1 if it wrote no timing.json), 2 for bad arguments or folders.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="$root/build"

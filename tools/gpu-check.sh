@@ -20,12 +20,14 @@
 #   1. ldd on every binary: a library "not found" is reported and the check stops there;
 #   2. what runs: cuDNN, cuBLAS, CUDA runtime and driver as loaded (`vbbench --versions`), nvidia-smi;
 #   3. compute-sanitizer memcheck over the CUDA op tests (test cases named "(large)" left out), racecheck
-#      over the reduction kernels (batch norm, softmax + weighted CE, pooling); compute-sanitizer comes from
+#      over the reduction kernels (batch norm, softmax + weighted CE, pooling), memcheck over the NHWC kernel
+#      tests (test_cuda_nhwc); compute-sanitizer comes from
 #      .gpu-tools/ (tools/fetch-gpu-tools.sh, carried with the build), else PATH;
-#   4. every test binary, the CUDA op tests first, then the CUDA op tests with the backend in NHWC;
+#   4. every test binary: the CUDA op tests, the NHWC kernel tests, the CUDA op tests again with the backend in
+#      NHWC (test_cuda_ops_nhwc), then the others;
 #   5. parity: PyTorch's own distances to the golden run (tools/torch_distances.py, fp32 and tf32, made here)
 #      and `vbtrain verify --device cuda --against` them; bf16 distances for later;
-#   6. `vbtrain bench` (tf32, fp32, tf32 with the backend in NHWC), vbbench, tools/torch_bench.py, then the README's default run (what
+#   6. `vbtrain bench` (tf32, tf32 with the backend in NHWC, fp32), vbbench, tools/torch_bench.py, then the README's default run (what
 #      tools/run.sh runs after its setup step: `vbtrain train` with no --data) if time remains.
 # Each step's row is printed the moment the step ends, and the files in $OUT are rewritten after every step,
 # so a run killed from outside still leaves what it did. $OUT gets three files: gpu-results-<date>.md (the
@@ -447,7 +449,7 @@ elif [[ -z "$CS" ]]; then
 else
   sanitizer_step memcheck 150 memcheck "$CUDA_OPS" --test-case-exclude="*(large)*"
   sanitizer_step racecheck 90 racecheck "$CUDA_OPS" --test-case="*batch norm*,*softmax*,*pool*" --test-case-exclude="*(large)*"
-  # The NHWC / bf16 kernels of issue 11 (not yet used by the model): small shapes only.
+  # The NHWC / bf16 kernels of issue 11 (the backend's with VB_CUDA_LAYOUT=nhwc; bf16 not yet used): small shapes.
   [[ -x "$CUDA_NHWC" ]] && sanitizer_step memcheck-nhwc 90 memcheck "$CUDA_NHWC" --test-case-exclude="*(large)*"
 fi
 
