@@ -289,8 +289,8 @@ class CudaBackend final : public Backend {
   // into the filter scratch, KRSC in NHWC) and one cuDNN call, y = act(conv(x, w a) + residual + b)
   // (cudnnConvolutionBiasActivationForward) with the layer's forward algorithm. cuDNN fuses the identity only
   // with IMPLICIT_PRECOMP_GEMM: a layer without ReLU whose algorithm is another runs unfused (the convolution,
-  // then bn_eval_fwd: the default). A layer whose fused call cuDNN refuses runs unfused from then on, for that
-  // activation (said once on stderr unless the refusal is "not supported"). VB_CUDA_FOLD_BN=0 never fuses;
+  // then bn_eval_fwd: the default) from its first call on. A layer whose fused call cuDNN refuses runs unfused
+  // from then on, for that activation (said once on stderr unless the refusal is "not supported"). VB_CUDA_FOLD_BN=0 never fuses;
   // conv_bn_eval_fused() counts the fused calls (the tests read it).
   void conv_bn_eval(const ConvShape& s, const float* x, const float* w, const float* gamma, const float* beta,
                     const float* running_mean, const float* running_var, double eps, const float* residual,
@@ -453,6 +453,8 @@ class CudaBackend final : public Backend {
     if (!p.chosen[d]) resolve(s, p, ConvDir::Fwd, x, wf, y);
     const bool log = std::getenv("VB_CUDNN_LOG") != nullptr;
     if (!relu && p.algo[d] != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) {
+      // The layer's algorithm is fixed from here on: unfused for good, so later calls skip the fold too.
+      p.unfused[relu] = true;
       if (log)
         std::fprintf(stderr, "cudnn conv_bn_eval C%d %dx%d K%d %dx%d/%d: no ReLU with algo %d, not fused\n", s.C, s.H,
                      s.W, s.K, s.R, s.S, s.stride, p.algo[d]);
