@@ -121,7 +121,8 @@ Loader::Loader(std::vector<Sample> samples, LoaderOptions opt) : samples_(std::m
   }
   const ImageSize S = opt_.image_size;
   const int R = train_resize_side(S);
-  image_floats_ = 3 * S.pixels();
+  const bool u8 = opt_.format == PixelFormat::Uint8NHWC;
+  image_bytes_ = size_t(3 * S.pixels()) * (u8 ? 1 : sizeof(float));
 
   // The cache estimate assumes 16:9 frames, as the dataset's; the budget still bounds what is really kept.
   cache_budget_ = opt_.cache_budget_bytes ? opt_.cache_budget_bytes : physical_memory() / 2;
@@ -136,14 +137,15 @@ Loader::Loader(std::vector<Sample> samples, LoaderOptions opt) : samples_(std::m
   bad_reason_.resize(samples_.size());
 
   const size_t bs = size_t(opt_.batch_size);
-  const size_t img_bytes = round_up(bs * size_t(image_floats_) * sizeof(float), 256);
+  const size_t img_bytes = round_up(bs * image_bytes_, 256);
   const size_t bytes = img_bytes + 2 * round_up(bs * sizeof(int64_t), 64);
   slots_.resize(size_t(opt_.prefetch_batches));
   for (Slot& s : slots_) {
     s.mem = opt_.alloc(bytes);
     if (!s.mem) fail("loader: cannot allocate a ", bytes, "-byte batch buffer");
     auto* base = static_cast<uint8_t*>(s.mem);
-    s.view.images = reinterpret_cast<float*>(base);
+    if (u8) s.view.pixels = base;
+    else s.view.images = reinterpret_cast<float*>(base);
     s.view.labels = reinterpret_cast<int64_t*>(base + img_bytes);
     s.view.sample_indices = reinterpret_cast<int64_t*>(base + img_bytes + round_up(bs * sizeof(int64_t), 64));
     s.ok.assign(bs, 0);
@@ -236,7 +238,10 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
   const Sample& s = samples_[size_t(k)];
   const ImageSize S = opt_.image_size;
   const int R = train_resize_side(S);
-  float* out = slot.view.images + size_t(pos) * size_t(image_floats_);
+  // Where the sample goes: one of the two formats (the other pointer is null).
+  const bool u8 = slot.view.pixels != nullptr;
+  uint8_t* out_u8 = u8 ? slot.view.pixels + size_t(pos) * image_bytes_ : nullptr;
+  float* out = u8 ? nullptr : slot.view.images + size_t(pos) * (image_bytes_ / sizeof(float));
   slot.view.labels[pos] = s.label;
   slot.view.sample_indices[pos] = k;
   slot.ok[size_t(pos)] = 0;
@@ -262,7 +267,8 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
         TrainDraw d = draw_train_params(opt_.seed, epoch, k, rs.width, rs.height);
         Image part = train_resize_crop(decoded, S, d.box);
         d.box = CropBox{0, 0, part.height, part.width};
-        train_random_part(part, S, d, out);
+        if (u8) train_random_part_u8(part, S, d, out_u8);
+        else train_random_part(part, S, d, out);
         slot.ok[size_t(pos)] = 1;
         std::lock_guard<std::mutex> g(m_);
         ++decoded_;
@@ -273,7 +279,10 @@ void Loader::process(int64_t task, Slot& slot, int64_t epoch) {
     }
     if (opt_.train) {
       TrainDraw d = draw_train_params(opt_.seed, epoch, k, frame->width, frame->height);
-      train_random_part(*frame, S, d, out);
+      if (u8) train_random_part_u8(*frame, S, d, out_u8);
+      else train_random_part(*frame, S, d, out);
+    } else if (u8) {
+      std::memcpy(out_u8, frame->pixels.data(), image_bytes_);  // eval_crop's (h, w, 3) pixels as they are
     } else {
       to_normalized_chw(*frame, out);
     }
@@ -306,8 +315,8 @@ void Loader::compact(Slot& s, int count) {
   for (int r = 0; r < count; ++r) {
     if (!s.ok[size_t(r)]) continue;
     if (w != r) {
-      std::memmove(s.view.images + size_t(w) * size_t(image_floats_), s.view.images + size_t(r) * size_t(image_floats_),
-                   size_t(image_floats_) * sizeof(float));
+      uint8_t* base = s.view.pixels ? s.view.pixels : reinterpret_cast<uint8_t*>(s.view.images);
+      std::memmove(base + size_t(w) * image_bytes_, base + size_t(r) * image_bytes_, image_bytes_);
       s.view.labels[w] = s.view.labels[r];
       s.view.sample_indices[w] = s.view.sample_indices[r];
     }

@@ -31,6 +31,10 @@
 namespace vb::data {
 
 enum class CachePolicy : uint8_t { Auto, On, Off };
+// What a batch holds: normalised float32 planes (ToTensor + Normalize done on the loader's threads), or the
+// uint8 pixels before that step, interleaved (N, h, w, 3): a quarter of the bytes to copy, normalised to the
+// same float32 values by the backend (Backend::upload_images), on the device where there is one.
+enum class PixelFormat : uint8_t { NormalizedNCHW, Uint8NHWC };
 CachePolicy parse_cache_policy(const std::string& s);  // "auto" | "on" | "off"
 
 struct LoaderOptions {
@@ -47,6 +51,7 @@ struct LoaderOptions {
   // Decode at a DCT-scaled size (>= R on both sides) when the frame is much larger: faster, but no longer
   // Pillow's pixels. Off by default (the notebook's exact pipeline).
   bool dct_scaling = false;
+  PixelFormat format = PixelFormat::NormalizedNCHW;
   // Batch buffer memory (e.g. cudaMallocHost / cudaFreeHost for page-locked buffers). Both or neither;
   // default: 64-byte aligned host memory.
   std::function<void*(size_t)> alloc;
@@ -56,7 +61,8 @@ struct LoaderOptions {
 struct Batch {
   int64_t index = 0;              // batch number within the epoch
   int size = 0;                   // samples in it (fewer than batch_size for the last one or after skips)
-  float* images = nullptr;        // (size, 3, h, w) NCHW contiguous, normalised
+  float* images = nullptr;        // (size, 3, h, w) NCHW contiguous, normalised (PixelFormat::NormalizedNCHW)
+  uint8_t* pixels = nullptr;      // (size, h, w, 3) uint8 RGB (PixelFormat::Uint8NHWC); the other one is null
   int64_t* labels = nullptr;      // (size)
   int64_t* sample_indices = nullptr;  // (size) positions in the loader's sample list
 };
@@ -130,7 +136,7 @@ class Loader {
 
   std::vector<Sample> samples_;
   LoaderOptions opt_;
-  int64_t image_floats_ = 0;  // 3 * S * S
+  size_t image_bytes_ = 0;  // one sample in the batch buffer: 3 * h * w floats or bytes
   bool cache_enabled_ = false;
   size_t cache_budget_ = 0;
 

@@ -452,23 +452,6 @@ void rotate_walk(const Image& src, double angle_degrees, Put&& put) {
   }
 }
 
-// ToTensor + Normalize of every uint8 value, per channel: the exact float32 results torchvision computes.
-struct NormLut {
-  float v[3][256];
-  NormLut() {
-    for (int c = 0; c < 3; ++c)
-      for (int u = 0; u < 256; ++u) {
-        volatile float x = float(u) / 255.0f;  // ToTensor: float32 division
-        volatile float d = x - kImageNetMean[c];
-        v[c][u] = d / kImageNetStd[c];
-      }
-  }
-};
-const NormLut& norm_lut() {
-  static const NormLut lut;
-  return lut;
-}
-
 // Python's round() for a non-negative half-integer-or-integer value: half to even.
 int round_half_even(double x) { return int(std::nearbyint(x)); }
 
@@ -543,7 +526,7 @@ Image rotate_nearest(const Image& src, double angle_degrees) {
 }
 
 void to_normalized_chw(const Image& src, float* out) {
-  const NormLut& L = norm_lut();
+  const NormTable& L = norm_table();
   const size_t hw = size_t(src.width) * size_t(src.height);
   const uint8_t* p = src.pixels.data();
   for (size_t i = 0; i < hw; ++i) {
@@ -614,18 +597,35 @@ Image train_resize(const Image& decoded, ImageSize image_size) {
   return resize_shorter(decoded, train_resize_side(image_size));
 }
 
-void train_random_part(const Image& resized, ImageSize image_size, const TrainDraw& draw, float* out) {
+namespace {
+// The random part's geometry, pixel by pixel: put(i, p) receives the output position y * w + x and the rotated
+// source pixel (RGB), or nullptr where the rotation leaves black fill.
+template <class Put>
+void train_random_walk(const Image& resized, ImageSize image_size, const TrainDraw& draw, Put put) {
   const int H = image_size.h, W = image_size.w;
   thread_local Image cropped;
   if (cropped.width != W || cropped.height != H) cropped = Image(W, H);
   resample_box(resized, draw.box, W, H, cropped.pixels.data());
-  const NormLut& L = norm_lut();
-  const size_t hw = size_t(H) * size_t(W);
-  rotate_walk(cropped, draw.angle, [&](int x, int y, const uint8_t* p) {
-    const size_t i = size_t(y) * size_t(W) + size_t(x);
+  rotate_walk(cropped, draw.angle,
+              [&](int x, int y, const uint8_t* p) { put(size_t(y) * size_t(W) + size_t(x), p); });
+}
+}  // namespace
+
+void train_random_part(const Image& resized, ImageSize image_size, const TrainDraw& draw, float* out) {
+  const NormTable& L = norm_table();
+  const size_t hw = size_t(image_size.h) * size_t(image_size.w);
+  train_random_walk(resized, image_size, draw, [&](size_t i, const uint8_t* p) {
     out[i] = L.v[0][p ? p[0] : 0];
     out[hw + i] = L.v[1][p ? p[1] : 0];
     out[2 * hw + i] = L.v[2][p ? p[2] : 0];
+  });
+}
+
+void train_random_part_u8(const Image& resized, ImageSize image_size, const TrainDraw& draw, uint8_t* out) {
+  train_random_walk(resized, image_size, draw, [&](size_t i, const uint8_t* p) {
+    uint8_t* o = out + 3 * i;
+    if (p) o[0] = p[0], o[1] = p[1], o[2] = p[2];
+    else o[0] = o[1] = o[2] = 0;
   });
 }
 

@@ -43,11 +43,9 @@
 
 #include "data/image.h"
 #include "data/rng.h"
+#include "kernels/normalize.h"  // kImageNetMean, kImageNetStd, norm_table()
 
 namespace vb::data {
-
-inline constexpr float kImageNetMean[3] = {0.485f, 0.456f, 0.406f};
-inline constexpr float kImageNetStd[3] = {0.229f, 0.224f, 0.225f};
 
 // R for an image size S: round(S * 8 / 7); 224 -> 256 (the notebook's pair), 64 -> 73.
 inline int resize_size(int image_size) { return (image_size * 8 + 3) / 7; }
@@ -114,5 +112,8 @@ Image train_resize_crop(const Image& decoded, ImageSize image_size, const CropBo
 // Training, random part on a train_resize'd frame: resized_crop(box, (h, w)) -> rotate(angle) -> ToTensor +
 // Normalize into `out` (3, h, w). The rotation and normalisation are fused (same values as the two steps).
 void train_random_part(const Image& resized, ImageSize image_size, const TrainDraw& draw, float* out);
+// The same before ToTensor + Normalize: the (h, w, 3) uint8 pixels, which a backend normalises on upload
+// (Backend::upload_images) to the values train_random_part writes.
+void train_random_part_u8(const Image& resized, ImageSize image_size, const TrainDraw& draw, uint8_t* out);
 
 }  // namespace vb::data

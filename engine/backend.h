@@ -90,6 +90,12 @@ class BackendT {
   // Activations: converts a host NCHW float batch to / from the backend's activation layout.
   virtual void upload_activation(T* dst, const T* host_nchw, int N, int C, int H, int W) = 0;
   virtual void download_activation(T* host_nchw, const T* src, int N, int C, int H, int W) = 0;
+  // A loader's uint8 frames (N, H, W, 3 in host memory, data::PixelFormat::Uint8NHWC) into the input activation
+  // [N, 3, H, W], normalised on the way (ToTensor + Normalize, the float32 values of kernels/normalize.h, so
+  // the same as uploading the loader's float batch). The CUDA backend copies the bytes up on a copy stream of
+  // its own into one of two device buffers, so the copy of the next batch runs while this one's step computes,
+  // and normalises on its stream; as with upload, the host memory may be reused after wait_uploads().
+  virtual void upload_images(T* dst, const uint8_t* host_nhwc, int N, int H, int W) = 0;
 
   // ---- convolution (no bias) ----
   virtual void conv_fwd(const ConvShape& s, const T* x, const T* w, T* y) = 0;

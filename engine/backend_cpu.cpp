@@ -20,6 +20,7 @@
 #include "kernels/cpu/bn_fused.h"
 #include "kernels/cpu/bn_fused_nhwc.h"
 #include "kernels/cpu/conv_nhwc.h"
+#include "kernels/cpu/normalize.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/pool_fast.h"
 #include "kernels/cpu/pool_fast_nhwc.h"
@@ -135,6 +136,12 @@ class CpuBackend final : public BackendT<T> {
       cpu::nchw_to_nhwc<T>(N, C, H * W, src, dst);
     else
       std::memcpy(dst, src, sizeof(T) * size_t(N) * C * H * W);
+  }
+  void upload_images(T* dst, const uint8_t* src, int N, int H, int W) override {
+    if (nhwc_)
+      cpu::normalize_u8_nhwc<T>(N, int64_t(H) * W, src, dst);
+    else
+      cpu::normalize_u8_nchw<T>(N, int64_t(H) * W, src, dst);
   }
   void download_activation(T* dst, const T* src, int N, int C, int H, int W) override {
     if (nhwc_)

@@ -1,5 +1,6 @@
 // The CUDA backend: convolutions on cuDNN (legacy API), the head on cuBLAS, everything else on the custom
-// kernels of kernels/cuda. One stream; the cuDNN and cuBLAS handles are bound to it.
+// kernels of kernels/cuda. One compute stream, which the cuDNN and cuBLAS handles are bound to, and a copy stream
+// for the loader's images (upload_images).
 //
 // Activation layout: NCHW by default; NHWC with VB_CUDA_LAYOUT=nhwc (make_cuda_backend's layout). cuDNN's
 // tensor-core convolutions prefer NHWC and transpose NCHW internally (about 8% of PyTorch's fp32 step, see
@@ -19,7 +20,8 @@
 // place and says so clearly. Batch norm's reduction scratch and cuBLAS's workspace are allocated once up
 // front, so a steady-state step neither allocates nor waits for the device; the loss comes back through
 // scalar_push/scalar_pop (page-locked slots and events) and the trainer waits only for the uploads
-// (wait_uploads) before its loader reuses a batch buffer. VB_CUDNN_LOG=1 prints each choice (algorithm, math
+// (wait_uploads) before its loader reuses a batch buffer. The loader's uint8 frames go up on a copy stream of
+// their own (upload_images), so that the next batch's copy overlaps the current step. VB_CUDNN_LOG=1 prints each choice (algorithm, math
 // type, workspace) and each reuse.
 #include <array>
 #include <cmath>
@@ -41,6 +43,7 @@
 #include "kernels/cuda/pool.cuh"
 #include "kernels/cuda/pool_nhwc.cuh"
 #include "kernels/cuda/softmax_wce.cuh"
+#include "kernels/cuda/transforms.cuh"
 
 namespace vb {
 namespace {
@@ -132,6 +135,12 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&scalar_host_), kScalarSlots * sizeof(float)));
     for (cudaEvent_t& e : scalar_ev_) VB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     VB_CUDA_CHECK(cudaEventCreateWithFlags(&upload_ev_, cudaEventDisableTiming));
+    // The images' copy stream: non-blocking, so that it never waits for work on the legacy default stream.
+    VB_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_st_, cudaStreamNonBlocking));
+    for (int i = 0; i < 2; ++i) {
+      VB_CUDA_CHECK(cudaEventCreateWithFlags(&img_copied_ev_[i], cudaEventDisableTiming));
+      VB_CUDA_CHECK(cudaEventCreateWithFlags(&img_read_ev_[i], cudaEventDisableTiming));
+    }
     set_precision(Precision::TF32);
     const size_t v = cudnnGetVersion();
     desc_ = std::string("cuda: ") + prop.name + ", cuDNN " + std::to_string(v / 10000) + "." +
@@ -141,11 +150,18 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     // No throwing from a destructor: errors here are reported, not raised.
     cudaStreamSynchronize(st_);
+    if (copy_st_) cudaStreamSynchronize(copy_st_);
     plans_.clear();
     for (auto& kv : sizes_) cudaFree(kv.first);
     if (ws_) cudaFree(ws_);
     if (bn_work_) cudaFree(bn_work_);
     if (stage_) cudaFree(stage_);
+    for (int i = 0; i < 2; ++i) {
+      if (img_stage_[i]) cudaFree(img_stage_[i]);
+      if (img_copied_ev_[i]) cudaEventDestroy(img_copied_ev_[i]);
+      if (img_read_ev_[i]) cudaEventDestroy(img_read_ev_[i]);
+    }
+    if (copy_st_) cudaStreamDestroy(copy_st_);
     if (wt_) cudaFree(wt_);
     if (fold_bias_) cudaFree(fold_bias_);
     if (relu_) cudnnDestroyActivationDescriptor(relu_);
@@ -207,7 +223,10 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, st_));
     VB_CUDA_CHECK(cudaEventRecord(upload_ev_, st_));  // wait_uploads() waits for the latest
   }
-  void wait_uploads() override { VB_CUDA_CHECK(cudaEventSynchronize(upload_ev_)); }
+  void wait_uploads() override {
+    VB_CUDA_CHECK(cudaEventSynchronize(upload_ev_));
+    if (images_uploaded_ > 0) VB_CUDA_CHECK(cudaEventSynchronize(img_copied_ev_[(images_uploaded_ - 1) % 2]));
+  }
   // The values in flight live in page-locked slots, each with the event recorded after its copy; a push into a
   // full ring first parks the oldest value (waiting for it) in scalars_, which holds values older than any slot.
   void scalar_push(const float* src) override {
@@ -258,6 +277,28 @@ class CudaBackend final : public Backend {
     grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer");
     upload(stage_, src, bytes);
     cuda::nchw_to_nhwc(st_, N, C, H * W, static_cast<const float*>(stage_), dst);
+  }
+  // The uint8 frames go up on copy_st_ into the two staging buffers in turn, and are normalised on st_: the
+  // copy of the next batch overlaps the step that computes on this one. Events order the two streams both
+  // ways: st_ normalises only after its copy landed (img_copied_ev_), and a buffer is overwritten only after
+  // the normalisation that read it (img_read_ev_; an event never recorded is already complete).
+  void upload_images(float* dst, const uint8_t* src, int N, int H, int W) override {
+    if (N <= 0) return;
+    const size_t bytes = size_t(N) * H * W * 3;
+    const int i = int(images_uploaded_ % 2);
+    // Both buffers grow together, on the first batch: a steady-state step allocates nothing.
+    for (int j : {i, 1 - i}) grow_buffer(img_stage_[j], img_stage_size_[j], bytes, "the image staging buffer");
+    VB_CUDA_CHECK(cudaStreamWaitEvent(copy_st_, img_read_ev_[i], 0));
+    VB_CUDA_CHECK(cudaMemcpyAsync(img_stage_[i], src, bytes, cudaMemcpyHostToDevice, copy_st_));
+    VB_CUDA_CHECK(cudaEventRecord(img_copied_ev_[i], copy_st_));
+    ++images_uploaded_;
+    VB_CUDA_CHECK(cudaStreamWaitEvent(st_, img_copied_ev_[i], 0));
+    const auto* px = static_cast<const uint8_t*>(img_stage_[i]);
+    if (nhwc_)
+      cuda::normalize_frames_nhwc(st_, N, H, W, px, dst);
+    else
+      cuda::normalize_frames(st_, N, H, W, px, dst);
+    VB_CUDA_CHECK(cudaEventRecord(img_read_ev_[i], st_));
   }
   void download_activation(float* dst, const float* src, int N, int C, int H, int W) override {
     const size_t bytes = sizeof(float) * size_t(N) * C * H * W;
@@ -708,6 +749,12 @@ class CudaBackend final : public Backend {
   size_t bn_work_floats_ = 0;
   void* stage_ = nullptr;  // NHWC: upload_activation / download_activation's NCHW staging buffer
   size_t stage_size_ = 0;
+  // upload_images: the copy stream, its two uint8 staging buffers (taken in turn) and their events.
+  cudaStream_t copy_st_ = nullptr;
+  void* img_stage_[2] = {};
+  size_t img_stage_size_[2] = {};
+  cudaEvent_t img_copied_ev_[2] = {}, img_read_ev_[2] = {};
+  int64_t images_uploaded_ = 0;
   void* wt_ = nullptr;  // one layer's filter: KRSC (NHWC), or folded for evaluation
   size_t wt_size_ = 0;
   float* fold_bias_ = nullptr;  // conv_bn_eval's folded bias, kBnChannels floats

@@ -14,6 +14,7 @@ namespace vbtest {
 
 // A [1,1,1,1] ResNet of width 16 at 40x48 with AdamW and weighted cross-entropy. Warm-up: one full training
 // step, one partial step, and an evaluation of each batch size (buffers, cuDNN's algorithms and workspace).
+// Training steps take uint8 frames (upload_images, as the trainer), evaluations float batches (upload_activation).
 // Then two full steps, a partial one and both evaluations again: returns the allocations those made.
 inline size_t steady_state_allocations(vb::Backend& be) {
   vb::ModelConfig cfg;
@@ -28,6 +29,8 @@ inline size_t steady_state_allocations(vb::Backend& be) {
   std::normal_distribution<float> nd;
   std::vector<float> x(size_t(B) * 3 * H * W);
   for (float& v : x) v = nd(rng);
+  std::vector<uint8_t> px(size_t(B) * H * W * 3);  // the trainer's input: uint8 frames (Backend::upload_images)
+  for (uint8_t& v : px) v = uint8_t(rng());
   std::vector<int64_t> y(B);
   for (int i = 0; i < B; ++i) y[size_t(i)] = (3 * i) % 8;
   const std::vector<float> cw(8, 1.f);
@@ -37,7 +40,7 @@ inline size_t steady_state_allocations(vb::Backend& be) {
   be.upload(labels, y.data(), sizeof(int64_t) * y.size());
   be.upload(weights, cw.data(), sizeof(float) * cw.size());
   auto step = [&](int n) {
-    be.upload_activation(m.input(), x.data(), n, 3, H, W);
+    be.upload_images(m.input(), px.data(), n, H, W);
     m.forward(n, true);
     be.softmax_wce(n, 8, m.logits(), labels, weights, nullptr, m.dlogits(), loss);
     m.backward(n);

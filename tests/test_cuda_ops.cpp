@@ -911,6 +911,40 @@ TEST_CASE("scalars read back without a wait, in order; wait_uploads lets the hos
   dev().host_free(host);
 }
 
+TEST_CASE("upload_images: uint8 frames normalised on the device equal the CPU backend's, through both buffers") {
+  if (!has_gpu()) return;
+  // Batches of odd sizes, the second and fourth larger than any before (each buffer grows once), each copied
+  // from one page-locked host buffer that is overwritten as soon as wait_uploads returns, with a long stream of
+  // work queued ahead so that the copies (on the copy stream) run while the compute stream is busy.
+  const int H = 7, W = 13;
+  const std::vector<int> batches = {2, 5, 3, 9, 9, 1};
+  const size_t max_px = size_t(9) * H * W * 3;
+  auto* host = static_cast<uint8_t*>(dev().host_alloc(max_px));
+  const size_t busy_n = size_t(1) << 22;
+  Dev busy(busy_n * sizeof(float));
+  std::vector<std::unique_ptr<Dev>> outs;
+  std::vector<std::vector<float>> want;
+  std::mt19937 g(77);
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const int N = batches[b];
+    const size_t px = size_t(N) * H * W * 3;
+    for (size_t i = 0; i < px; ++i) host[i] = uint8_t(g());
+    if (b == 0) host[0] = 0, host[1] = 255;  // both ends of the table
+    want.emplace_back(px);
+    ref().upload_images(want.back().data(), host, N, H, W);
+    for (int i = 0; i < 8; ++i) dev().relu_fwd(int64_t(busy_n), busy.f(), busy.f());
+    outs.push_back(poisoned(px));
+    dev().upload_images(outs.back()->f(), host, N, H, W);
+    dev().wait_uploads();
+    std::memset(host, 0xA5, max_px);
+  }
+  for (size_t b = 0; b < batches.size(); ++b) {
+    CAPTURE(b);
+    expect_close("upload_images", down(*outs[b], want[b].size()), want[b], 0.0, 0.0);
+  }
+  dev().host_free(host);
+}
+
 TEST_CASE("deterministic mode: algorithms chosen again among the bit-reproducible ones, same bits every run") {
   if (!has_gpu()) return;
   const ConvShape s{3, 6, 11, 9, 5, 3, 3, 1, 1};

@@ -44,7 +44,7 @@ const std::vector<Sample>& samples() {
 }
 
 struct Epoch {
-  std::vector<float> images;
+  std::vector<float> images;  // normalised NCHW; a uint8 batch is normalised here with norm_table()
   std::vector<int64_t> labels, indices;
   std::vector<int> sizes;
 };
@@ -54,7 +54,16 @@ Epoch run_epoch(Loader& L, int64_t epoch) {
   L.start_epoch(epoch);
   while (const Batch* b = L.next()) {
     e.sizes.push_back(b->size);
-    e.images.insert(e.images.end(), b->images, b->images + size_t(b->size) * 3 * kSize * kSize);
+    const size_t hw = size_t(kSize) * kSize;
+    REQUIRE((b->images == nullptr) != (b->pixels == nullptr));  // exactly one format
+    if (b->images) {
+      e.images.insert(e.images.end(), b->images, b->images + size_t(b->size) * 3 * hw);
+    } else {
+      const NormTable& L = norm_table();
+      for (int n = 0; n < b->size; ++n)
+        for (int c = 0; c < 3; ++c)
+          for (size_t i = 0; i < hw; ++i) e.images.push_back(L.v[c][b->pixels[(size_t(n) * hw + i) * 3 + size_t(c)]]);
+    }
     e.labels.insert(e.labels.end(), b->labels, b->labels + b->size);
     e.indices.insert(e.indices.end(), b->sample_indices, b->sample_indices + b->size);
   }
@@ -126,6 +135,37 @@ TEST_CASE("training batches: identical for 1, 2, 3 threads, cache on or off, and
   check_same(e2, again);
   Epoch e1 = run_epoch(l1, 1);
   CHECK(e1.indices != e2.indices);
+}
+
+TEST_CASE("uint8 batches hold the pixels that normalise to the float batches, cached or not, train and eval") {
+  const auto& s = samples();
+  for (bool train : {true, false}) {
+    CAPTURE(train);
+    LoaderOptions f = options(train, 2, CachePolicy::Off);
+    LoaderOptions u = f;
+    u.format = PixelFormat::Uint8NHWC;
+    LoaderOptions uc = u;
+    uc.cache = CachePolicy::On;
+    uc.threads = 3;
+    Loader lf(s, f), lu(s, u), luc(s, uc);
+    for (int64_t e = 0; e < 2; ++e) {  // the second epoch of luc comes from its cache
+      Epoch a = run_epoch(lf, e), b = run_epoch(lu, e), c = run_epoch(luc, e);
+      check_same(a, b);
+      check_same(a, c);
+    }
+    CHECK(luc.stats().cache_hits == 48);
+  }
+  // The bytes themselves: channels interleaved per pixel, as the transforms leave them.
+  LoaderOptions o = options(false, 1, CachePolicy::Off);
+  o.shuffle = false;
+  o.format = PixelFormat::Uint8NHWC;
+  Loader L(s, o);
+  L.start_epoch(0);
+  const Batch* b = L.next();
+  REQUIRE(b);
+  const Image want = eval_crop(decode_jpeg_file(s[0].path), kSize);
+  CHECK(std::memcmp(b->pixels, want.pixels.data(), want.pixels.size()) == 0);
+  CHECK(reinterpret_cast<uintptr_t>(b->pixels) % 64 == 0);  // the default allocator's alignment
 }
 
 TEST_CASE("batches equal the transforms applied directly") {
@@ -214,6 +254,12 @@ TEST_CASE("bad files: truncated, empty, PNG named .jpg and missing are skipped a
     CHECK(ep.indices.size() == 12);
     for (int64_t k : ep.indices) CHECK(bad.count(k) == 0);
     for (size_t i = 0; i < ep.indices.size(); ++i) CHECK(ep.labels[i] == s[size_t(ep.indices[i])].label);
+  }
+  {  // uint8 batches close the same gaps
+    LoaderOptions u = o;
+    u.format = PixelFormat::Uint8NHWC;
+    Loader U(s, u);
+    check_same(run_epoch(L, 2), run_epoch(U, 2));
   }
   std::vector<std::string> sk = L.skipped_files();
   REQUIRE(sk.size() == 4);  // each once, however many epochs

@@ -6,6 +6,7 @@
 
 #include "engine/model.h"
 #include "engine/optimizer.h"
+#include "data/transforms.h"
 #include "engine/weights.h"
 #include "tests/steady_state.h"
 #include "tests/test_util.h"
@@ -264,6 +265,40 @@ TEST_CASE("the CPU backend's NHWC and NCHW layouts give the same training step a
   CHECK(vbtest::rel_err(a.grads, b.grads) < 1e-12);
   vbtest::check_close("running statistics", a.buffers.data(), b.buffers.data(), b.buffers.size(), 1e-13, 1e-11);
   vbtest::check_close("evaluation logits", a.logits_eval.data(), b.logits_eval.data(), b.logits_eval.size(), 1e-13, 1e-11);
+}
+
+namespace {
+// upload_images against upload_activation of the loader's own normalisation (data::to_normalized_chw): the
+// same activations bit for bit, in the backend's layout.
+template <class T, class B>
+void check_upload_images(B& be, int N, int H, int W) {
+  std::mt19937 rng(uint32_t(N * 1000 + H));
+  std::vector<uint8_t> px(size_t(N) * H * W * 3);
+  for (uint8_t& v : px) v = uint8_t(rng());
+  px[0] = 0, px[1] = 255, px[2] = 128;
+  std::vector<float> planes(px.size());
+  for (int n = 0; n < N; ++n) {
+    vb::data::Image im(W, H);
+    std::memcpy(im.pixels.data(), px.data() + size_t(n) * H * W * 3, im.pixels.size());
+    vb::data::to_normalized_chw(im, planes.data() + size_t(n) * 3 * H * W);
+  }
+  const std::vector<T> planes_t(planes.begin(), planes.end());
+  std::vector<T> want(px.size()), got(px.size(), T(NAN));
+  be.upload_activation(want.data(), planes_t.data(), N, 3, H, W);
+  be.upload_images(got.data(), px.data(), N, H, W);
+  CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(T)) == 0);
+}
+}  // namespace
+
+TEST_CASE("upload_images: the loader's uint8 frames normalised into either layout, as the loader's floats") {
+  for (vb::Layout layout : {vb::Layout::NHWC, vb::Layout::NCHW}) {
+    CAPTURE(int(layout));
+    auto be = vb::make_cpu_backend(2, layout);
+    check_upload_images<float>(*be, 3, 7, 13);
+    check_upload_images<float>(*be, 2, 96, 160);  // several chunks per thread
+    auto be64 = vb::make_cpu_backend_f64(2, layout);
+    check_upload_images<double>(*be64, 3, 7, 13);
+  }
 }
 
 TEST_CASE("a steady-state training step or evaluation allocates no backend memory (CPU, NHWC and NCHW)") {

@@ -23,6 +23,7 @@ struct BenchArgs {
   int threads = 0, images = 300, batch = 50, repeat = 3;
   vb::data::ImageSize size = 224;
   bool dct = false;
+  bool normalized = false;  // --normalized: the loader normalises (float batches); else uint8, as training uses
 };
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -85,6 +86,7 @@ vb::data::LoaderStats loader_epoch(const std::vector<vb::data::Sample>& s, const
   o.shuffle = train;
   o.cache = cache;
   o.dct_scaling = a.dct;
+  o.format = a.normalized ? vb::data::PixelFormat::NormalizedNCHW : vb::data::PixelFormat::Uint8NHWC;
   vb::data::Loader L(s, o);
   for (int e = 0; e <= warm; ++e) {
     L.start_epoch(e);
@@ -104,8 +106,10 @@ int run_bench(const BenchArgs& a) {
   const int min_side = a.dct ? vb::data::resize_size(std::max(a.size.h, a.size.w)) : 0;
   s = screen_frames(s, min_side);
   JpegHeader h = read_jpeg_header(read_file_bytes(s[0].path), s[0].path);
-  std::printf("bench-loader: %zu frames of %s (first %dx%d), image size %s, batch %d, DCT scaling %s, %d threads max\n",
-              s.size(), vb::escape(idx.videos_dir).c_str(), h.width, h.height, a.size.str().c_str(), a.batch, a.dct ? "on" : "off", N);
+  std::printf("bench-loader: %zu frames of %s (first %dx%d), image size %s, batch %d, DCT scaling %s, batches of %s, %d "
+              "threads max\n",
+              s.size(), vb::escape(idx.videos_dir).c_str(), h.width, h.height, a.size.str().c_str(), a.batch, a.dct ? "on" : "off",
+              a.normalized ? "normalised floats" : "uint8 pixels", N);
   decode_rate(std::vector<Sample>(s.begin(), s.begin() + long(std::min<size_t>(s.size(), 20))), 1, min_side);  // warm
   // Each figure is the best of `repeat` rounds, a round measuring everything once: on a shared machine the
   // best is the least disturbed, and spreading the runs over time keeps one busy spell from spoiling a column.
@@ -154,5 +158,7 @@ VB_COMMAND("bench-loader", "Measure the data loader: decode-only and full-pipeli
              vb::tools::add_image_size_option(app, a->size, "image size S or HxW (default 224)");
              app.add_option("--repeat", a->repeat, "runs per measurement, best kept (default 3)")->check(CLI::Range(1, 100));
              app.add_flag("--dct-scaling", a->dct, "decode at a DCT-scaled size (faster, not Pillow-exact)");
+             app.add_flag("--normalized", a->normalized,
+                          "batches of normalised floats made by the loader (default: uint8 pixels, as training)");
              return [a] { return run_bench(*a); };
            });

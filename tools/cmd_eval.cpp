@@ -40,6 +40,7 @@ int run_eval(const EvalArgs& a) {
   lo.threads = a.threads;
   lo.on_bad = vb::data::parse_bad_image_policy(a.on_bad);
   lo.cache = vb::data::CachePolicy::Off;  // one pass: nothing to reuse
+  lo.format = vb::data::PixelFormat::Uint8NHWC;  // normalised by the backend, as in training
   vb::data::Loader loader(samples, lo);
   vb::LossBuffers lb(*be, cw, a.batch_size);
   std::printf("eval: %s (%s, %s px) on %zu %s clips, %s\n", vb::escape(a.model).c_str(), lm.model->config().describe().c_str(),

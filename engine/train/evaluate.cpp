@@ -15,7 +15,10 @@ namespace vb {
 
 void upload_batch(Model& model, const data::Batch& b, int64_t* labels_dev) {
   const data::ImageSize S = model.image_size();
-  model.backend().upload_activation(model.input(), b.images, b.size, 3, S.h, S.w);
+  if (b.pixels)
+    model.backend().upload_images(model.input(), b.pixels, b.size, S.h, S.w);
+  else
+    model.backend().upload_activation(model.input(), b.images, b.size, 3, S.h, S.w);
   model.backend().upload(labels_dev, b.labels, sizeof(int64_t) * size_t(b.size));
 }
 

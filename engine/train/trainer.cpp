@@ -47,6 +47,7 @@ data::LoaderOptions loader_options(const TrainOptions& o, bool train, Backend& b
   lo.on_bad = data::parse_bad_image_policy(o.on_bad_image);
   lo.cache = data::parse_cache_policy(o.cache);
   lo.dct_scaling = o.dct_scaling;
+  lo.format = data::PixelFormat::Uint8NHWC;  // normalised by the backend (Backend::upload_images)
   Backend* b = &be;  // outlives the loaders (declared before them in Trainer)
   lo.alloc = [b](size_t n) { return b->host_alloc(n); };
   lo.free = [b](void* p) { b->host_free(p); };

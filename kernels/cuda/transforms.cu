@@ -174,6 +174,15 @@ __global__ void normalize_kernel(int64_t pixels_per_image, int64_t total, const 
   }
 }
 
+// The same values channels-last: out (N, H, W, 3), the pixels' own order (one pixel per thread).
+__global__ void normalize_nhwc_kernel(int64_t total, const uint8_t* __restrict__ src, float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint8_t* s = src + i * 3;
+    float* o = out + i * 3;
+    for (int c = 0; c < 3; ++c) o[c] = normalize_u8(s[c], c);
+  }
+}
+
 // Python's round(x, 15), as Pillow rounds its rotation matrix (glibc's printf rounds correctly).
 double round15(double x) {
   char buf[64];
@@ -249,6 +258,16 @@ void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, 
   int64_t blocks = (total + threads - 1) / threads;
   if (blocks > 132 * 16) blocks = 132 * 16;
   normalize_kernel<<<unsigned(blocks), threads, 0, st>>>(ppi, total, src, out);
+  VB_CUDA_LAUNCH_CHECK();
+}
+
+void normalize_frames_nhwc(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out) {
+  const int64_t total = int64_t(H) * W * N;
+  if (total <= 0) return;
+  const int threads = 256;
+  int64_t blocks = (total + threads - 1) / threads;
+  if (blocks > 132 * 16) blocks = 132 * 16;
+  normalize_nhwc_kernel<<<unsigned(blocks), threads, 0, st>>>(total, src, out);
   VB_CUDA_LAUNCH_CHECK();
 }
 

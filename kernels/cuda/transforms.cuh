@@ -35,5 +35,7 @@ void augment_frames_host(int N, int size, const uint8_t* frames, const AugSample
 // out (N, 3, H, W) float32 = Normalize(ToTensor(src (N, H, W, 3) uint8)): the evaluation frames, which the
 // cache keeps already resized and centre-cropped.
 void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out);
+// The same values channels-last: out (N, H, W, 3), for an NHWC backend's input.
+void normalize_frames_nhwc(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out);
 
 }  // namespace vb::cuda
