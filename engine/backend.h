@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -156,6 +157,26 @@ class BackendT {
   // ---- optimizer: one AdamW step over a flat range (torch.optim.AdamW semantics) ----
   virtual void adamw(int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
                      double beta2, double eps, double weight_decay, int64_t step) = 0;
+
+  // ---- a captured training step (a CUDA graph; engine/train/step.h decides when) ----
+  // Whether this backend can record a step's ops and replay them (CUDA: yes; the CPU: no).
+  virtual bool can_capture() const { return false; }
+  // Records the ops fn issues as one graph, without running them, then launches the graph once: fn's work is
+  // done either way. fn must neither allocate nor wait for the device (the rule above). Replaces an earlier
+  // capture; an error inside fn ends the recording, leaves no capture and is rethrown.
+  virtual void capture(const std::function<void()>& fn) { fn(); }
+  // Launches the captured graph again, after calling update: during update, adamw() launches nothing but gives
+  // the graph's AdamW launch over the same range its new scalars (the step count and learning rate change from
+  // step to step); update may call nothing else, and must update every AdamW launch of the graph.
+  virtual void replay(const std::function<void()>& update) {
+    (void)update;
+    fail("this backend has no captured step to replay");
+  }
+  virtual void drop_capture() {}
+  // Whether a captured step is held. A backend drops its capture by itself when memory the graph may use goes
+  // (a buffer released, a workspace replaced by a larger one, as evaluation's algorithm search may do), since a
+  // replay would then use freed memory; the caller records the step again.
+  virtual bool has_capture() const { return false; }
 
   virtual void set_precision(Precision p) { precision_ = p; }
   // Bit-reproducible results from run to run (cuDNN: deterministic algorithms only). The CPU path always is.

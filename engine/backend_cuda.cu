@@ -151,6 +151,8 @@ class CudaBackend final : public Backend {
     // No throwing from a destructor: errors here are reported, not raised.
     cudaStreamSynchronize(st_);
     if (copy_st_) cudaStreamSynchronize(copy_st_);
+    if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
+    if (graph_) cudaGraphDestroy(graph_);
     plans_.clear();
     for (auto& kv : sizes_) cudaFree(kv.first);
     if (ws_) cudaFree(ws_);
@@ -199,6 +201,7 @@ class CudaBackend final : public Backend {
   }
   void release(void* p) override {
     if (!p) return;
+    if (graph_exec_) drop_capture();  // the graph may use this memory (Backend::has_capture)
     auto it = sizes_.find(p);
     VB_CHECK(it != sizes_.end(), "release of a pointer this CUDA backend did not allocate");
     account(-int64_t(it->second));
@@ -429,7 +432,97 @@ class CudaBackend final : public Backend {
   }
   void adamw(int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1, double beta2,
              double eps, double weight_decay, int64_t step) override {
-    cuda::adamw(st_, n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+    cuda::AdamScalars a = cuda::adam_scalars(lr, beta1, beta2, eps, weight_decay, step);
+    if (!replaying_) return cuda::adamw(st_, n, p, g, m, v, a);
+    // Inside replay's update: the graph's launch over this range takes the new scalars at its next launch
+    // (launches already queued keep theirs).
+    auto it = adam_nodes_.find(p);
+    VB_CHECK(it != adam_nodes_.end() && it->second.n == n && it->second.g == g && it->second.m == m &&
+                 it->second.v == v,
+             "replay: an AdamW update over ", n, " parameters that the captured step did not launch");
+    void* args[] = {&n, &p, &g, &m, &v, &a};
+    cudaKernelNodeParams kp{};
+    kp.func = const_cast<void*>(cuda::adamw_kernel_function());
+    cuda::adamw_launch_shape(n, &kp.gridDim, &kp.blockDim);
+    kp.sharedMemBytes = 0;
+    kp.kernelParams = args;
+    kp.extra = nullptr;
+    VB_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(graph_exec_, it->second.node, &kp));
+    ++adam_updates_;
+  }
+
+  // ---- the captured step ----
+  bool can_capture() const override { return true; }
+  void capture(const std::function<void()>& fn) override {
+    drop_capture();
+    VB_CUDA_CHECK(cudaStreamBeginCapture(st_, cudaStreamCaptureModeThreadLocal));
+    cudaGraph_t graph = nullptr;
+    try {
+      fn();
+    } catch (...) {
+      cudaStreamEndCapture(st_, &graph);  // ends the recording whatever went wrong; the error is fn's
+      if (graph) cudaGraphDestroy(graph);
+      cudaGetLastError();  // a capture-invalidated status is not fn's error: clear it
+      throw;
+    }
+    const cudaError_t end = cudaStreamEndCapture(st_, &graph);
+    if (end != cudaSuccess) {
+      if (graph) cudaGraphDestroy(graph);
+      cudaGetLastError();
+      fail("capturing the training step as a CUDA graph failed: ", cudaGetErrorString(end),
+           " (an op in the step that cannot be recorded; train without VB_CUDA_GRAPH=1)");
+    }
+    graph_ = graph;
+    VB_CUDA_CHECK(cudaGraphInstantiate(&graph_exec_, graph_, 0));
+    // The AdamW launches, by the parameter range they update.
+    size_t count = 0;
+    VB_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &count));
+    std::vector<cudaGraphNode_t> nodes(count);
+    VB_CUDA_CHECK(cudaGraphGetNodes(graph_, nodes.data(), &count));
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNodeType type = cudaGraphNodeTypeEmpty;
+      VB_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+      if (type != cudaGraphNodeTypeKernel) continue;
+      cudaKernelNodeParams kp{};
+      VB_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &kp));
+      if (kp.func != cuda::adamw_kernel_function()) continue;
+      VB_CHECK(kp.kernelParams, "a captured AdamW launch without its parameter list");
+      AdamNode a;
+      a.node = node;
+      a.n = *static_cast<int64_t*>(kp.kernelParams[0]);
+      float* p = *static_cast<float**>(kp.kernelParams[1]);
+      a.g = *static_cast<const float**>(kp.kernelParams[2]);
+      a.m = *static_cast<float**>(kp.kernelParams[3]);
+      a.v = *static_cast<float**>(kp.kernelParams[4]);
+      adam_nodes_[p] = a;
+    }
+    VB_CUDA_CHECK(cudaGraphLaunch(graph_exec_, st_));
+  }
+  void replay(const std::function<void()>& update) override {
+    VB_CHECK(graph_exec_, "replay without a captured step");
+    replaying_ = true;
+    adam_updates_ = 0;
+    try {
+      update();
+    } catch (...) {
+      replaying_ = false;
+      throw;
+    }
+    replaying_ = false;
+    VB_CHECK(adam_updates_ == adam_nodes_.size(), "replay: ", adam_updates_, " AdamW updates for the captured step's ",
+             adam_nodes_.size(), " AdamW launches");
+    VB_CUDA_CHECK(cudaGraphLaunch(graph_exec_, st_));
+  }
+  bool has_capture() const override { return graph_exec_ != nullptr; }
+  void drop_capture() override {
+    if (graph_exec_) {
+      VB_CUDA_CHECK(cudaStreamSynchronize(st_));  // a launch in flight finishes before its graph goes
+      VB_CUDA_CHECK(cudaGraphExecDestroy(graph_exec_));
+    }
+    if (graph_) VB_CUDA_CHECK(cudaGraphDestroy(graph_));
+    graph_exec_ = nullptr;
+    graph_ = nullptr;
+    adam_nodes_.clear();
   }
 
  private:
@@ -464,6 +557,7 @@ class CudaBackend final : public Backend {
     if (bytes <= size) return;
     void* fresh = device_malloc(bytes, what);
     if (buf) {
+      if (graph_exec_) drop_capture();  // the graph may use the old buffer (Backend::has_capture)
       VB_CUDA_CHECK(cudaStreamSynchronize(st_));
       VB_CUDA_CHECK(cudaFree(buf));
       account(-int64_t(size));
@@ -755,6 +849,18 @@ class CudaBackend final : public Backend {
   size_t img_stage_size_[2] = {};
   cudaEvent_t img_copied_ev_[2] = {}, img_read_ev_[2] = {};
   int64_t images_uploaded_ = 0;
+  // The captured step (capture / replay): the graph, its executable, and its AdamW launches by parameter range.
+  struct AdamNode {
+    cudaGraphNode_t node = nullptr;
+    int64_t n = 0;
+    const float* g = nullptr;
+    float *m = nullptr, *v = nullptr;
+  };
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t graph_exec_ = nullptr;
+  std::map<const float*, AdamNode> adam_nodes_;
+  bool replaying_ = false;
+  size_t adam_updates_ = 0;
   void* wt_ = nullptr;  // one layer's filter: KRSC (NHWC), or folded for evaluation
   size_t wt_size_ = 0;
   float* fold_bias_ = nullptr;  // conv_bn_eval's folded bias, kBnChannels floats

@@ -369,6 +369,11 @@ ConvShape with_batch(ConvShape s, int n) {
 }  // namespace
 
 template <class T>
+void ModelT<T>::count_training_forward() {
+  for (int64_t& c : num_batches_) ++c;
+}
+
+template <class T>
 void ModelT<T>::forward(int n, bool train) {
   VB_CHECK(n > 0 && n <= max_batch_, "batch of ", n, " images; the model is planned for ", max_batch_);
   BackendT<T>& be = be_;

@@ -64,6 +64,9 @@ class ModelT {
   // Forward of the first n images of input(). train: batch statistics (and running-statistics update);
   // otherwise running statistics, each convolution and its batch norm as one backend op (conv_bn_eval).
   void forward(int n, bool train);
+  // The host's part of a training forward alone: every batch norm's num_batches_tracked counts one batch. For a
+  // replayed step (a CUDA graph), whose device work was recorded by an earlier forward.
+  void count_training_forward();
   // Backward from dlogits() (n rows): parameter gradients into grads(), assigned. With a frozen backbone only
   // the head's gradients are computed (the backbone's are left as they are).
   void backward(int n);

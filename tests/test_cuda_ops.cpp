@@ -40,6 +40,7 @@
 #include "engine/weights.h"
 #include "tests/gpu_test_util.h"
 #include "tests/steady_state.h"
+#include "tests/step_capture.h"
 #include "tests/test_util.h"
 
 #ifdef VB_WITH_CUDA
@@ -943,6 +944,25 @@ TEST_CASE("upload_images: uint8 frames normalised on the device equal the CPU ba
     expect_close("upload_images", down(*outs[b], want[b].size()), want[b], 0.0, 0.0);
   }
   dev().host_free(host);
+}
+
+TEST_CASE("a captured training step (CUDA graph) replays the uncaptured steps bit for bit (deterministic mode)") {
+  if (!has_gpu()) return;
+  // tests/step_capture.h's fourteen steps, on a backend of their own in deterministic mode: without capture, then
+  // with (four graphs recorded, five replays, AdamW's scalars given anew before each), and the same bits.
+  auto run = [](bool capture) {
+    std::unique_ptr<Backend> be = make_cuda_backend(0);
+    be->set_deterministic(true);
+    return vbtest::run_capture_scenario(*be, capture);
+  };
+  const vbtest::CaptureRun want = run(false), got = run(true);
+  CHECK(want.captures == 0);
+  CHECK(got.captures == 4);
+  CHECK(got.replays == 5);
+  REQUIRE(got.losses.size() == want.losses.size());
+  CHECK(std::memcmp(got.losses.data(), want.losses.data(), got.losses.size() * sizeof(float)) == 0);
+  CHECK(vbtest::differing_tensors(got.model, want.model) == 0);
+  CHECK(vbtest::differing_tensors(got.opt, want.opt) == 0);
 }
 
 TEST_CASE("deterministic mode: algorithms chosen again among the bit-reproducible ones, same bits every run") {

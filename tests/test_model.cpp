@@ -8,7 +8,9 @@
 #include "engine/optimizer.h"
 #include "data/transforms.h"
 #include "engine/weights.h"
+#include "tests/graph_twin.h"
 #include "tests/steady_state.h"
+#include "tests/step_capture.h"
 #include "tests/test_util.h"
 
 namespace {
@@ -346,4 +348,65 @@ TEST_CASE("a CPU training step and evaluation give the same bits on 1 and 2 thre
     REQUIRE(one.size() == two.size());
     CHECK(std::memcmp(one.data(), two.data(), one.size() * sizeof(float)) == 0);
   }
+}
+
+TEST_CASE("a training forward counts one batch in every batch norm, as count_training_forward alone") {
+  vb::ModelConfig cfg;
+  cfg.blocks = {1, 2, 1, 1};
+  cfg.width = 8;
+  auto be = vb::make_cpu_backend(1);
+  vb::Model a(*be, cfg), b(*be, cfg);
+  a.plan(2, 32);
+  b.plan(2, 32);
+  a.forward(2, true);
+  a.forward(2, true);
+  b.count_training_forward();
+  b.count_training_forward();
+  const vb::StateDict sa = a.state_dict(), sb = b.state_dict();
+  int counters = 0;
+  for (const std::string& k : sa.order)
+    if (k.find("num_batches_tracked") != std::string::npos) {
+      ++counters;
+      CHECK(sa.at(k).to_f64()[0] == 2.0);
+      CHECK(sb.at(k).to_f64()[0] == 2.0);
+    }
+  CHECK(counters == 1 + 3 * 5 + 4);  // the stem, three per block (five blocks), each stage's downsampling path
+}
+
+TEST_CASE("a captured step (TrainStep on the CPU twin of a CUDA graph) gives the uncaptured steps' bits") {
+  for (vb::Layout layout : {vb::Layout::NHWC, vb::Layout::NCHW}) {
+    CAPTURE(int(layout));
+    auto cpu = vb::make_cpu_backend(2, layout);
+    const vbtest::CaptureRun want = vbtest::run_capture_scenario(*cpu, false);
+    vbtest::GraphTwin twin(*cpu);
+    const vbtest::CaptureRun got = vbtest::run_capture_scenario(twin, true);
+    CHECK(got.captures == 4);
+    CHECK(got.replays == 5);
+    CHECK(want.captures == 0);
+    REQUIRE(got.losses.size() == want.losses.size());
+    CHECK(std::memcmp(got.losses.data(), want.losses.data(), got.losses.size() * sizeof(float)) == 0);
+    CHECK(vbtest::differing_tensors(got.model, want.model) == 0);
+    CHECK(vbtest::differing_tensors(got.opt, want.opt) == 0);
+    CHECK(want.losses.front() != want.losses.back());  // the steps did train
+  }
+  // Capture asked of a backend that cannot: the step runs uncaptured.
+  auto cpu = vb::make_cpu_backend(1);
+  CHECK(vbtest::run_capture_scenario(*cpu, true).captures == 0);
+}
+
+TEST_CASE("the CPU twin of a graph refuses what a captured step may not do") {
+  auto cpu = vb::make_cpu_backend(1);
+  vbtest::GraphTwin twin(*cpu);
+  CHECK_THROWS_WITH_AS(twin.capture([&] { twin.release(twin.alloc(16)); }), doctest::Contains("alloc inside a captured step"),
+                       vb::Error);
+  float x = 1.f, y = 0.f;
+  twin.capture([&] { twin.relu_fwd(1, &x, &y); });
+  CHECK(y == 1.f);  // run once at the end of the capture
+  x = 3.f;
+  CHECK_THROWS_WITH_AS(twin.replay([&] { twin.relu_fwd(1, &x, &y); }), doctest::Contains("only adamw"), vb::Error);
+  twin.replay([] {});  // the recording again: it reads x as it is now
+  CHECK(y == 3.f);
+  float p = 0.f, g = 0.f, m = 0.f, v = 0.f;
+  CHECK_THROWS_WITH_AS(twin.replay([&] { twin.adamw(1, &p, &g, &m, &v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1); }),
+                       doctest::Contains("did not launch"), vb::Error);
 }

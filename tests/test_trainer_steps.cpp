@@ -13,6 +13,7 @@
 #include "engine/train/history.h"
 #include "engine/train/options.h"
 #include "engine/train/run_folder.h"
+#include "engine/train/step.h"
 
 namespace fs = std::filesystem;
 using namespace vb;
@@ -209,4 +210,19 @@ TEST_CASE("metrics.jsonl round trip: NaN as null, rows in order") {
   CHECK(std::isnan(rows[0].val_loss));
   CHECK(std::isnan(rows[1].class_accuracy[1]));
   CHECK(read_file((t.path / "metrics.csv").string()).find("\n1,2.5,nan,nan,0.001,") != std::string::npos);
+}
+
+TEST_CASE("VB_CUDA_GRAPH: 1 asks for the captured step, 0 or unset not, anything else is a one-line error") {
+  const char* old = std::getenv("VB_CUDA_GRAPH");
+  const std::string saved = old ? old : "";
+  unsetenv("VB_CUDA_GRAPH");
+  CHECK_FALSE(cuda_graph_requested());
+  setenv("VB_CUDA_GRAPH", "0", 1);
+  CHECK_FALSE(cuda_graph_requested());
+  setenv("VB_CUDA_GRAPH", "1", 1);
+  CHECK(cuda_graph_requested());
+  setenv("VB_CUDA_GRAPH", "yes", 1);
+  CHECK_THROWS_WITH_AS(cuda_graph_requested(), doctest::Contains("VB_CUDA_GRAPH='yes'"), Error);
+  if (old) setenv("VB_CUDA_GRAPH", saved.c_str(), 1);
+  else unsetenv("VB_CUDA_GRAPH");
 }

@@ -6,12 +6,15 @@
 // - throughput: `steps` steps back to back after warm-up, one wait at the end (as a training loop runs; the
 //   input stays on the device, as in tools/torch_bench.py), so no phase waits for another;
 // - breakdown: the same step with a wait after each phase, so each phase's time is its own: the upload of
-//   a batch from page-locked host memory (what the loader hands over each step), forward with the loss,
+//   a batch of uint8 frames from page-locked host memory, normalised on the device (what the loader hands
+//   over each step, and what the trainer does with it), forward with the loss,
 //   backward, optimizer. Medians. Its sum exceeds the throughput step by the launch gaps the waits expose.
 // Peak memory is what the backend allocated (activations, parameters, gradients, AdamW state, batch-norm
 // scratch, cuBLAS's and cuDNN's workspaces, which it allocates and counts itself); on CUDA also the device's
 // own count (total minus free: adds the CUDA context and the libraries' state), for comparison with tools
 // that report either.
+// VB_CUDA_GRAPH=1: the throughput pass runs the step as the trainer then does, captured as a CUDA graph and
+// replayed (engine/train/step.h); the breakdown pass stays uncaptured (a wait between phases).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -26,6 +29,7 @@
 
 #include "engine/model.h"
 #include "engine/optimizer.h"
+#include "engine/train/step.h"
 #include "tools/commands.h"
 #include "tools/image_size_option.h"
 
@@ -74,11 +78,11 @@ int run_bench(BenchArgs a) {
   model.plan(N, S);
   vb::AdamW opt(model, {});
   std::mt19937 rng(7);
-  std::normal_distribution<float> nd;
-  const size_t in_floats = size_t(N) * 3 * size_t(S.pixels());
-  // The batch as the loader hands it over: in host memory meant for the device (page-locked on CUDA).
-  auto* x = static_cast<float*>(be->host_alloc(sizeof(float) * in_floats));
-  for (size_t i = 0; i < in_floats; ++i) x[i] = nd(rng);
+  const size_t in_bytes = size_t(N) * 3 * size_t(S.pixels());
+  // The batch as the loader hands it over: uint8 frames in host memory meant for the device (page-locked on
+  // CUDA).
+  auto* x = static_cast<uint8_t*>(be->host_alloc(in_bytes));
+  for (size_t i = 0; i < in_bytes; ++i) x[i] = uint8_t(rng());
   std::vector<int64_t> y(static_cast<size_t>(N));
   for (int i = 0; i < N; ++i) y[size_t(i)] = i % C;
   std::vector<float> cw(static_cast<size_t>(C), 1.f);
@@ -87,12 +91,14 @@ int run_bench(BenchArgs a) {
   auto* d_loss = static_cast<float*>(be->alloc(sizeof(float)));
   be->upload(d_cw, cw.data(), sizeof(float) * cw.size());
   auto upload = [&] {
-    be->upload_activation(model.input(), x, N, 3, S.h, S.w);
+    be->upload_images(model.input(), x, N, S.h, S.w);
     be->upload(d_y, y.data(), sizeof(int64_t) * y.size());
   };
   upload();
-  std::printf("bench: %s, batch %d, %dx%d, on %s (%s)\n", cfg.describe().c_str(), N, S.h, S.w, be->description().c_str(),
-              vb::precision_name(be->precision()));
+  vb::TrainStep captured(model, opt, d_y, d_cw, d_loss, vb::cuda_graph_requested());
+  std::printf("bench: %s, batch %d, %dx%d, on %s (%s)%s\n", cfg.describe().c_str(), N, S.h, S.w,
+              be->description().c_str(), vb::precision_name(be->precision()),
+              captured.capturing() ? ", training step captured as a CUDA graph (VB_CUDA_GRAPH=1)" : "");
   std::fflush(stdout);
   auto forward_loss = [&] {
     model.forward(N, true);
@@ -117,7 +123,11 @@ int run_bench(BenchArgs a) {
   float loss = 0;
   be->download(&loss, d_loss, sizeof(float));
   for (int i = 1; i < a.warmup; ++i) train_step();
-  const double train_s = throughput(train_step, a.steps);
+  // The throughput pass through TrainStep, as the trainer runs it (its first full step, uncaptured, and its
+  // capture are part of the warm-up when capturing).
+  auto step = [&] { captured.run(N, 1e-3); };
+  if (captured.capturing()) step(), step();
+  const double train_s = throughput(step, a.steps);
 
   // The breakdown pass: a wait after each phase.
   const int bsteps = std::min(a.steps, 10);
@@ -147,7 +157,7 @@ int run_bench(BenchArgs a) {
   const double eval_s = throughput(eval_step, a.steps);
   const double gib = double(be->memory_peak()) / double(1ull << 30);
   const double dev_gib = device_used_gib(*be);
-  const double up_gbs = double(in_floats * sizeof(float) + y.size() * sizeof(int64_t)) / up / 1e9;
+  const double up_gbs = double(in_bytes + y.size() * sizeof(int64_t)) / up / 1e9;
 
   std::printf("training step: %.1f ms (%.1f img/s), mean of %d back to back after %d warm-up\n", train_s * 1e3,
               N / train_s, a.steps, a.warmup);
@@ -166,7 +176,7 @@ int run_bench(BenchArgs a) {
   if (!a.json.empty()) {
     nlohmann::ordered_json j = {{"model", cfg.describe()}, {"device", be->description()},
                                 {"precision", vb::precision_name(be->precision())}, {"batch", N}, {"image_size", S},
-                                {"steps", a.steps}, {"warmup", a.warmup},
+                                {"steps", a.steps}, {"warmup", a.warmup}, {"captured_step", captured.capturing()},
                                 {"train_ms", train_s * 1e3}, {"train_img_s", N / train_s}, {"eval_ms", eval_s * 1e3},
                                 {"eval_img_s", N / eval_s}, {"peak_gib", gib},
                                 {"breakdown_ms", {{"steps", bsteps}, {"upload", up * 1e3}, {"upload_GB/s", up_gbs},

@@ -27,7 +27,7 @@
 #      NHWC (test_cuda_ops_nhwc), then the others;
 #   5. parity: PyTorch's own distances to the golden run (tools/torch_distances.py, fp32 and tf32, made here)
 #      and `vbtrain verify --device cuda --against` them; bf16 distances for later;
-#   6. `vbtrain bench` (tf32, tf32 with the backend in NHWC, fp32), vbbench, tools/torch_bench.py, then the README's default run (what
+#   6. `vbtrain bench` (tf32, tf32 with the backend in NHWC, tf32 with the step captured as a CUDA graph, fp32), vbbench, tools/torch_bench.py, then the README's default run (what
 #      tools/run.sh runs after its setup step: `vbtrain train` with no --data) if time remains.
 # Each step's row is printed the moment the step ends, and the files in $OUT are rewritten after every step,
 # so a run killed from outside still leaves what it did. $OUT gets three files: gpu-results-<date>.md (the
@@ -60,9 +60,9 @@ END_MS=$((T0_MS + DEADLINE * 1000))
 RESERVE_MS=$((DEADLINE * 100 < 3000 ? 3000 : DEADLINE * 100 > 8000 ? 8000 : DEADLINE * 100))
 MIN_STEP_MS=1500
 FAKE=${VB_GPU_CHECK_FAKE:-0}
-# Every step runs the backend's default layout unless it names one (the NHWC steps do): a VB_CUDA_LAYOUT in
-# the caller's environment would silently make the default-layout rows test another layout.
-unset VB_CUDA_LAYOUT
+# Every step runs the backend's defaults unless it names a switch (the NHWC and graph steps do): a VB_CUDA_LAYOUT in
+# the caller's environment would silently make the default rows test another layout (VB_CUDA_GRAPH: another step).
+unset VB_CUDA_LAYOUT VB_CUDA_GRAPH
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ -z "$BUILD" ]]; then
@@ -282,6 +282,7 @@ def num(v, fmt="{:,.0f}"):
 def verdict(v, ok):
     return "n/a" if v is None else ("PASS" if ok(v) else "FAIL")
 bt, bf, bn, tb = figs.get("bench-tf32"), figs.get("bench-fp32"), figs.get("bench-tf32-nhwc"), figs.get("torch-bench")
+bg = figs.get("bench-tf32-graph")
 tr = lambda k, f="img_s": g(tb, "results", k, f)
 ratio = lambda a, b: "{:.2f}x".format(a / b) if a and b else "n/a"
 L = ["# GPU check {} (tools/gpu-check.sh)".format(meta.get("date", "?")), ""]
@@ -306,6 +307,9 @@ L += ["| training img/s, tf32, batch 150 | >= 2,073 | {} | {} | {} (defaults) | 
       "| training img/s, tf32, NHWC (VB_CUDA_LAYOUT=nhwc) | >= 2,073 | {} | {} | {} (defaults) | {} |".format(
           num(g(bn, "train_img_s")), verdict(g(bn, "train_img_s"), lambda v: v >= 2073), num(tr("train_fp32_default")),
           ratio(g(bn, "train_img_s"), tr("train_fp32_default"))),
+      "| training img/s, tf32, captured step (VB_CUDA_GRAPH=1) | >= 2,073 | {} | {} | {} (defaults) | {} |".format(
+          num(g(bg, "train_img_s")), verdict(g(bg, "train_img_s"), lambda v: v >= 2073), num(tr("train_fp32_default")),
+          ratio(g(bg, "train_img_s"), tr("train_fp32_default"))),
       "| training img/s, strict fp32 | (PyTorch 868) | {} | | {} | {} |".format(
           num(g(bf, "train_img_s")), num(tr("train_fp32_strict")), ratio(g(bf, "train_img_s"), tr("train_fp32_strict"))),
       "| training img/s, bf16 + channels_last | (PyTorch 4,174) | (not in vbtrain) | | {} | |".format(num(tr("train_bf16_cl"))),
@@ -314,7 +318,7 @@ L += ["| training img/s, tf32, batch 150 | >= 2,073 | {} | {} | {} (defaults) | 
       "workspaces; PyTorch's max_memory_allocated.", "",
       "## Steps, in the order run", "", "| step | result | time | note |", "| --- | --- | --- | --- |"]
 L += ["| {} | {} | {} s | {} |".format(r.get("step"), r.get("result"), r.get("seconds"), r.get("note")) for r in rows]
-bd = [(p, figs.get("bench-" + p)) for p in ("tf32", "fp32", "tf32-nhwc")]
+bd = [(p, figs.get("bench-" + p)) for p in ("tf32", "fp32", "tf32-nhwc", "tf32-graph")]
 if any(g(b, "breakdown_ms", "sum") for _, b in bd):
     L += ["", "## vbtrain bench: one training step by phase (ms; median, waiting after each phase)", "",
           "| precision | upload | forward + loss | backward | optimizer | sum | back-to-back step | peak GiB | device in use GiB |",
@@ -501,13 +505,16 @@ done
 
 # ---- 6. speed: vbtrain, vbbench, PyTorch, then the default run ----
 # tf32-nhwc: the backend in NHWC (VB_CUDA_LAYOUT=nhwc), not yet the default: this row decides whether it becomes
-# it, so it runs right after tf32's.
-for p in tf32 tf32-nhwc fp32; do
+# it, so it runs right after tf32's. tf32-graph: the training step captured as a CUDA graph (VB_CUDA_GRAPH=1),
+# likewise not yet the default.
+for p in tf32 tf32-nhwc tf32-graph fp32; do
   NOTE=""
   layout=nchw
+  graph=0
   [[ $p == *-nhwc ]] && layout=nhwc
-  run_step "bench-$p" 120 env VB_CUDA_LAYOUT=$layout "$VBTRAIN" bench --device cuda --batch-size 150 \
-    --precision "${p%-nhwc}" --json "$FIG/bench-$p.json"
+  [[ $p == *-graph ]] && graph=1
+  run_step "bench-$p" 120 env VB_CUDA_LAYOUT=$layout VB_CUDA_GRAPH=$graph "$VBTRAIN" bench --device cuda --batch-size 150 \
+    --precision "${p%-*}" --json "$FIG/bench-$p.json"
   verdict "$LOGS/bench-$p.log"
   row "bench-$p" "$RESULT" "$(grep -E '^(training step|evaluation|peak memory)' "$LOGS/bench-$p.log" | cut -d'(' -f1-2 | tr '\n' ';')"
   [[ $RESULT == FAILED* || $RESULT == TIMED* ]] && tail_log "$LOGS/bench-$p.log"

@@ -283,6 +283,11 @@ void Trainer::open_run_folder() {
   train_loader_ = std::make_unique<data::Loader>(train_, loader_options(opt_, true, *be_));
   if (!val_.empty()) val_loader_ = std::make_unique<data::Loader>(val_, loader_options(opt_, false, *be_));
   loss_ = std::make_unique<LossBuffers>(*be_, class_weights_, opt_.batch_size);
+  const bool graph = cuda_graph_requested();
+  if (graph && !be_->can_capture())
+    std::fprintf(stderr, "note: VB_CUDA_GRAPH=1 has no effect on %s: the training step runs uncaptured\n",
+                 be_->description().c_str());
+  step_ = std::make_unique<TrainStep>(*model_, *adamw_, loss_->labels, loss_->class_weights, loss_->loss, graph);
   if (run_.from == ResumeFrom::RunFolder) skipped_.load(out_);
   if (val_.empty())
     std::fprintf(stderr, "warning: %s: no validation clips (no annotated videos of the val split): the validation "
@@ -293,6 +298,7 @@ void Trainer::open_run_folder() {
   std::printf("vbtrain: %s on %s (%s); %zu train / %zu val / %zu test clips; batch %d, image %s, %d epochs\n",
               cfg_.describe().c_str(), be_->description().c_str(), precision_name(be_->precision()), train_.size(),
               val_.size(), test_.size(), opt_.batch_size, opt_.image_size.str().c_str(), opt_.epochs);
+  if (step_->capturing()) std::printf("training step: captured as a CUDA graph from its second full batch (VB_CUDA_GRAPH=1)\n");
   std::fflush(stdout);
 }
 
@@ -357,11 +363,7 @@ int64_t Trainer::replay_steps(int64_t steps) {
 // One AdamW step on a batch; its loss is pushed for reading later (LateLosses).
 void Trainer::train_step(const data::Batch& b, double lr) {
   upload_batch(*model_, b, loss_->labels);
-  model_->forward(b.size, true);
-  be_->softmax_wce(b.size, data::kNumClasses, model_->logits(), loss_->labels, loss_->class_weights, nullptr,
-                   model_->dlogits(), loss_->loss);
-  model_->backward(b.size);
-  adamw_->step(lr);
+  step_->run(b.size, lr);
   be_->scalar_push(loss_->loss);
 }
 

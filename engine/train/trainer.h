@@ -28,6 +28,7 @@
 #include "engine/train/options.h"
 #include "engine/train/run_folder.h"
 #include "engine/train/skip_list.h"
+#include "engine/train/step.h"
 
 namespace vb {
 
@@ -114,6 +115,7 @@ class Trainer {
   nlohmann::json config_;
   std::unique_ptr<data::Loader> train_loader_, val_loader_;
   std::unique_ptr<LossBuffers> loss_;
+  std::unique_ptr<TrainStep> step_;  // after loss_ and adamw_, whose memory it uses: destroyed before them
   SkipList skipped_;
   int64_t steps_this_run_ = 0;
   std::chrono::steady_clock::time_point epoch_start_;

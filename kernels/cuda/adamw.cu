@@ -9,16 +9,6 @@
 namespace vb::cuda {
 namespace {
 
-struct AdamScalars {
-  float decay;       // 1 - lr * weight_decay
-  float w1;          // lerp weight, 1 - beta1
-  bool lerp_low;     // torch.lerp's branch: weight < 0.5
-  float beta2, one_minus_beta2;
-  float step_size;   // lr / (1 - beta1^t)
-  float bc2_sqrt;    // sqrt(1 - beta2^t)
-  float eps;
-};
-
 __global__ void adamw_kernel(int64_t n, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                              float* __restrict__ v, AdamScalars a) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -35,10 +25,8 @@ __global__ void adamw_kernel(int64_t n, float* __restrict__ p, const float* __re
 
 }  // namespace
 
-void adamw(cudaStream_t st, int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1,
-           double beta2, double eps, double weight_decay, int64_t step) {
+AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
   VB_CHECK(step >= 1, "adamw: step must be 1-based, got ", step);
-  if (n <= 0) return;
   AdamScalars a;
   a.decay = float(1.0 - lr * weight_decay);
   a.w1 = float(1.0 - beta1);
@@ -48,8 +36,28 @@ void adamw(cudaStream_t st, int64_t n, float* p, const float* g, float* m, float
   a.step_size = float(lr / (1.0 - std::pow(beta1, double(step))));
   a.bc2_sqrt = float(std::sqrt(1.0 - std::pow(beta2, double(step))));
   a.eps = float(eps);
-  adamw_kernel<<<detail::grid_for(n, 256), 256, 0, st>>>(n, p, g, m, v, a);
+  return a;
+}
+
+void adamw(cudaStream_t st, int64_t n, float* p, const float* g, float* m, float* v, const AdamScalars& a) {
+  if (n <= 0) return;
+  dim3 grid, block;
+  adamw_launch_shape(n, &grid, &block);
+  adamw_kernel<<<grid, block, 0, st>>>(n, p, g, m, v, a);
   VB_CUDA_LAUNCH_CHECK();
+}
+
+void adamw(cudaStream_t st, int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1,
+           double beta2, double eps, double weight_decay, int64_t step) {
+  const AdamScalars a = adam_scalars(lr, beta1, beta2, eps, weight_decay, step);
+  adamw(st, n, p, g, m, v, a);
+}
+
+const void* adamw_kernel_function() { return reinterpret_cast<const void*>(&adamw_kernel); }
+
+void adamw_launch_shape(int64_t n, dim3* grid, dim3* block) {
+  *grid = dim3(detail::grid_for(n, 256));
+  *block = dim3(256);
 }
 
 }  // namespace vb::cuda
