@@ -88,6 +88,19 @@ class BackendT {
     scalars_.pop_front();
     return true;
   }
+  // Reading a block of values without stalling the stream (evaluation's logits and loss, every batch):
+  // download_async queues a copy into host memory (from host_alloc, page-locked on CUDA) that runs once the
+  // work queued before it has run, and returns a ticket; wait_download(ticket) waits for that copy alone. The
+  // kDownloadTickets most recent tickets can be waited for. This default copies at once (download).
+  static constexpr uint64_t kDownloadTickets = 8;
+  virtual uint64_t download_async(void* host_dst, const void* src, size_t bytes) {
+    download(host_dst, src, bytes);
+    return downloads_++;
+  }
+  virtual void wait_download(uint64_t ticket) {
+    VB_CHECK(ticket < downloads_ && ticket + kDownloadTickets >= downloads_, "wait_download: ticket ", ticket,
+             " is not among the last ", kDownloadTickets, " of ", downloads_);
+  }
   // Activations: converts a host NCHW float batch to / from the backend's activation layout.
   virtual void upload_activation(T* dst, const T* host_nchw, int N, int C, int H, int W) = 0;
   virtual void download_activation(T* host_nchw, const T* src, int N, int C, int H, int W) = 0;
@@ -192,6 +205,7 @@ class BackendT {
  protected:
   Precision precision_ = Precision::TF32;
   std::deque<T> scalars_;  // the default scalar_push's values
+  uint64_t downloads_ = 0;  // download_async tickets handed out
 };
 
 using Backend = BackendT<float>;

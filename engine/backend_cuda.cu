@@ -135,6 +135,7 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&scalar_host_), kScalarSlots * sizeof(float)));
     for (cudaEvent_t& e : scalar_ev_) VB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     VB_CUDA_CHECK(cudaEventCreateWithFlags(&upload_ev_, cudaEventDisableTiming));
+    for (cudaEvent_t& e : download_ev_) VB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     // The images' copy stream: non-blocking, so that it never waits for work on the legacy default stream.
     VB_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_st_, cudaStreamNonBlocking));
     for (int i = 0; i < 2; ++i) {
@@ -172,6 +173,8 @@ class CudaBackend final : public Backend {
     for (cudaEvent_t e : scalar_ev_)
       if (e) cudaEventDestroy(e);
     if (upload_ev_) cudaEventDestroy(upload_ev_);
+    for (cudaEvent_t e : download_ev_)
+      if (e) cudaEventDestroy(e);
     if (scalar_host_) cudaFreeHost(scalar_host_);
     if (blas_) cublasDestroy(blas_);
     if (dnn_) cudnnDestroy(dnn_);
@@ -262,6 +265,16 @@ class CudaBackend final : public Backend {
     *value = scalar_host_[i];
     ++scalar_taken_;
     return true;
+  }
+  uint64_t download_async(void* dst, const void* src, size_t bytes) override {
+    const uint64_t t = downloads_++;
+    VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
+    VB_CUDA_CHECK(cudaEventRecord(download_ev_[t % kDownloadTickets], st_));
+    return t;
+  }
+  void wait_download(uint64_t ticket) override {
+    Backend::wait_download(ticket);  // the ticket's checks
+    VB_CUDA_CHECK(cudaEventSynchronize(download_ev_[ticket % kDownloadTickets]));
   }
   void download(void* dst, const void* src, size_t bytes) override {
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
@@ -849,6 +862,7 @@ class CudaBackend final : public Backend {
   size_t img_stage_size_[2] = {};
   cudaEvent_t img_copied_ev_[2] = {}, img_read_ev_[2] = {};
   int64_t images_uploaded_ = 0;
+  cudaEvent_t download_ev_[kDownloadTickets] = {};  // download_async: the event after ticket t's copy, t % 8
   // The captured step (capture / replay): the graph, its executable, and its AdamW launches by parameter range.
   struct AdamNode {
     cudaGraphNode_t node = nullptr;

@@ -912,6 +912,36 @@ TEST_CASE("scalars read back without a wait, in order; wait_uploads lets the hos
   dev().host_free(host);
 }
 
+TEST_CASE("download_async: copies land after the work queued before them, each ticket waited for alone") {
+  if (!has_gpu()) return;
+  // Three blocks written by kernels queued behind a long stream of work, read back asynchronously into
+  // page-locked memory; waiting for a ticket gives that block's values, and an old ticket is refused.
+  const size_t n = size_t(1) << 20, busy_n = size_t(1) << 22;
+  Dev busy(busy_n * sizeof(float));
+  std::vector<std::unique_ptr<Dev>> src;
+  std::vector<float*> host;
+  std::vector<uint64_t> tickets;
+  for (int k = 0; k < 3; ++k) {
+    for (int i = 0; i < 8; ++i) dev().relu_fwd(int64_t(busy_n), busy.f(), busy.f());
+    std::vector<float> v(n, float(-k - 1));
+    src.push_back(up(v));
+    dev().relu_fwd(int64_t(n), src.back()->f(), src.back()->f());  // -> 0 on the device, after the upload
+    host.push_back(static_cast<float*>(dev().host_alloc(n * sizeof(float))));
+    std::fill(host.back(), host.back() + n, 7.f);
+    tickets.push_back(dev().download_async(host.back(), src.back()->p, n * sizeof(float)));
+  }
+  for (int k = 2; k >= 0; --k) {
+    dev().wait_download(tickets[size_t(k)]);
+    CHECK(std::count(host[size_t(k)], host[size_t(k)] + n, 0.f) == ptrdiff_t(n));
+  }
+  std::vector<float> tmp(4);
+  Dev small(16);
+  for (uint64_t i = 0; i < Backend::kDownloadTickets; ++i) dev().download_async(tmp.data(), small.p, 16);
+  CHECK_THROWS_WITH_AS(dev().wait_download(tickets[0]), doctest::Contains("not among the last"), Error);
+  dev().sync();
+  for (float* h : host) dev().host_free(h);
+}
+
 TEST_CASE("upload_images: uint8 frames normalised on the device equal the CPU backend's, through both buffers") {
   if (!has_gpu()) return;
   // Batches of odd sizes, the second and fourth larger than any before (each buffer grows once), each copied

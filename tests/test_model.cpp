@@ -410,3 +410,14 @@ TEST_CASE("the CPU twin of a graph refuses what a captured step may not do") {
   CHECK_THROWS_WITH_AS(twin.replay([&] { twin.adamw(1, &p, &g, &m, &v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1); }),
                        doctest::Contains("did not launch"), vb::Error);
 }
+
+TEST_CASE("download_async on the CPU: the copy is made at once, and only the last tickets can be waited for") {
+  auto be = vb::make_cpu_backend(1);
+  float src[3] = {1.f, 2.f, 3.f}, dst[3] = {};
+  const uint64_t t0 = be->download_async(dst, src, sizeof src);
+  CHECK(dst[2] == 3.f);
+  be->wait_download(t0);
+  for (uint64_t i = 0; i < vb::Backend::kDownloadTickets; ++i) be->download_async(dst, src, sizeof src);
+  CHECK_THROWS_WITH_AS(be->wait_download(t0), doctest::Contains("not among the last"), vb::Error);
+  CHECK_THROWS_WITH_AS(be->wait_download(t0 + 100), doctest::Contains("not among the last"), vb::Error);
+}

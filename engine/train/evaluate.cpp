@@ -34,7 +34,9 @@ LossBuffers::LossBuffers(Backend& b, const std::vector<float>& weights, int max_
     : be(b),
       class_weights(static_cast<float*>(b.alloc(sizeof(float) * weights.size()))),
       labels(static_cast<int64_t*>(b.alloc(sizeof(int64_t) * size_t(max_batch)))),
-      loss(static_cast<float*>(b.alloc(sizeof(float)))) {
+      loss(static_cast<float*>(b.alloc(sizeof(float)))),
+      readback{nullptr, nullptr} {
+  for (float*& r : readback) r = static_cast<float*>(b.host_alloc(sizeof(float) * (size_t(max_batch) * weights.size() + 1)));
   b.upload(class_weights, weights.data(), sizeof(float) * weights.size());
 }
 
@@ -42,6 +44,7 @@ LossBuffers::~LossBuffers() {
   be.release(class_weights);
   be.release(labels);
   be.release(loss);
+  for (float* r : readback) be.host_free(r);
 }
 
 EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& lb) {
@@ -50,28 +53,48 @@ EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& lb) {
   EvalResult r;
   r.confusion = Confusion(C);
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> logits(size_t(model.max_batch()) * C);
   double loss_sum = 0;
   int64_t batches = 0;
   loader.start_epoch(0);
   Progress progress("eval", loader.batches_per_epoch(), 10.0);
+  // The batch in flight: its logits and loss are on their way into lb.readback[slot].
+  struct InFlight {
+    int size = 0, slot = 0;
+    uint64_t ticket = 0;
+    std::vector<int64_t> labels;  // the loader reuses the batch's own memory
+  } prev;
+  auto take = [&](const InFlight& f) {
+    be.wait_download(f.ticket);
+    const float* logits = lb.readback[f.slot];
+    const float loss = logits[size_t(f.size) * C];
+    for (int i = 0; i < f.size; ++i) {
+      const float* row = logits + size_t(i) * C;
+      r.confusion.add(int(f.labels[size_t(i)]), int(std::max_element(row, row + C) - row));
+    }
+    loss_sum += loss;
+    ++batches;
+    r.images += f.size;
+    progress.update(batches, f.size, loss);
+  };
+  int slot = 0;
   while (const data::Batch* b = loader.next()) {
     if (b->size == 0) continue;
     upload_batch(model, *b, lb.labels);
     model.forward(b->size, false);
     be.softmax_wce(b->size, C, model.logits(), lb.labels, lb.class_weights, nullptr, nullptr, lb.loss);
-    float loss = 0;
-    be.download(&loss, lb.loss, sizeof(float));
-    be.download(logits.data(), model.logits(), sizeof(float) * size_t(b->size) * C);
-    for (int i = 0; i < b->size; ++i) {
-      const float* row = logits.data() + size_t(i) * C;
-      r.confusion.add(int(b->labels[i]), int(std::max_element(row, row + C) - row));
-    }
-    loss_sum += loss;
-    ++batches;
-    r.images += b->size;
-    progress.update(batches, b->size, loss);
+    float* dst = lb.readback[slot];
+    be.download_async(dst, model.logits(), sizeof(float) * size_t(b->size) * C);
+    InFlight now;
+    now.size = b->size;
+    now.slot = slot;
+    now.ticket = be.download_async(dst + size_t(b->size) * C, lb.loss, sizeof(float));
+    now.labels.assign(b->labels, b->labels + b->size);
+    be.wait_uploads();  // the loader reuses this batch's buffer at its next call
+    if (prev.size) take(prev);  // the previous batch, while this one computes
+    prev = std::move(now);
+    slot ^= 1;
   }
+  if (prev.size) take(prev);
   progress.finish();
   r.loss = batches ? loss_sum / double(batches) : NAN;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -28,12 +28,14 @@ struct EvalResult {
 // all 1 when there are no training clips.
 std::vector<float> class_weights_for(const std::vector<data::Sample>& train);
 
-// Backend memory the loss needs: the class weights (uploaded once), a batch of labels, the loss.
+// Backend memory the loss needs: the class weights (uploaded once), a batch of labels, the loss; and the host
+// memory evaluation reads a batch's logits and loss back into (two batches, taken in turn).
 struct LossBuffers {
   Backend& be;
   float* class_weights;  // (classes)
   int64_t* labels;       // (max batch)
   float* loss;           // (1)
+  float* readback[2];    // host (Backend::host_alloc): max batch x classes logits, then the loss
   LossBuffers(Backend& b, const std::vector<float>& weights, int max_batch);
   ~LossBuffers();
   LossBuffers(const LossBuffers&) = delete;
@@ -43,7 +45,9 @@ struct LossBuffers {
 // A batch's images into the model's input and its labels into `labels_dev`.
 void upload_batch(Model& model, const data::Batch& b, int64_t* labels_dev);
 
-// Evaluation-mode pass over a loader (one epoch), the loss with the notebook's weighted criterion.
+// Evaluation-mode pass over a loader (one epoch), the loss with the notebook's weighted criterion. A batch's
+// logits and loss are read back while the next batch is uploaded and computed (Backend::download_async), so the
+// device does not wait for the host between batches; the sums are taken in batch order as before.
 EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& loss);
 
 // Loads a model file for eval/predict: weights with their configuration (from the file's metadata or
