@@ -622,10 +622,9 @@ void train_random_part(const Image& resized, ImageSize image_size, const TrainDr
 }
 
 void train_random_part_u8(const Image& resized, ImageSize image_size, const TrainDraw& draw, uint8_t* out) {
+  static constexpr uint8_t kBlack[3] = {0, 0, 0};
   train_random_walk(resized, image_size, draw, [&](size_t i, const uint8_t* p) {
-    uint8_t* o = out + 3 * i;
-    if (p) o[0] = p[0], o[1] = p[1], o[2] = p[2];
-    else o[0] = o[1] = o[2] = 0;
+    std::memcpy(out + 3 * i, p ? p : kBlack, 3);  // branch-free (a branch per pixel cost 14%)
   });
 }
 

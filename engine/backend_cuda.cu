@@ -188,6 +188,7 @@ class CudaBackend final : public Backend {
   void set_precision(Precision p) override {
     VB_CHECK(p == Precision::FP32 || p == Precision::TF32, "the CUDA backend computes in fp32 or tf32, not ",
              precision_name(p));
+    if (p != precision_) drop_capture();  // a captured step keeps the math it was recorded with
     precision_ = p;
     // TF32 applies to the convolutions only, as PyTorch's defaults (cudnn.allow_tf32 on, matmul.allow_tf32
     // off): the head's matrix products stay fp32 in both modes.
@@ -204,7 +205,8 @@ class CudaBackend final : public Backend {
   }
   void release(void* p) override {
     if (!p) return;
-    if (graph_exec_) drop_capture();  // the graph may use this memory (Backend::has_capture)
+    VB_CHECK(!capturing_, "release inside a captured step");
+    drop_capture();  // the graph may use this memory (Backend::has_capture)
     auto it = sizes_.find(p);
     VB_CHECK(it != sizes_.end(), "release of a pointer this CUDA backend did not allocate");
     account(-int64_t(it->second));
@@ -219,13 +221,17 @@ class CudaBackend final : public Backend {
   void host_free(void* p) override {
     if (p) VB_CUDA_CHECK(cudaFreeHost(p));
   }
-  void set_deterministic(bool on) override { deterministic_ = on; }
+  void set_deterministic(bool on) override {
+    if (on != deterministic_) drop_capture();  // a captured step keeps the algorithms it was recorded with
+    deterministic_ = on;
+  }
   size_t memory_in_use() const override { return in_use_; }
   size_t memory_peak() const override { return peak_; }
   size_t allocations() const override { return allocations_; }
   void set_memory_limit(size_t bytes) override { limit_ = bytes; }
   size_t conv_algo_searches() const override { return algo_cache_.searches(); }
   void upload(void* dst, const void* src, size_t bytes) override {
+    VB_CHECK(!capturing_, "upload inside a captured step");
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, st_));
     VB_CUDA_CHECK(cudaEventRecord(upload_ev_, st_));  // wait_uploads() waits for the latest
   }
@@ -277,6 +283,7 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaEventSynchronize(download_ev_[ticket % kDownloadTickets]));
   }
   void download(void* dst, const void* src, size_t bytes) override {
+    VB_CHECK(!capturing_, "download inside a captured step");
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
     VB_CUDA_CHECK(cudaStreamSynchronize(st_));
   }
@@ -284,13 +291,16 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st_));
   }
   void fill_zero(void* p, size_t bytes) override { VB_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, st_)); }
-  void sync() override { VB_CUDA_CHECK(cudaStreamSynchronize(st_)); }
+  void sync() override {
+    VB_CHECK(!capturing_, "sync inside a captured step");
+    VB_CUDA_CHECK(cudaStreamSynchronize(st_));
+  }
   // NHWC: the host's NCHW batch goes up into the staging buffer, then is transposed into dst on the stream
   // (the buffer grows only when a batch larger than any before arrives: the first step).
   void upload_activation(float* dst, const float* src, int N, int C, int H, int W) override {
     const size_t bytes = sizeof(float) * size_t(N) * C * H * W;
     if (!nhwc_) return upload(dst, src, bytes);
-    grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer");
+    grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer", false);
     upload(stage_, src, bytes);
     cuda::nchw_to_nhwc(st_, N, C, H * W, static_cast<const float*>(stage_), dst);
   }
@@ -299,11 +309,12 @@ class CudaBackend final : public Backend {
   // ways: st_ normalises only after its copy landed (img_copied_ev_), and a buffer is overwritten only after
   // the normalisation that read it (img_read_ev_; an event never recorded is already complete).
   void upload_images(float* dst, const uint8_t* src, int N, int H, int W) override {
+    VB_CHECK(!capturing_, "upload_images inside a captured step");
     if (N <= 0) return;
     const size_t bytes = size_t(N) * H * W * 3;
     const int i = int(images_uploaded_ % 2);
     // Both buffers grow together, on the first batch: a steady-state step allocates nothing.
-    for (int j : {i, 1 - i}) grow_buffer(img_stage_[j], img_stage_size_[j], bytes, "the image staging buffer");
+    for (int j : {i, 1 - i}) grow_buffer(img_stage_[j], img_stage_size_[j], bytes, "the image staging buffer", false);
     VB_CUDA_CHECK(cudaStreamWaitEvent(copy_st_, img_read_ev_[i], 0));
     VB_CUDA_CHECK(cudaMemcpyAsync(img_stage_[i], src, bytes, cudaMemcpyHostToDevice, copy_st_));
     VB_CUDA_CHECK(cudaEventRecord(img_copied_ev_[i], copy_st_));
@@ -319,7 +330,7 @@ class CudaBackend final : public Backend {
   void download_activation(float* dst, const float* src, int N, int C, int H, int W) override {
     const size_t bytes = sizeof(float) * size_t(N) * C * H * W;
     if (!nhwc_) return download(dst, src, bytes);
-    grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer");
+    grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer", false);
     cuda::nhwc_to_nchw(st_, N, C, H * W, src, static_cast<float*>(stage_));
     download(dst, stage_, bytes);
   }
@@ -446,75 +457,79 @@ class CudaBackend final : public Backend {
   void adamw(int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1, double beta2,
              double eps, double weight_decay, int64_t step) override {
     cuda::AdamScalars a = cuda::adam_scalars(lr, beta1, beta2, eps, weight_decay, step);
-    if (!replaying_) return cuda::adamw(st_, n, p, g, m, v, a);
-    // Inside replay's update: the graph's launch over this range takes the new scalars at its next launch
-    // (launches already queued keep theirs).
-    auto it = adam_nodes_.find(p);
-    VB_CHECK(it != adam_nodes_.end() && it->second.n == n && it->second.g == g && it->second.m == m &&
-                 it->second.v == v,
-             "replay: an AdamW update over ", n, " parameters that the captured step did not launch");
-    void* args[] = {&n, &p, &g, &m, &v, &a};
-    cudaKernelNodeParams kp{};
-    kp.func = const_cast<void*>(cuda::adamw_kernel_function());
-    cuda::adamw_launch_shape(n, &kp.gridDim, &kp.blockDim);
-    kp.sharedMemBytes = 0;
-    kp.kernelParams = args;
-    kp.extra = nullptr;
-    VB_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(graph_exec_, it->second.node, &kp));
-    ++adam_updates_;
+    if (n <= 0) return;  // no launch, in a capture or out of one
+    if (replaying_) {
+      // Inside replay's update: the graph's launch over this range takes the new scalars at its next launch
+      // (launches already queued keep theirs).
+      auto it = adam_nodes_.find(p);
+      VB_CHECK(it != adam_nodes_.end() && it->second.n == n && it->second.g == g && it->second.m == m &&
+                   it->second.v == v && !it->second.updated,
+               "replay: an AdamW update over ", n, " parameters that the captured step did not launch (or twice)");
+      void* args[] = {&n, &p, &g, &m, &v, &a};  // adamw_kernel's parameters, in order
+      cudaKernelNodeParams kp{};
+      kp.func = const_cast<void*>(cuda::adamw_kernel_function());
+      cuda::adamw_launch_shape(n, &kp.gridDim, &kp.blockDim);
+      kp.sharedMemBytes = 0;
+      kp.kernelParams = args;
+      kp.extra = nullptr;
+      VB_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(graph_exec_, it->second.node, &kp));
+      it->second.updated = true;
+      return;
+    }
+    cuda::adamw(st_, n, p, g, m, v, a);
+    if (!capturing_) return;
+    // Recording: the launch just made is the capture's one open end; keep its node for the replays' updates.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    const cudaGraphNode_t* deps = nullptr;
+    size_t ndeps = 0;
+    VB_CUDA_CHECK(cudaStreamGetCaptureInfo(st_, &status, nullptr, nullptr, &deps, nullptr, &ndeps));
+    VB_CHECK(status == cudaStreamCaptureStatusActive && ndeps == 1 && deps,
+             "capture: cannot find the AdamW launch's node in the recording");
+    VB_CHECK(!adam_nodes_.count(p), "capture: two AdamW launches over the same parameters");
+    adam_nodes_[p] = AdamNode{deps[0], n, g, m, v, false};
   }
 
   // ---- the captured step ----
   bool can_capture() const override { return true; }
+  bool has_capture() const override { return graph_exec_ != nullptr; }
+  // Records into locals, kept only once the graph has been instantiated and launched: any failure leaves no
+  // capture behind (and the error is rethrown).
   void capture(const std::function<void()>& fn) override {
     drop_capture();
+    adam_nodes_.clear();
     VB_CUDA_CHECK(cudaStreamBeginCapture(st_, cudaStreamCaptureModeThreadLocal));
+    capturing_ = true;
     cudaGraph_t graph = nullptr;
     try {
       fn();
     } catch (...) {
+      capturing_ = false;
       cudaStreamEndCapture(st_, &graph);  // ends the recording whatever went wrong; the error is fn's
       if (graph) cudaGraphDestroy(graph);
       cudaGetLastError();  // a capture-invalidated status is not fn's error: clear it
+      adam_nodes_.clear();
       throw;
     }
-    const cudaError_t end = cudaStreamEndCapture(st_, &graph);
-    if (end != cudaSuccess) {
+    capturing_ = false;
+    cudaError_t e = cudaStreamEndCapture(st_, &graph);
+    const char* stage = "recording";
+    cudaGraphExec_t exec = nullptr;
+    if (e == cudaSuccess) stage = "instantiating", e = cudaGraphInstantiate(&exec, graph, 0);
+    if (e == cudaSuccess) stage = "launching", e = cudaGraphLaunch(exec, st_);
+    if (e != cudaSuccess) {
+      if (exec) cudaGraphExecDestroy(exec);
       if (graph) cudaGraphDestroy(graph);
       cudaGetLastError();
-      fail("capturing the training step as a CUDA graph failed: ", cudaGetErrorString(end),
-           " (an op in the step that cannot be recorded; train without VB_CUDA_GRAPH=1)");
+      adam_nodes_.clear();
+      fail(stage, " the captured training step as a CUDA graph failed: ", cudaGetErrorString(e));
     }
     graph_ = graph;
-    VB_CUDA_CHECK(cudaGraphInstantiate(&graph_exec_, graph_, 0));
-    // The AdamW launches, by the parameter range they update.
-    size_t count = 0;
-    VB_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &count));
-    std::vector<cudaGraphNode_t> nodes(count);
-    VB_CUDA_CHECK(cudaGraphGetNodes(graph_, nodes.data(), &count));
-    for (cudaGraphNode_t node : nodes) {
-      cudaGraphNodeType type = cudaGraphNodeTypeEmpty;
-      VB_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-      if (type != cudaGraphNodeTypeKernel) continue;
-      cudaKernelNodeParams kp{};
-      VB_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &kp));
-      if (kp.func != cuda::adamw_kernel_function()) continue;
-      VB_CHECK(kp.kernelParams, "a captured AdamW launch without its parameter list");
-      AdamNode a;
-      a.node = node;
-      a.n = *static_cast<int64_t*>(kp.kernelParams[0]);
-      float* p = *static_cast<float**>(kp.kernelParams[1]);
-      a.g = *static_cast<const float**>(kp.kernelParams[2]);
-      a.m = *static_cast<float**>(kp.kernelParams[3]);
-      a.v = *static_cast<float**>(kp.kernelParams[4]);
-      adam_nodes_[p] = a;
-    }
-    VB_CUDA_CHECK(cudaGraphLaunch(graph_exec_, st_));
+    graph_exec_ = exec;
   }
   void replay(const std::function<void()>& update) override {
     VB_CHECK(graph_exec_, "replay without a captured step");
+    for (auto& kv : adam_nodes_) kv.second.updated = false;
     replaying_ = true;
-    adam_updates_ = 0;
     try {
       update();
     } catch (...) {
@@ -522,17 +537,18 @@ class CudaBackend final : public Backend {
       throw;
     }
     replaying_ = false;
-    VB_CHECK(adam_updates_ == adam_nodes_.size(), "replay: ", adam_updates_, " AdamW updates for the captured step's ",
-             adam_nodes_.size(), " AdamW launches");
+    for (const auto& kv : adam_nodes_)
+      VB_CHECK(kv.second.updated, "replay: the captured AdamW launch over ", kv.second.n,
+               " parameters was not given its new scalars");
     VB_CUDA_CHECK(cudaGraphLaunch(graph_exec_, st_));
   }
-  bool has_capture() const override { return graph_exec_ != nullptr; }
+  // Never throws (it runs where memory goes: release, a growing buffer): a failing wait surfaces at the next
+  // checked call. A launch in flight finishes before its graph goes.
   void drop_capture() override {
-    if (graph_exec_) {
-      VB_CUDA_CHECK(cudaStreamSynchronize(st_));  // a launch in flight finishes before its graph goes
-      VB_CUDA_CHECK(cudaGraphExecDestroy(graph_exec_));
-    }
-    if (graph_) VB_CUDA_CHECK(cudaGraphDestroy(graph_));
+    if (!graph_exec_ && !graph_) return;
+    cudaStreamSynchronize(st_);
+    if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
+    if (graph_) cudaGraphDestroy(graph_);
     graph_exec_ = nullptr;
     graph_ = nullptr;
     adam_nodes_.clear();
@@ -547,6 +563,8 @@ class CudaBackend final : public Backend {
 
   // cudaMalloc with the one clear out-of-memory message (and set_memory_limit's limit); accounts the bytes.
   void* device_malloc(size_t bytes, const char* what) {
+    VB_CHECK(!capturing_, "allocating ", bytes, " bytes for ", what,
+             " inside a captured step (an op that had not run at this size before the capture)");
     void* p = nullptr;
     const bool over_limit = limit_ != 0 && in_use_ + bytes > limit_;
     const cudaError_t e = over_limit ? cudaErrorMemoryAllocation : cudaMalloc(&p, bytes);
@@ -566,11 +584,13 @@ class CudaBackend final : public Backend {
 
   // Replaces a device buffer by a larger one: the new one first, so that an out-of-memory leaves the old one
   // in place (and the backend usable); then the stream is drained, since queued work may still use the old.
-  void grow_buffer(void*& buf, size_t& size, size_t bytes, const char* what) {
+  // graph_uses: a captured step may use the buffer (all but the upload and download staging buffers), so a
+  // capture is dropped before the old one goes (Backend::has_capture).
+  void grow_buffer(void*& buf, size_t& size, size_t bytes, const char* what, bool graph_uses = true) {
     if (bytes <= size) return;
     void* fresh = device_malloc(bytes, what);
     if (buf) {
-      if (graph_exec_) drop_capture();  // the graph may use the old buffer (Backend::has_capture)
+      if (graph_uses) drop_capture();
       VB_CUDA_CHECK(cudaStreamSynchronize(st_));
       VB_CUDA_CHECK(cudaFree(buf));
       account(-int64_t(size));
@@ -718,6 +738,8 @@ class CudaBackend final : public Backend {
   }
 
   void search(const ConvShape& s, ConvPlan& p, ConvDir dir, const void* a, const void* b, const void* c) {
+    VB_CHECK(!capturing_, "a cuDNN algorithm search inside a captured step (a layer that had not run at this size "
+             "before the capture)");
     const int d = int(dir);
     choose(s, p, dir, a, b, c);
     p.reused[d] = false;
@@ -869,11 +891,12 @@ class CudaBackend final : public Backend {
     int64_t n = 0;
     const float* g = nullptr;
     float *m = nullptr, *v = nullptr;
+    bool updated = false;  // given its scalars in the current replay's update
   };
   cudaGraph_t graph_ = nullptr;
   cudaGraphExec_t graph_exec_ = nullptr;
   std::map<const float*, AdamNode> adam_nodes_;
-  bool replaying_ = false;
+  bool replaying_ = false, capturing_ = false;
   size_t adam_updates_ = 0;
   void* wt_ = nullptr;  // one layer's filter: KRSC (NHWC), or folded for evaluation
   size_t wt_size_ = 0;

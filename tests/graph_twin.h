@@ -40,8 +40,7 @@ class GraphTwin final : public vb::Backend {
   void replay(const std::function<void()>& update) override {
     VB_CHECK(!ops_.empty(), "replay without a captured step");
     replaying_ = true;
-    size_t updates = 0;
-    updates_ = &updates;
+    for (auto& kv : adam_) kv.second->updated = false;
     try {
       update();
     } catch (...) {
@@ -49,7 +48,7 @@ class GraphTwin final : public vb::Backend {
       throw;
     }
     replaying_ = false;
-    VB_CHECK(updates == adam_.size(), "replay: ", updates, " AdamW updates for ", adam_.size(), " launches");
+    for (const auto& kv : adam_) VB_CHECK(kv.second->updated, "replay: an AdamW launch was not given its scalars");
     for (auto& op : ops_) op();
   }
   void drop_capture() override {
@@ -63,20 +62,20 @@ class GraphTwin final : public vb::Backend {
     if (replaying_) {
       auto it = adam_.find(p);
       VB_CHECK(it != adam_.end() && it->second->n == n && it->second->g == g && it->second->m == m &&
-                   it->second->v == v,
-               "replay: an AdamW update over a range the captured step did not launch");
-      *it->second = AdamArgs{n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step};
-      ++*updates_;
+                   it->second->v == v && !it->second->updated,
+               "replay: an AdamW update over a range the captured step did not launch (or twice)");
+      *it->second = AdamArgs{n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, true};
       return;
     }
-    auto a = std::make_shared<AdamArgs>(AdamArgs{n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step});
+    auto a = std::make_shared<AdamArgs>(AdamArgs{n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, false});
     if (recording_) adam_[p] = a;
     op([this, a] { in_.adamw(a->n, a->p, a->g, a->m, a->v, a->lr, a->beta1, a->beta2, a->eps, a->wd, a->step); });
   }
 
   // ---- what a recording may not do ----
   void* alloc(size_t bytes) override { return host_op("alloc"), in_.alloc(bytes); }
-  void release(void* p) override { host_op("release"), in_.release(p); }
+  // As the CUDA backend: memory going drops the capture, which may use it.
+  void release(void* p) override { host_op("release"), drop_capture(), in_.release(p); }
   void upload(void* dst, const void* src, size_t bytes) override { host_op("upload"), in_.upload(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override {
     host_op("download"), in_.download(dst, src, bytes);
@@ -104,8 +103,9 @@ class GraphTwin final : public vb::Backend {
   size_t memory_peak() const override { return in_.memory_peak(); }
   size_t allocations() const override { return in_.allocations(); }
   void wait_uploads() override { in_.wait_uploads(); }
-  void set_precision(vb::Precision p) override { in_.set_precision(p), precision_ = p; }
-  void set_deterministic(bool on) override { in_.set_deterministic(on); }
+  void set_precision(vb::Precision p) override { drop_capture(), in_.set_precision(p), precision_ = p; }
+  void set_deterministic(bool on) override { drop_capture(), in_.set_deterministic(on); }
+  size_t conv_algo_searches() const override { return in_.conv_algo_searches(); }
 
   // ---- the ops: recorded while capturing ----
   void copy(void* dst, const void* src, size_t bytes) override { op([=, this] { in_.copy(dst, src, bytes); }); }
@@ -186,6 +186,7 @@ class GraphTwin final : public vb::Backend {
     float *m, *v;
     double lr, beta1, beta2, eps, wd;
     int64_t step;
+    bool updated;  // given its scalars in the current replay's update
   };
   void op(std::function<void()> f) {
     VB_CHECK(!replaying_, "replay's update may call only adamw");
@@ -200,7 +201,6 @@ class GraphTwin final : public vb::Backend {
   bool recording_ = false, replaying_ = false;
   std::vector<std::function<void()>> ops_;
   std::map<const float*, std::shared_ptr<AdamArgs>> adam_;
-  size_t* updates_ = nullptr;
 };
 
 }  // namespace vbtest

@@ -23,6 +23,7 @@ struct CaptureRun {
   std::vector<float> losses;
   vb::StateDict model, opt;
   int64_t captures = 0, replays = 0;
+  bool held_before_release = false, held_after_release = true;  // has_capture() around the release
 };
 
 inline CaptureRun run_capture_scenario(vb::Backend& be, bool capture) {
@@ -51,23 +52,28 @@ inline CaptureRun run_capture_scenario(vb::Backend& be, bool capture) {
                                     {B, 5e-4, false}, {B, 5e-4, true},  {B, 5e-4, true},  {B, 5e-4, true},
                                     {B, 2e-4, false}, {B, 2e-4, false}, {B, 2e-4, false}, {B, 1e-4, false},
                                     {B, 1e-4, false}, {B, 1e-4, false}};
-    const size_t drop_before = 11;  // the backend drops its graph before this step
+    const size_t drop_before = 11;  // memory goes before this step: the backend drops its graph
     std::mt19937 rng(11);
     std::vector<uint8_t> px(size_t(B) * H * W * 3);
     std::vector<int64_t> y(B);
     for (size_t i = 0; i < plan.size(); ++i) {
       const Step& s = plan[i];
-      if (i == drop_before) be.drop_capture();
+      if (i == drop_before) {
+        r.held_before_release = be.has_capture();
+        be.release(be.alloc(256));
+        r.held_after_release = be.has_capture();
+      }
       for (uint8_t& v : px) v = uint8_t(rng());
       for (int64_t& v : y) v = int64_t(rng() % 8);
       be.upload_images(m.input(), px.data(), s.n, H, W);
       be.upload(labels, y.data(), sizeof(int64_t) * size_t(s.n));
       m.set_backbone_frozen(s.frozen);
       step.run(s.n, s.lr);
-      float l = 0;
-      be.download(&l, loss, sizeof l);
-      r.losses.push_back(l);
+      be.scalar_push(loss);  // read back later, as the trainer does: the host runs ahead of the device
+      be.wait_uploads();
     }
+    float l = 0;
+    while (be.scalar_pop(&l, true)) r.losses.push_back(l);
     r.captures = step.captures();
     r.replays = step.replays();
   }

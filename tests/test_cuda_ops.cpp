@@ -979,7 +979,10 @@ TEST_CASE("upload_images: uint8 frames normalised on the device equal the CPU ba
 TEST_CASE("a captured training step (CUDA graph) replays the uncaptured steps bit for bit (deterministic mode)") {
   if (!has_gpu()) return;
   // tests/step_capture.h's fourteen steps, on a backend of their own in deterministic mode: without capture, then
-  // with (four graphs recorded, five replays, AdamW's scalars given anew before each), and the same bits.
+  // with (graphs recorded after a full step that searched and allocated nothing, AdamW's scalars given anew
+  // before each replay, the graph dropped when memory goes), and the same bits. The counts depend on when cuDNN
+  // searches (a short batch may search and grow the workspace, which drops the graph too): printed, and at least
+  // one capture before the freeze (three full steps) and one replay of each graph that follows a capture.
   auto run = [](bool capture) {
     std::unique_ptr<Backend> be = make_cuda_backend(0);
     be->set_deterministic(true);
@@ -987,8 +990,11 @@ TEST_CASE("a captured training step (CUDA graph) replays the uncaptured steps bi
   };
   const vbtest::CaptureRun want = run(false), got = run(true);
   CHECK(want.captures == 0);
-  CHECK(got.captures == 4);
-  CHECK(got.replays == 5);
+  MESSAGE("captured step: ", got.captures, " graphs recorded, ", got.replays, " replays");
+  CHECK(got.captures >= 3);  // before the freeze, while frozen, after the thaw (and after the release)
+  CHECK(got.replays >= 3);
+  CHECK(got.held_before_release);
+  CHECK_FALSE(got.held_after_release);
   REQUIRE(got.losses.size() == want.losses.size());
   CHECK(std::memcmp(got.losses.data(), want.losses.data(), got.losses.size() * sizeof(float)) == 0);
   CHECK(vbtest::differing_tensors(got.model, want.model) == 0);

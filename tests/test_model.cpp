@@ -382,6 +382,8 @@ TEST_CASE("a captured step (TrainStep on the CPU twin of a CUDA graph) gives the
     const vbtest::CaptureRun got = vbtest::run_capture_scenario(twin, true);
     CHECK(got.captures == 4);
     CHECK(got.replays == 5);
+    CHECK(got.held_before_release);
+    CHECK_FALSE(got.held_after_release);
     CHECK(want.captures == 0);
     REQUIRE(got.losses.size() == want.losses.size());
     CHECK(std::memcmp(got.losses.data(), want.losses.data(), got.losses.size() * sizeof(float)) == 0);

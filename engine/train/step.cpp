@@ -43,8 +43,8 @@ void TrainStep::run(int n, double lr) {
   if (captured_ && !be.has_capture()) captured_ = warm_ = false;  // dropped by the backend: record it again
   const bool full = n == model_.max_batch();
   if (full && captured_) {
-    model_.count_training_forward();
     be.replay([&] { opt_.step(lr); });
+    model_.count_training_forward();  // the host's part of the forward the graph ran
     ++replays_;
   } else if (full && warm_) {
     try {
@@ -55,8 +55,11 @@ void TrainStep::run(int n, double lr) {
     captured_ = true;
     ++captures_;
   } else {
+    // Warm: a full step that allocated nothing and searched for no algorithm, so the same step can be recorded
+    // (a recording may do neither).
+    const size_t allocs = be.allocations(), searches = be.conv_algo_searches();
     compute(n, lr);
-    warm_ = warm_ || full;
+    if (full) warm_ = be.allocations() == allocs && be.conv_algo_searches() == searches;
   }
 }
 

@@ -1,7 +1,8 @@
 // One training step on the batch already in the model's input: forward, softmax + weighted cross-entropy,
-// backward, AdamW. With capture on and a backend that can (CUDA), the step is recorded as one CUDA graph the
-// second time it runs at the full batch (the first chose cuDNN's algorithms and sized every buffer, which a
-// recording may not do), and from then on replayed: one launch instead of several hundred, no host work per op.
+// backward, AdamW. With capture on and a backend that can (CUDA), the step is recorded as one CUDA graph once
+// a full-batch step has run uncaptured without allocating or searching for an algorithm (the backend's
+// counters say so; the first full step chooses cuDNN's algorithms and sizes every buffer, which a recording may
+// not do), and from then on replayed: one launch instead of several hundred, no host work per op.
 // Only AdamW's scalars change between replays (the step count, the learning rate); they are given to the
 // graph's AdamW launch before each replay, computed on the host exactly as for an uncaptured step, so in
 // deterministic mode a replayed step gives the uncaptured step's bits. A batch of another size (an epoch's
