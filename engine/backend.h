@@ -29,9 +29,12 @@ namespace vb {
 
 using ConvShape = cpu::ConvShape;
 
-enum class Precision : uint8_t { FP32, TF32, FP64 };
+// BF16: bf16 activations and convolution/linear operands with float32 accumulation, float32 master weights,
+// optimizer state, batch-norm statistics and loss (torch.autocast(bfloat16)'s numerics); on the CPU an
+// emulation (engine/backend_bf16.h), the reference a CUDA bf16 path is held to.
+enum class Precision : uint8_t { FP32, TF32, FP64, BF16 };
 inline const char* precision_name(Precision p) {
-  return p == Precision::FP32 ? "fp32" : p == Precision::TF32 ? "tf32" : "fp64";
+  return p == Precision::FP32 ? "fp32" : p == Precision::TF32 ? "tf32" : p == Precision::FP64 ? "fp64" : "bf16";
 }
 
 // T is the element type of parameters and activations: float for training (both devices); double on the CPU

@@ -13,12 +13,13 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/backend_forwarding.h"
 
 namespace vbtest {
 
-class GraphTwin final : public vb::Backend {
+class GraphTwin final : public vb::ForwardingBackend {
  public:
-  explicit GraphTwin(vb::Backend& inner) : in_(inner) {}
+  explicit GraphTwin(vb::Backend& inner) : ForwardingBackend(inner) {}
 
   size_t recorded_ops() const { return ops_.size(); }
 
@@ -81,6 +82,9 @@ class GraphTwin final : public vb::Backend {
     host_op("download"), in_.download(dst, src, bytes);
   }
   void sync() override { host_op("sync"), in_.sync(); }
+  uint64_t download_async(void* dst, const void* src, size_t bytes) override {
+    return host_op("download_async"), in_.download_async(dst, src, bytes);
+  }
   void scalar_push(const float* src) override { host_op("scalar_push"), in_.scalar_push(src); }
   bool scalar_pop(float* value, bool wait) override { return host_op("scalar_pop"), in_.scalar_pop(value, wait); }
   void upload_activation(float* dst, const float* src, int N, int C, int H, int W) override {
@@ -93,19 +97,10 @@ class GraphTwin final : public vb::Backend {
     host_op("upload_images"), in_.upload_images(dst, src, N, H, W);
   }
 
-  // ---- forwarded as they are ----
-  vb::Device device() const override { return in_.device(); }
+  // ---- the rest as the inner backend, but named ----
   std::string description() const override { return "graph twin of " + in_.description(); }
-  vb::Layout activation_layout() const override { return in_.activation_layout(); }
-  void* host_alloc(size_t bytes) override { return in_.host_alloc(bytes); }
-  void host_free(void* p) override { in_.host_free(p); }
-  size_t memory_in_use() const override { return in_.memory_in_use(); }
-  size_t memory_peak() const override { return in_.memory_peak(); }
-  size_t allocations() const override { return in_.allocations(); }
-  void wait_uploads() override { in_.wait_uploads(); }
-  void set_precision(vb::Precision p) override { drop_capture(), in_.set_precision(p), precision_ = p; }
+  void set_precision(vb::Precision p) override { drop_capture(), ForwardingBackend::set_precision(p); }
   void set_deterministic(bool on) override { drop_capture(), in_.set_deterministic(on); }
-  size_t conv_algo_searches() const override { return in_.conv_algo_searches(); }
 
   // ---- the ops: recorded while capturing ----
   void copy(void* dst, const void* src, size_t bytes) override { op([=, this] { in_.copy(dst, src, bytes); }); }
@@ -197,7 +192,6 @@ class GraphTwin final : public vb::Backend {
     VB_CHECK(!recording_ && !replaying_, what, " inside a captured step");
   }
 
-  vb::Backend& in_;
   bool recording_ = false, replaying_ = false;
   std::vector<std::function<void()>> ops_;
   std::map<const float*, std::shared_ptr<AdamArgs>> adam_;

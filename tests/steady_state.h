@@ -3,6 +3,7 @@
 // the GPU test (test_cuda_ops, both layouts).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -12,19 +13,34 @@
 
 namespace vbtest {
 
+// The small model of the GPU-rule tests (this one and tests/step_capture.h): a [1,1,1,1] ResNet of width 16,
+// torchvision's initialisation (seed 3), planned for batches of B at H x W, with AdamW.
+struct SmallRig {
+  static constexpr int B = 8, Bp = 5, H = 40, W = 48;
+  static vb::ModelConfig config() {
+    vb::ModelConfig cfg;
+    cfg.blocks = {1, 1, 1, 1};
+    cfg.width = 16;
+    return cfg;
+  }
+  vb::Model m;
+  std::unique_ptr<vb::AdamW> opt;
+  explicit SmallRig(vb::Backend& be) : m(be, config()) {
+    m.init_torchvision(3);
+    m.plan(B, vb::data::ImageSize{H, W});
+    opt = std::make_unique<vb::AdamW>(m, vb::AdamWOptions{});
+  }
+};
+
 // A [1,1,1,1] ResNet of width 16 at 40x48 with AdamW and weighted cross-entropy. Warm-up: one full training
 // step, one partial step, and an evaluation of each batch size (buffers, cuDNN's algorithms and workspace).
 // Training steps take uint8 frames (upload_images, as the trainer), evaluations float batches (upload_activation).
 // Then two full steps, a partial one and both evaluations again: returns the allocations those made.
 inline size_t steady_state_allocations(vb::Backend& be) {
-  vb::ModelConfig cfg;
-  cfg.blocks = {1, 1, 1, 1};
-  cfg.width = 16;
-  const int B = 8, Bp = 5, H = 40, W = 48;
-  vb::Model m(be, cfg);
-  m.init_torchvision(3);
-  m.plan(B, vb::data::ImageSize{H, W});
-  vb::AdamW opt(m, {});
+  constexpr int B = SmallRig::B, Bp = SmallRig::Bp, H = SmallRig::H, W = SmallRig::W;
+  SmallRig rig(be);
+  vb::Model& m = rig.m;
+  vb::AdamW& opt = *rig.opt;
   std::mt19937 rng(7);
   std::normal_distribution<float> nd;
   std::vector<float> x(size_t(B) * 3 * H * W);

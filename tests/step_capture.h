@@ -16,6 +16,7 @@
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "engine/train/step.h"
+#include "tests/steady_state.h"
 
 namespace vbtest {
 
@@ -27,14 +28,10 @@ struct CaptureRun {
 };
 
 inline CaptureRun run_capture_scenario(vb::Backend& be, bool capture) {
-  vb::ModelConfig cfg;
-  cfg.blocks = {1, 1, 1, 1};
-  cfg.width = 16;
-  const int B = 8, Bp = 5, H = 40, W = 48;
-  vb::Model m(be, cfg);
-  m.init_torchvision(3);
-  m.plan(B, vb::data::ImageSize{H, W});
-  vb::AdamW opt(m, {});
+  constexpr int B = SmallRig::B, Bp = SmallRig::Bp, H = SmallRig::H, W = SmallRig::W;
+  SmallRig rig(be);
+  vb::Model& m = rig.m;
+  vb::AdamW& opt = *rig.opt;
   const std::vector<float> cw = {1.f, 2.f, 0.5f, 1.f, 1.5f, 1.f, 3.f, 1.f};
   auto* labels = static_cast<int64_t*>(be.alloc(sizeof(int64_t) * B));
   auto* weights = static_cast<float*>(be.alloc(sizeof(float) * cw.size()));

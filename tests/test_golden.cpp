@@ -7,6 +7,8 @@
 // diverges from the float64 reference (see docs/STATUS.md). So the float32 run as a whole is judged beside
 // PyTorch's own float32 run (`verify --against`, below): within 2x of its distance to the golden, group by group.
 #include <cstdlib>
+#include <cstring>
+#include <random>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -15,6 +17,8 @@
 #include <nlohmann/json.hpp>
 #include <sys/wait.h>
 
+#include "engine/backend_bf16.h"
+#include "kernels/bf16.h"
 #include "engine/golden.h"
 #include "engine/weights.h"
 #include "tests/test_util.h"
@@ -353,4 +357,122 @@ TEST_CASE("the non-square golden run (48x80, tools/make_goldens.py) verifies: fp
   // The square run's distances do not fit this reference: refused, not misjudged.
   CHECK_THROWS(vb::judge_parity(rows, vb::load_torch_distances(vbtest::fixture(kDistances)), vb::Precision::FP32,
                                 {6, 3, 48, 80}));
+}
+
+// ---- bf16 (engine/backend_bf16.h) beside PyTorch's CPU autocast ----
+// tests/fixtures/torch_distances_bf16_cpu.json: PyTorch 2.15's torch.autocast(bfloat16) run of the golden protocol
+// on the CPU. The emulation rounds where autocast keeps bf16 tensors; its first forward lands where PyTorch's
+// does (the same roundings; only float32 summation orders differ), and every later group within 2x.
+namespace {
+std::vector<vb::GoldenEntry> bf16_rows() {
+  auto be = vb::make_bf16_emulation(vb::make_cpu_backend(0));
+  CHECK(be->precision() == vb::Precision::BF16);
+  vb::StateDict w = vb::load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  vb::StateDict ref = vb::load_safetensors(vbtest::fixture("mini_train_golden.safetensors"));
+  return vb::run_golden(*be, w, ref);
+}
+}  // namespace
+
+TEST_CASE("bf16 emulation beside PyTorch's autocast: the first forward where PyTorch's lands, every group within 2x") {
+  const vb::TorchDistances td = vb::load_torch_distances(vbtest::fixture("torch_distances_bf16_cpu.json"));
+  CHECK(td.precision == "bf16");
+  const auto rows = bf16_rows();
+  const vb::ParityReport rep = vb::judge_parity(rows, td, vb::Precision::BF16, {6, 3, 64, 64});
+  CHECK(rep.ok);
+  for (const auto& g : rep.groups) {
+    INFO(g.name << ": max " << g.ours_max << " vs PyTorch " << g.torch_max);
+    CHECK(g.ok);
+  }
+  for (const auto& s : rep.strict) {
+    INFO(s.name << ": " << s.ours << " vs PyTorch " << s.torch << " (tol " << s.tol << ")");
+    CHECK(s.ok);
+    // Before any step the distance is bf16's rounding alone, and the emulation rounds as autocast does: within
+    // 5% of PyTorch's (float32 without rounding lands at 1e-7, a thousandth of it).
+    if (s.name == "eval_logits_init.x0" || s.name == "logits0" || s.name == "loss0") {
+      CHECK(s.torch > 1e-3);
+      CHECK(std::fabs(s.ours - s.torch) < 0.05 * s.torch);
+    }
+  }
+  // The float32 engine is far closer to the golden's first forward than bf16: the closeness above is the
+  // rounding's doing, not the golden's.
+  for (const auto& r : fp32_rows())
+    if (r.name == "eval_logits_init.x0") CHECK(r.rel_err < 1e-5);
+  // A file of another precision is refused.
+  CHECK(error_of([&] { vb::judge_parity(rows, vb::load_torch_distances(vbtest::fixture(kDistances)),
+                                        vb::Precision::BF16); }).find("made at fp32") != std::string::npos);
+  // PyTorch's distances a third of what they are: the emulation is no longer within 2x.
+  vb::TorchDistances third = td;
+  for (auto& [k, v] : third.distances) v /= 3;
+  CHECK_FALSE(vb::judge_parity(rows, third, vb::Precision::BF16).ok);
+}
+
+TEST_CASE("bf16 emulation, op by op: rounded operands and outputs, batch norm's output rounded before the residual add") {
+  auto cpu = vb::make_cpu_backend(1);
+  auto be = vb::make_bf16_emulation(vb::make_cpu_backend(1));
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  auto randv = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = nd(rng);
+    return v;
+  };
+  auto rounded = [](std::vector<float> v) {
+    for (float& x : v) x = vb::round_bf16(x);
+    return v;
+  };
+  // A convolution: the float32 convolution of the rounded operands, rounded.
+  const vb::ConvShape s{2, 5, 7, 6, 4, 3, 3, 1, 1};
+  const auto x = randv(size_t(2) * 5 * 7 * 6), w = randv(size_t(4) * 5 * 9);
+  std::vector<float> y(size_t(2) * 4 * 7 * 6), want(y.size());
+  be->conv_fwd(s, x.data(), w.data(), y.data());
+  const auto xr = rounded(x), wr = rounded(w);
+  cpu->conv_fwd(s, xr.data(), wr.data(), want.data());
+  want = rounded(want);
+  CHECK(std::memcmp(y.data(), want.data(), y.size() * sizeof(float)) == 0);
+  CHECK(y != std::vector<float>(y.size(), 0.f));
+  // Batch norm with residual and ReLU: bn in float32, rounded; + residual, rounded; ReLU. The statistics float32.
+  const int N = 2, C = 4, H = 7, W = 6;
+  const auto in = rounded(randv(y.size())), res = rounded(randv(y.size()));
+  const std::vector<float> gamma = {1.f, 0.5f, 2.f, 1.5f}, beta = {0.1f, -0.2f, 0.f, 0.3f};
+  std::vector<float> out(y.size()), mean(C), invstd(C), rm(C, 0.f), rv(C, 1.f);
+  be->bn_train_fwd(N, C, H, W, in.data(), gamma.data(), beta.data(), res.data(), true, out.data(), mean.data(),
+                   invstd.data(), rm.data(), rv.data(), 0.1, 1e-5);
+  std::vector<float> ref(y.size()), m2(C), i2(C), rm2(C, 0.f), rv2(C, 1.f);
+  cpu->bn_train_fwd(N, C, H, W, in.data(), gamma.data(), beta.data(), nullptr, false, ref.data(), m2.data(), i2.data(),
+                    rm2.data(), rv2.data(), 0.1, 1e-5);
+  ref = rounded(ref);
+  for (size_t i = 0; i < ref.size(); ++i) ref[i] = std::max(0.f, vb::round_bf16(ref[i] + res[i]));
+  CHECK(std::memcmp(out.data(), ref.data(), out.size() * sizeof(float)) == 0);
+  CHECK(mean == m2);  // statistics untouched by the rounding
+  CHECK(rm == rm2);
+  CHECK(rounded(mean) != mean);
+  // The fused single rounding differs: the emulation's two roundings matter.
+  std::vector<float> fused(y.size());
+  cpu->bn_train_fwd(N, C, H, W, in.data(), gamma.data(), beta.data(), res.data(), true, fused.data(), m2.data(),
+                    i2.data(), rm2.data(), rv2.data(), 0.1, 1e-5);
+  CHECK(rounded(fused) != out);
+}
+
+TEST_CASE("vbtrain verify --precision bf16: passes beside the autocast distances; needs --against and the CPU") {
+  const std::string bin = vbtest::binary_dir() + "/tools/vbtrain";
+  const std::string log = (std::filesystem::temp_directory_path() / "vbtrain_verify_bf16.log").string();
+  const std::string base = bin + " verify --device cpu --precision bf16 --quiet --weights " +
+                           vbtest::fixture("mini_seed_b1_init.pth") + " --reference " +
+                           vbtest::fixture("mini_train_golden.safetensors");
+  auto run = [&](const std::string& args) {
+    const int rc = std::system((base + args + " > " + log + " 2>&1").c_str());
+    std::ifstream l(log);
+    return std::make_pair(WIFEXITED(rc) ? WEXITSTATUS(rc) : -1,
+                          std::string((std::istreambuf_iterator<char>(l)), std::istreambuf_iterator<char>()));
+  };
+  auto [rc, text] = run(" --against " + vbtest::fixture("torch_distances_bf16_cpu.json"));
+  CHECK(rc == 0);
+  CHECK(text.find("bf16 emulated") != std::string::npos);
+  CHECK(text.find("passed") != std::string::npos);
+  std::tie(rc, text) = run("");
+  CHECK(rc != 0);
+  CHECK(text.find("give --against FILE") != std::string::npos);
+  std::tie(rc, text) = run(" --against " + vbtest::fixture(kDistances));  // fp32 distances for a bf16 run
+  CHECK(rc != 0);
+  CHECK(text.find("made at fp32, but this run computes in bf16") != std::string::npos);
 }

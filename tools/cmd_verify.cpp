@@ -8,6 +8,7 @@
 #include <optional>
 #include <nlohmann/json.hpp>
 
+#include "engine/backend_bf16.h"
 #include "engine/golden.h"
 #include "engine/weights.h"
 #include "tools/commands.h"
@@ -44,8 +45,12 @@ int report_against(const VerifyArgs& a, const std::vector<vb::GoldenEntry>& rows
       std::printf("  %-62s %10.3e %10.3e %7.2f\n", r.name.c_str(), r.rel_err, t, t > 0 ? r.rel_err / t : 0.0);
     }
   }
-  std::printf("  strict (before any step; the first forward and loss within %.0e):\n",
-              precision == vb::Precision::TF32 ? 1e-2 : 1e-4);
+  if (precision == vb::Precision::BF16)
+    std::printf("  strict (before any step; the first forward and loss within %g x PyTorch's bf16 distance):\n",
+                vb::kParityFactor);
+  else
+    std::printf("  strict (before any step; the first forward and loss within %.0e):\n",
+                precision == vb::Precision::TF32 ? 1e-2 : 1e-4);
   for (const auto& s : rep.strict)
     std::printf("    %-24s ours %10.3e  PyTorch %10.3e  (tol %.0e)  %s\n", s.name.c_str(), s.ours, s.torch, s.tol,
                 s.ok ? "ok" : "FAIL");
@@ -96,7 +101,14 @@ int run_verify(const VerifyArgs& a) {
   std::optional<vb::TorchDistances> td;
   if (!a.against.empty()) td = vb::load_torch_distances(a.against);
   const std::string precision = a.precision != "auto" ? a.precision : td ? td->precision : cuda ? "fp32" : "fp64";
-  if (precision == "bf16") vb::fail(a.against, ": PyTorch's distances are bf16 autocast, which the engine does not compute in");
+  if (precision == "bf16") {
+    if (!td)
+      vb::fail("--precision bf16 is judged beside PyTorch's own autocast distances: give --against FILE "
+               "(tools/torch_distances.py --precision bf16)");
+    if (cuda)
+      vb::fail("--precision bf16 runs on the CPU's emulation of autocast (engine/backend_bf16.h); the CUDA backend "
+               "has no bf16 path yet: use --device cpu");
+  }
   std::vector<vb::GoldenEntry> rows;
   vb::Precision prec = vb::Precision::FP64;
   if (precision == "fp64") {
@@ -105,6 +117,12 @@ int run_verify(const VerifyArgs& a) {
     auto be = vb::make_cpu_backend_f64(a.threads, vb::default_cpu_layout());
     std::printf("verify: %s against %s on %s, fp64 (the CPU reference path)\n", a.weights.c_str(),
                 a.reference.c_str(), be->description().c_str());
+    rows = vb::run_golden(*be, weights, reference);
+  } else if (precision == "bf16") {
+    std::unique_ptr<vb::Backend> be = vb::make_bf16_emulation(vb::make_cpu_backend(a.threads, vb::default_cpu_layout()));
+    prec = be->precision();
+    vb::check_parity_precision(*td, prec);
+    std::printf("verify: %s against %s on %s, bf16\n", a.weights.c_str(), a.reference.c_str(), be->description().c_str());
     rows = vb::run_golden(*be, weights, reference);
   } else {
     std::unique_ptr<vb::Backend> be = vb::make_backend(cuda ? "cuda" : "cpu", a.threads);
@@ -142,8 +160,9 @@ VB_COMMAND("verify", "Check the engine against a PyTorch golden run (logits, los
              app.add_option("--weights", a->weights, "initial weights (.pth or .safetensors)")->required();
              app.add_option("--reference", a->reference, "golden-run reference (.safetensors)")->required();
              app.add_option("--device", a->device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-             app.add_option("--precision", a->precision, "auto (CPU: fp64, CUDA: fp32; with --against: the file's), fp64 (CPU), fp32, tf32 (CUDA)")
-                 ->check(CLI::IsMember({"auto", "fp64", "fp32", "tf32"}));
+             app.add_option("--precision", a->precision, "auto (CPU: fp64, CUDA: fp32; with --against: the file's), fp64 (CPU), fp32, tf32 (CUDA), bf16 (the CPU's "
+                            "emulation of autocast, with --against)")
+                 ->check(CLI::IsMember({"auto", "fp64", "fp32", "tf32", "bf16"}));
              app.add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(vb::tools::thread_count());
              app.add_option("--json", a->json, "write {name: relative error} to this file (with --against: groups, "
                                                "strict entries and every entry beside PyTorch's)");

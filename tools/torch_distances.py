@@ -13,7 +13,8 @@ same float32 initial weights).
   --precision tf32   PyTorch's defaults on a GPU: TF32 convolutions (cudnn.allow_tf32 = True), float32 matmul
                      (cuda.matmul.allow_tf32 = False), which is what the engine's tf32 does
   --precision bf16   float32 weights with torch.autocast(bfloat16) around forward and loss, as a user trains
-On --device cpu only fp32 is accepted (TF32 does not exist there; the engine has no CPU bf16 to compare).
+On --device cpu fp32 and bf16 are accepted (TF32 does not exist there); the engine's bf16 on the CPU is its
+emulation of autocast (engine/backend.h, Precision::BF16).
 
   torch_distances.py --device cuda --precision tf32 --out tf32.json
 """
@@ -70,8 +71,8 @@ def main():
         print(f"torch_distances: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
-    if a.device == "cpu" and a.precision != "fp32":
-        die(f"--precision {a.precision} needs --device cuda (on the CPU only fp32 is compared)")
+    if a.device == "cpu" and a.precision == "tf32":
+        die("--precision tf32 needs --device cuda (TF32 does not exist on the CPU)")
     if a.device == "cuda" and not torch.cuda.is_available():
         die("--device cuda: PyTorch sees no GPU")
     if a.threads > 0:
