@@ -265,7 +265,10 @@ class CudaBackend final : public Backend {
       VB_CUDA_CHECK(cudaEventSynchronize(scalar_ev_[i]));
     } else {
       const cudaError_t e = cudaEventQuery(scalar_ev_[i]);
-      if (e == cudaErrorNotReady) return false;
+      if (e == cudaErrorNotReady) {
+        cudaGetLastError();  // "not ready" is an answer, not an error: the next launch check must not see it
+        return false;
+      }
       VB_CUDA_CHECK(e);
     }
     *value = scalar_host_[i];

@@ -15,6 +15,7 @@
 
 #include "kernels/check.h"
 #include "kernels/cuda/transforms.cuh"
+#include "kernels/normalize.h"
 
 namespace vb::cuda {
 namespace {
@@ -74,6 +75,10 @@ __host__ __device__ __forceinline__ float f_div(float a, float b) {
 #endif
 }
 
+// The constants of kernels/normalize.h (which device code cannot read), checked equal at compile time.
+static_assert(kImageNetMean[0] == 0.485f && kImageNetMean[1] == 0.456f && kImageNetMean[2] == 0.406f &&
+                  kImageNetStd[0] == 0.229f && kImageNetStd[1] == 0.224f && kImageNetStd[2] == 0.225f,
+              "normalize_u8's constants must be kernels/normalize.h's");
 __host__ __device__ __forceinline__ float normalize_u8(int u, int c) {
   const float mean = c == 0 ? 0.485f : (c == 1 ? 0.456f : 0.406f);
   const float std = c == 0 ? 0.229f : (c == 1 ? 0.224f : 0.225f);
