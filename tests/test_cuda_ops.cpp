@@ -912,7 +912,8 @@ TEST_CASE("scalars read back without a wait, in order; wait_uploads lets the hos
   dev().host_free(host);
 }
 
-TEST_CASE("download_async: copies land after the work queued before them, each ticket waited for alone") {
+TEST_CASE("download_async: copies land after the work queued before them, each ticket waited for alone (large)") {
+  // (large: its long busy work is slow under compute-sanitizer and checks ordering, not memory.)
   if (!has_gpu()) return;
   // Three blocks written by kernels queued behind a long stream of work, read back asynchronously into
   // page-locked memory; waiting for a ticket gives that block's values, and an old ticket is refused.
@@ -942,7 +943,8 @@ TEST_CASE("download_async: copies land after the work queued before them, each t
   for (float* h : host) dev().host_free(h);
 }
 
-TEST_CASE("upload_images: uint8 frames normalised on the device equal the CPU backend's, through both buffers") {
+TEST_CASE("upload_images: uint8 frames normalised on the device equal the CPU backend's, through both buffers (large)") {
+  // (large: as above; the normalisation kernels themselves also run in the capture scenario, under the sanitizer.)
   if (!has_gpu()) return;
   // Batches of odd sizes, the second and fourth larger than any before (each buffer grows once), each copied
   // from one page-locked host buffer that is overwritten as soon as wait_uploads returns, with a long stream of
