@@ -522,7 +522,9 @@ done
 # The tools below get their own time limit too, so that they stop in time to write their JSON.
 own_limit() { local l=$(( ($(left_ms) < $1 * 1000 ? $(left_ms) : $1 * 1000) / 1000 - 20 )); echo $((l > 5 ? l : 5)); }
 if [[ -x "$VBBENCH" ]]; then
-  step vbbench 200 "$VBBENCH" --warmup 1 --iters 5 --max-seconds "$(own_limit 200)" --json "$FIG/vbbench.json"
+  # tf32 (the default path) and bf16 (cuDNN alone: what issue 11's bf16 step would get from its convolutions);
+  # strict fp32 is the bench-fp32 row's.
+  step vbbench 200 "$VBBENCH" --precision tf32,bf16 --warmup 1 --iters 5 --max-seconds "$(own_limit 200)" --json "$FIG/vbbench.json"
 else
   DUR_MS=0
   row vbbench MISSING "no $VBBENCH"

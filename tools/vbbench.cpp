@@ -7,7 +7,8 @@
 // which cuBLAS computes in fp32 in both modes). A last section weights each layer by how often ResNet-50 uses
 // it: the time one training step spends in convolutions and batch norm. Last come issue 11's NHWC kernels
 // (batch norm fused with add + ReLU, max pool, global average pool) with bf16 and float activations, and the
-// CUDA backend's NHWC input transpose and evaluation fold.
+// CUDA backend's NHWC input transpose and evaluation fold. `--precision bf16` (or a list with it) also times every
+// convolution in bf16 NHWC on cuDNN alone: what a bf16 step's convolutions would take.
 //
 // --versions prints what the process actually loaded (cuDNN, cuBLAS, the CUDA runtime and driver, the
 // library files) and the GPU's name, clocks and memory, and exits: the first thing tools/gpu-check.sh asks.
@@ -127,6 +128,10 @@ class Bench {
   void flops(const std::string& group, const std::string& name, double f, double ms, bool tensor_cores) {
     add({group, name, ms, 0, f / (ms * 1e-3) / 1e12, tensor_cores ? kTf32Tflops : kFp32Tflops,
          tensor_cores ? "TF32 tensor cores" : "FP32"});
+  }
+  // Work on bf16 tensor cores.
+  void flops_bf16(const std::string& group, const std::string& name, double f, double ms) {
+    add({group, name, ms, 0, f / (ms * 1e-3) / 1e12, kBf16Tflops, "bf16 tensor cores"});
   }
   const std::vector<Row>& rows() const { return rows_; }
 
@@ -422,6 +427,97 @@ int print_versions(const Options& o) {
   return status;
 }
 
+// ---- bf16 convolutions in NHWC, on cuDNN directly (the backend has no bf16 path yet) ----
+// What a bf16 training step's convolutions would take (issue 11: 8,000 img/s is 18.75 ms a step of 150): NHWC
+// bf16 activations, KRSC bf16 filters, float32 accumulation, tensor-core math, each direction with the fastest
+// algorithm cudnnFind returns within the workspace limit. A handle on the legacy default stream, so that the
+// timing events order with its work. Adds each layer's fwd + bwd, times its use count, to step_ms.
+constexpr size_t kBf16ConvWorkspace = size_t(512) << 20;
+void bench_conv_bf16(Bench& bench, vb::Backend& be, const std::map<vb::ConvShape, int, ConvKeyLess>& convs,
+                     std::map<std::string, double>& step_ms) {
+  std::printf("convolutions, bf16 NHWC on cuDNN alone (limit about %.0f TFLOP/s):\n", kBf16Tflops);
+  cudnnHandle_t h = nullptr;
+  VB_CUDNN_CHECK(cudnnCreate(&h));
+  void* ws = nullptr;
+  VB_CUDA_CHECK(cudaMalloc(&ws, kBf16ConvWorkspace));
+  cudnnTensorDescriptor_t xd = nullptr, yd = nullptr;
+  cudnnFilterDescriptor_t wd = nullptr;
+  cudnnConvolutionDescriptor_t cd = nullptr;
+  VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&xd));
+  VB_CUDNN_CHECK(cudnnCreateTensorDescriptor(&yd));
+  VB_CUDNN_CHECK(cudnnCreateFilterDescriptor(&wd));
+  VB_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&cd));
+  const float one = 1.f, zero = 0.f;
+  // A bf16 copy of random floats (the values matter not to the time, but zeros might take shortcuts).
+  auto bf16_buf = [&](size_t n, uint32_t seed) {
+    Buf f(be, n, seed);
+    void* p = nullptr;
+    VB_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(vb::bf16)));
+    be.sync();
+    vb::cuda::float_to_bf16(nullptr, int64_t(n), f.p, static_cast<vb::bf16*>(p));
+    VB_CUDA_CHECK(cudaDeviceSynchronize());
+    return p;
+  };
+  for (const auto& [s, count] : convs) {
+    const std::string base = "conv bf16-nhwc " + conv_name(s);
+    if (!bench.wanted(base)) continue;
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(xd, CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, s.N, s.C, s.H, s.W));
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(yd, CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, s.N, s.K, s.P(), s.Q()));
+    VB_CUDNN_CHECK(cudnnSetFilter4dDescriptor(wd, CUDNN_DATA_BFLOAT16, CUDNN_TENSOR_NHWC, s.K, s.C, s.R, s.S));
+    VB_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(cd, s.pad, s.pad, s.stride, s.stride, 1, 1, CUDNN_CROSS_CORRELATION,
+                                                   CUDNN_DATA_FLOAT));
+    VB_CUDNN_CHECK(cudnnSetConvolutionMathType(cd, CUDNN_TENSOR_OP_MATH));
+    void* x = bf16_buf(size_t(s.N) * s.C * s.H * s.W, 1);
+    void* w = bf16_buf(size_t(s.K) * s.C * s.R * s.S, 2);
+    void* y = bf16_buf(size_t(s.N) * s.K * s.P() * s.Q(), 3);
+    void* dx = bf16_buf(size_t(s.N) * s.C * s.H * s.W, 4);
+    void* dw = bf16_buf(size_t(s.K) * s.C * s.R * s.S, 5);
+    const double f = 2.0 * s.N * s.K * s.P() * s.Q() * double(s.C) * s.R * s.S;
+    int got = 0;
+    cudnnConvolutionFwdAlgoPerf_t pf[8];
+    VB_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(h, xd, x, wd, w, cd, yd, y, 8, &got, pf, ws,
+                                                          kBf16ConvWorkspace));
+    double tf = 0, tb = 0, tw = 0;
+    if (got > 0 && pf[0].status == CUDNN_STATUS_SUCCESS) {
+      const auto algo = pf[0].algo;
+      tf = bench.time_ms([&] {
+        VB_CUDNN_CHECK(cudnnConvolutionForward(h, &one, xd, x, wd, w, cd, algo, ws, kBf16ConvWorkspace, &zero, yd, y));
+      });
+      bench.flops_bf16("conv_bf16", base + " fwd", f, tf);
+    }
+    cudnnConvolutionBwdDataAlgoPerf_t pd[8];
+    VB_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(h, wd, w, yd, y, cd, xd, dx, 8, &got, pd, ws,
+                                                               kBf16ConvWorkspace));
+    if (got > 0 && pd[0].status == CUDNN_STATUS_SUCCESS) {
+      const auto algo = pd[0].algo;
+      tb = bench.time_ms([&] {
+        VB_CUDNN_CHECK(
+            cudnnConvolutionBackwardData(h, &one, wd, w, yd, y, cd, algo, ws, kBf16ConvWorkspace, &zero, xd, dx));
+      });
+      bench.flops_bf16("conv_bf16", base + " bwd-data", f, tb);
+    }
+    cudnnConvolutionBwdFilterAlgoPerf_t pw[8];
+    VB_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(h, xd, x, yd, y, cd, wd, dw, 8, &got, pw, ws,
+                                                                 kBf16ConvWorkspace));
+    if (got > 0 && pw[0].status == CUDNN_STATUS_SUCCESS) {
+      const auto algo = pw[0].algo;
+      tw = bench.time_ms([&] {
+        VB_CUDNN_CHECK(
+            cudnnConvolutionBackwardFilter(h, &one, xd, x, yd, y, cd, algo, ws, kBf16ConvWorkspace, &zero, wd, dw));
+      });
+      bench.flops_bf16("conv_bf16", base + " bwd-filter", f, tw);
+    }
+    for (void* p : {x, w, y, dx, dw}) VB_CUDA_CHECK(cudaFree(p));
+    step_ms["convolutions bf16 NHWC (cuDNN alone)"] += count * (tf + tw + (s.C == 3 ? 0.0 : tb));
+  }
+  cudnnDestroyConvolutionDescriptor(cd);
+  cudnnDestroyFilterDescriptor(wd);
+  cudnnDestroyTensorDescriptor(yd);
+  cudnnDestroyTensorDescriptor(xd);
+  cudaFree(ws);
+  cudnnDestroy(h);
+}
+
 int run(const Options& o) {
   std::unique_ptr<vb::Backend> be = vb::make_cuda_backend(0);
   Bench bench(*be, o);
@@ -434,8 +530,11 @@ int run(const Options& o) {
 
   // ---- convolutions (cuDNN), per precision ----
   std::vector<vb::Precision> precs;
-  if (o.precision == "both" || o.precision == "tf32") precs.push_back(vb::Precision::TF32);
-  if (o.precision == "both" || o.precision == "fp32") precs.push_back(vb::Precision::FP32);
+  // --precision: a comma-separated list of tf32, fp32, bf16; "both" is tf32,fp32 and "all" the three.
+  const std::string plist = o.precision == "both" ? "tf32,fp32" : o.precision == "all" ? "tf32,fp32,bf16" : o.precision;
+  auto wants = [&](const std::string& p) { return ("," + plist + ",").find("," + p + ",") != std::string::npos; };
+  if (wants("tf32")) precs.push_back(vb::Precision::TF32);
+  if (wants("fp32")) precs.push_back(vb::Precision::FP32);
   std::map<std::string, double> step_ms;  // per-step totals, weighted by use count
   for (vb::Precision prec : precs) {
     be->set_precision(prec);
@@ -460,6 +559,7 @@ int run(const Options& o) {
     }
   }
   be->set_precision(vb::Precision::TF32);
+  if (wants("bf16")) bench_conv_bf16(bench, *be, convs, step_ms);
 
   // ---- batch norm (fused residual + ReLU), custom kernels ----
   std::printf("batch norm (memory-bound; limit about %.0f GB/s):\n", kHbmGBs);
@@ -623,8 +723,20 @@ int main(int argc, char** argv) {
   Options o;
   app.add_option("--batch-size", o.batch, "batch (default 150)");
   app.add_option("--image-size", o.size, "input size (default 224)");
-  app.add_option("--precision", o.precision, "tf32, fp32 or both (convolutions and linear)")
-      ->check(CLI::IsMember({"tf32", "fp32", "both"}));
+  app.add_option("--precision", o.precision,
+                 "convolutions (and linear) in: tf32, fp32, bf16 (cuDNN alone, NHWC), a comma-separated list of them, "
+                 "both (tf32,fp32; the default) or all")
+      ->check([](const std::string& v) {
+        if (v == "both" || v == "all") return std::string();
+        size_t b = 0;
+        while (b <= v.size()) {
+          const size_t e = std::min(v.find(',', b), v.size());
+          const std::string p = v.substr(b, e - b);
+          if (p != "tf32" && p != "fp32" && p != "bf16") return "'" + p + "' is not tf32, fp32 or bf16";
+          b = e + 1;
+        }
+        return std::string();
+      });
   app.add_option("--warmup", o.warmup, "untimed runs per op (default 2)");
   app.add_option("--iters", o.iters, "timed runs per op (default 10)");
   app.add_option("--filter", o.filter, "only ops whose name contains this");
