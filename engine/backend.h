@@ -93,8 +93,9 @@ class BackendT {
   }
   // Reading a block of values without stalling the stream (evaluation's logits and loss, every batch):
   // download_async queues a copy into host memory (from host_alloc, page-locked on CUDA) that runs once the
-  // work queued before it has run, and returns a ticket; wait_download(ticket) waits for that copy alone. The
-  // kDownloadTickets most recent tickets can be waited for. This default copies at once (download).
+  // work queued before it has run, and returns a ticket; wait_download(ticket) waits for that copy and every copy
+  // queued before it (they land in order). The kDownloadTickets most recent tickets can be waited for. This
+  // default copies at once (download).
   static constexpr uint64_t kDownloadTickets = 8;
   virtual uint64_t download_async(void* host_dst, const void* src, size_t bytes) {
     download(host_dst, src, bytes);

@@ -35,12 +35,8 @@ class Bf16Emulation final : public ForwardingBackend {
     in_.conv_bwd_filter(s, rounded(0, x, in_size(s)), rounded(1, dy, out_size(s)), dw);
     round_n(dw, w_size(s));
   }
-  // Autocast does not fold: the convolution, then the batch norm, each rounding as above.
-  void conv_bn_eval(const ConvShape& s, const float* x, const float* w, const float* gamma, const float* beta,
-                    const float* running_mean, const float* running_var, double eps, const float* residual,
-                    bool relu, float* y) override {
-    Backend::conv_bn_eval(s, x, w, gamma, beta, running_mean, running_var, eps, residual, relu, y);
-  }
+  // conv_bn_eval: ForwardingBackend's, the convolution then the batch norm, each rounding as above (autocast does
+  // not fold).
   void bn_train_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
                     const float* residual, bool relu, float* y, float* save_mean, float* save_invstd,
                     float* running_mean, float* running_var, double momentum, double eps) override {

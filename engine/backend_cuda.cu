@@ -214,11 +214,13 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaFree(p));
   }
   void* host_alloc(size_t bytes) override {
+    VB_CHECK(!capturing_, "host_alloc inside a captured step");
     void* p = nullptr;
     VB_CUDA_CHECK(cudaMallocHost(&p, bytes == 0 ? 64 : bytes));
     return p;
   }
   void host_free(void* p) override {
+    VB_CHECK(!capturing_, "host_free inside a captured step");
     if (p) VB_CUDA_CHECK(cudaFreeHost(p));
   }
   void set_deterministic(bool on) override {
@@ -236,12 +238,14 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaEventRecord(upload_ev_, st_));  // wait_uploads() waits for the latest
   }
   void wait_uploads() override {
+    VB_CHECK(!capturing_, "wait_uploads inside a captured step");
     VB_CUDA_CHECK(cudaEventSynchronize(upload_ev_));
     if (images_uploaded_ > 0) VB_CUDA_CHECK(cudaEventSynchronize(img_copied_ev_[(images_uploaded_ - 1) % 2]));
   }
   // The values in flight live in page-locked slots, each with the event recorded after its copy; a push into a
   // full ring first parks the oldest value (waiting for it) in scalars_, which holds values older than any slot.
   void scalar_push(const float* src) override {
+    VB_CHECK(!capturing_, "scalar_push inside a captured step");
     if (scalar_pushed_ - scalar_taken_ == kScalarSlots) {
       const int i = int(scalar_taken_ % kScalarSlots);
       VB_CUDA_CHECK(cudaEventSynchronize(scalar_ev_[i]));
@@ -254,6 +258,7 @@ class CudaBackend final : public Backend {
     ++scalar_pushed_;
   }
   bool scalar_pop(float* value, bool wait) override {
+    VB_CHECK(!capturing_, "scalar_pop inside a captured step");
     if (!scalars_.empty()) {
       *value = scalars_.front();
       scalars_.pop_front();
@@ -276,12 +281,14 @@ class CudaBackend final : public Backend {
     return true;
   }
   uint64_t download_async(void* dst, const void* src, size_t bytes) override {
+    VB_CHECK(!capturing_, "download_async inside a captured step");
     const uint64_t t = downloads_++;
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
     VB_CUDA_CHECK(cudaEventRecord(download_ev_[t % kDownloadTickets], st_));
     return t;
   }
   void wait_download(uint64_t ticket) override {
+    VB_CHECK(!capturing_, "wait_download inside a captured step");
     Backend::wait_download(ticket);  // the ticket's checks
     VB_CUDA_CHECK(cudaEventSynchronize(download_ev_[ticket % kDownloadTickets]));
   }

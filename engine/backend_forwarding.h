@@ -1,6 +1,9 @@
 // A Backend that passes every call on to another one: the base of backends that change a few ops and keep the
 // rest (the bf16 emulation of engine/backend_bf16.h; the tests' CPU twin of a CUDA graph). Override what
-// differs; everything else reaches `inner` unchanged.
+// differs; everything else reaches `inner` unchanged, except two things that would bypass the overrides:
+// conv_bn_eval runs as this class's conv_fwd then bn_eval_fwd (the inner backend might fold them), and a derived
+// backend cannot capture (a replay on the inner backend would skip the derived class's own work per op).
+// precision() is this object's: set it through set_precision.
 #pragma once
 #include <string>
 
@@ -63,11 +66,6 @@ class ForwardingBackend : public Backend {
                    bool relu, float* y) override {
     in_.bn_eval_fwd(N, C, H, W, x, gamma, beta, running_mean, running_var, eps, residual, relu, y);
   }
-  void conv_bn_eval(const ConvShape& s, const float* x, const float* w, const float* gamma, const float* beta,
-                    const float* running_mean, const float* running_var, double eps, const float* residual,
-                    bool relu, float* y) override {
-    in_.conv_bn_eval(s, x, w, gamma, beta, running_mean, running_var, eps, residual, relu, y);
-  }
   void bn_apply(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
                 const float* save_mean, const float* save_invstd, bool relu, float* y) override {
     in_.bn_apply(N, C, H, W, x, gamma, beta, save_mean, save_invstd, relu, y);
@@ -114,11 +112,6 @@ class ForwardingBackend : public Backend {
   void set_deterministic(bool on) override { in_.set_deterministic(on); }
   size_t conv_algo_searches() const override { return in_.conv_algo_searches(); }
   size_t conv_bn_eval_fused() const override { return in_.conv_bn_eval_fused(); }
-  bool can_capture() const override { return in_.can_capture(); }
-  void capture(const std::function<void()>& fn) override { in_.capture(fn); }
-  void replay(const std::function<void()>& update) override { in_.replay(update); }
-  void drop_capture() override { in_.drop_capture(); }
-  bool has_capture() const override { return in_.has_capture(); }
 
  protected:
   Backend& in_;

@@ -40,6 +40,21 @@ bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p,
 }  // namespace
 
 double golden_tolerance(const std::string& name, Device device, Precision precision) {
+  if (precision == Precision::BF16) {
+    // Against PyTorch's own bf16 autocast run (tools/make_goldens.py --autocast bf16), not the float64 golden:
+    // the first forward is the same roundings (the CPU emulation and PyTorch agree bit for bit on the fixture),
+    // the first step's gradients differ where the two backward passes round differently (1e-2 median, 7e-2 at
+    // most), and the later steps by the chaos that any two bf16 runs of this tiny-batch golden fall into (the
+    // logits of step 1 already 0.3 apart). The later bounds catch gross faults only: an update that did not
+    // happen is 1.0 from the reference's.
+    if (starts_with(name, "eval_logits_init") || name == "logits0" || name == "loss0") return 1e-3;
+    if (starts_with(name, "grad")) return 0.15;
+    if (starts_with(name, "update.")) return 0.95;
+    if (starts_with(name, "after") || starts_with(name, "eval_logits")) return 0.15;
+    if (starts_with(name, "loss")) return 0.1;
+    if (starts_with(name, "logits")) return 1.0;
+    return 1e-4;  // learning rates, class weights
+  }
   double tol;
   if (starts_with(name, "update.")) tol = 2e-2;
   else if (starts_with(name, "grad")) tol = 1e-3;
@@ -222,6 +237,17 @@ TorchDistances load_torch_distances(const std::string& path) {
   return d;
 }
 
+void add_bf16_group_medians(std::vector<GoldenEntry>& rows) {
+  for (const std::string g : {"grad", "update."}) {
+    std::vector<double> v;
+    for (const GoldenEntry& e : rows)
+      if (starts_with(e.name, g)) v.push_back(e.rel_err);
+    if (v.empty()) continue;
+    std::sort(v.begin(), v.end());  // inf sorts last; NaN does not occur (rel_err makes it inf)
+    rows.push_back({"median(" + g + "*)", v[v.size() / 2], g == "grad" ? 5e-2 : 0.5});
+  }
+}
+
 std::string parity_group(const std::string& name) {
   if (starts_with(name, "eval_logits")) return "eval_logits";
   if (starts_with(name, "logits")) return "logits";
@@ -282,7 +308,12 @@ ParityReport judge_parity(const std::vector<GoldenEntry>& rows, const TorchDista
       const double tol = g == "setup"                   ? r.tol
                          : precision == Precision::BF16 ? std::max(kParityFactor * t, kParityFloor)
                                                         : strict_tol;
-      rep.strict.push_back({r.name, r.rel_err, t, tol, r.rel_err <= tol});
+      bool ok = r.rel_err <= tol;
+      // bf16 before any step: the distance is bf16's rounding alone, which an emulation rounding as autocast
+      // does reproduces (to four digits on the CPU); so it must also not land far below PyTorch's (a run that
+      // forgot to round lands at float32's 1e-7 and would pass a bound from above only).
+      if (precision == Precision::BF16 && g != "setup") ok = ok && r.rel_err >= (1 - kBf16FirstStepSpread) * t;
+      rep.strict.push_back({r.name, r.rel_err, t, tol, ok});
     }
     if (g == "losses" && !first) {
       // A loss is a smooth function of its step's logits, so it is judged at their resolution: PyTorch's

@@ -39,6 +39,12 @@ std::vector<GoldenEntry> run_golden(Backend& backend, const StateDict& weights, 
 std::vector<GoldenEntry> run_golden(BackendT<double>& backend, const StateDict& weights, const StateDict& reference,
                                     const GoldenOptions& opt = {});
 
+// bf16 against PyTorch's own bf16 autocast run (a reference made by tools/make_goldens.py --autocast bf16): the
+// entries get wide bounds one by one (golden_tolerance), so the first step's gradients and the updates are also
+// held by their medians, appended as `median(grad*)` (at most 5e-2; the CPU emulation: 1.1e-2) and
+// `median(update.*)` (at most 0.5; 0.25): a step whose gradients or updates went wrong as a whole fails there.
+void add_bf16_group_medians(std::vector<GoldenEntry>& rows);
+
 // ---- Parity with PyTorch at the same precision (`vbtrain verify --against`, issue 8 part A item 2) ----
 // A float32 or TF32 run leaves the float64 golden chaotically after a few steps (a ReLU input near zero flips
 // and AdamW's first step amplifies it), and PyTorch at that precision lands as far. So such a run is judged
@@ -58,6 +64,9 @@ std::vector<GoldenEntry> run_golden(BackendT<double>& backend, const StateDict& 
 // path's 5e-8); 1e-6 is about 16 float32 ulps, so float32 arithmetic that is correct is never held below it,
 // and every group of the golden run in float32 lies orders of magnitude above it.
 inline constexpr double kParityFactor = 2.0;
+// bf16 beside PyTorch's autocast distances: the first forward and loss must also land at least (1 - this) of
+// PyTorch's distance from the golden (see judge_parity).
+inline constexpr double kBf16FirstStepSpread = 0.1;
 inline constexpr double kParityFloor = 1e-6;
 
 // A distances file of tools/torch_distances.py (format `vbtrain-torch-distances/1`).

@@ -69,7 +69,10 @@ class GraphTwin final : public vb::ForwardingBackend {
       return;
     }
     auto a = std::make_shared<AdamArgs>(AdamArgs{n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, false});
-    if (recording_) adam_[p] = a;
+    if (recording_) {
+      VB_CHECK(!adam_.count(p), "capture: two AdamW launches over the same parameters");
+      adam_[p] = a;
+    }
     op([this, a] { in_.adamw(a->n, a->p, a->g, a->m, a->v, a->lr, a->beta1, a->beta2, a->eps, a->wd, a->step); });
   }
 
@@ -82,6 +85,10 @@ class GraphTwin final : public vb::ForwardingBackend {
     host_op("download"), in_.download(dst, src, bytes);
   }
   void sync() override { host_op("sync"), in_.sync(); }
+  void wait_uploads() override { host_op("wait_uploads"), in_.wait_uploads(); }
+  void wait_download(uint64_t ticket) override { host_op("wait_download"), in_.wait_download(ticket); }
+  void* host_alloc(size_t bytes) override { return host_op("host_alloc"), in_.host_alloc(bytes); }
+  void host_free(void* p) override { host_op("host_free"), in_.host_free(p); }
   uint64_t download_async(void* dst, const void* src, size_t bytes) override {
     return host_op("download_async"), in_.download_async(dst, src, bytes);
   }

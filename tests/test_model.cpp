@@ -401,6 +401,15 @@ TEST_CASE("the CPU twin of a graph refuses what a captured step may not do") {
   vbtest::GraphTwin twin(*cpu);
   CHECK_THROWS_WITH_AS(twin.capture([&] { twin.release(twin.alloc(16)); }), doctest::Contains("alloc inside a captured step"),
                        vb::Error);
+  CHECK_THROWS_WITH_AS(twin.capture([&] { twin.wait_uploads(); }), doctest::Contains("wait_uploads inside"), vb::Error);
+  CHECK_THROWS_WITH_AS(twin.capture([&] { twin.host_free(twin.host_alloc(16)); }), doctest::Contains("host_alloc inside"),
+                       vb::Error);
+  float q[4] = {}, qg[4] = {}, qm[4] = {}, qv[4] = {};
+  CHECK_THROWS_WITH_AS(twin.capture([&] {
+                         twin.adamw(4, q, qg, qm, qv, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1);
+                         twin.adamw(4, q, qg, qm, qv, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1);
+                       }),
+                       doctest::Contains("two AdamW launches"), vb::Error);
   float x = 1.f, y = 0.f;
   twin.capture([&] { twin.relu_fwd(1, &x, &y); });
   CHECK(y == 1.f);  // run once at the end of the capture
@@ -421,5 +430,7 @@ TEST_CASE("download_async on the CPU: the copy is made at once, and only the las
   be->wait_download(t0);
   for (uint64_t i = 0; i < vb::Backend::kDownloadTickets; ++i) be->download_async(dst, src, sizeof src);
   CHECK_THROWS_WITH_AS(be->wait_download(t0), doctest::Contains("not among the last"), vb::Error);
+  be->wait_download(t0 + 1);  // the oldest of the last eight
+  be->wait_download(t0 + vb::Backend::kDownloadTickets);  // the newest
   CHECK_THROWS_WITH_AS(be->wait_download(t0 + 100), doctest::Contains("not among the last"), vb::Error);
 }

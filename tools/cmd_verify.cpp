@@ -95,20 +95,34 @@ int report_against(const VerifyArgs& a, const std::vector<vb::GoldenEntry>& rows
 int run_verify(const VerifyArgs& a) {
   const vb::StateDict weights = vb::load_state_dict_file(a.weights);
   const vb::StateDict reference = vb::load_safetensors(a.reference);
-  const bool cuda = a.device == "cuda" || (a.device == "auto" && vb::cuda_available());
+  // A reference that is PyTorch's own bf16 autocast run (tools/make_goldens.py --autocast bf16), not float64.
+  const auto math = reference.metadata.find("math");
+  const bool autocast_ref = math != reference.metadata.end() && math->second.find("autocast(bfloat16)") != std::string::npos;
   // The CPU defaults to its double-precision reference path; the engine's fp32 arithmetic is `--precision fp32`.
   // Beside PyTorch (--against) the run's precision is the distances file's when not given.
   std::optional<vb::TorchDistances> td;
   if (!a.against.empty()) td = vb::load_torch_distances(a.against);
-  const std::string precision = a.precision != "auto" ? a.precision : td ? td->precision : cuda ? "fp32" : "fp64";
+  const std::string precision = a.precision != "auto"  ? a.precision
+                                : td                    ? td->precision
+                                : autocast_ref          ? "bf16"
+                                : a.device == "cuda" || (a.device == "auto" && vb::cuda_available()) ? "fp32"
+                                                        : "fp64";
+  // bf16 runs on the CPU's emulation (the CUDA backend has no bf16 path yet): --device auto picks the CPU.
+  const bool cuda = a.device == "cuda" || (a.device == "auto" && precision != "bf16" && vb::cuda_available());
   if (precision == "bf16") {
-    if (!td)
-      vb::fail("--precision bf16 is judged beside PyTorch's own autocast distances: give --against FILE "
-               "(tools/torch_distances.py --precision bf16)");
     if (cuda)
       vb::fail("--precision bf16 runs on the CPU's emulation of autocast (engine/backend_bf16.h); the CUDA backend "
                "has no bf16 path yet: use --device cpu");
+    if (!td && !autocast_ref)
+      vb::fail(a.reference, " is a float64 golden run: a bf16 run is compared with PyTorch's own bf16 autocast run "
+               "(tools/make_goldens.py --autocast bf16, e.g. tests/fixtures/mini_train_bf16_autocast.safetensors), "
+               "or beside PyTorch's bf16 distances to the float64 golden with --against FILE");
   }
+  if (autocast_ref && td)
+    vb::fail("--against judges distances to a float64 golden run, but ", a.reference,
+             " is PyTorch's own bf16 autocast run: compare with it directly (no --against)");
+  if (autocast_ref && precision != "bf16")
+    vb::fail(a.reference, " is PyTorch's own bf16 autocast run: use --precision bf16");
   std::vector<vb::GoldenEntry> rows;
   vb::Precision prec = vb::Precision::FP64;
   if (precision == "fp64") {
@@ -121,9 +135,11 @@ int run_verify(const VerifyArgs& a) {
   } else if (precision == "bf16") {
     std::unique_ptr<vb::Backend> be = vb::make_bf16_emulation(vb::make_cpu_backend(a.threads, vb::default_cpu_layout()));
     prec = be->precision();
-    vb::check_parity_precision(*td, prec);
-    std::printf("verify: %s against %s on %s, bf16\n", a.weights.c_str(), a.reference.c_str(), be->description().c_str());
+    if (td) vb::check_parity_precision(*td, prec);
+    std::printf("verify: %s against %s on %s, bf16%s\n", a.weights.c_str(), a.reference.c_str(),
+                be->description().c_str(), autocast_ref ? " (the reference: PyTorch's own bf16 autocast run)" : "");
     rows = vb::run_golden(*be, weights, reference);
+    if (autocast_ref) vb::add_bf16_group_medians(rows);
   } else {
     std::unique_ptr<vb::Backend> be = vb::make_backend(cuda ? "cuda" : "cpu", a.threads);
     if (precision == "tf32" && !cuda) vb::fail("--precision tf32 needs --device cuda");
@@ -160,8 +176,8 @@ VB_COMMAND("verify", "Check the engine against a PyTorch golden run (logits, los
              app.add_option("--weights", a->weights, "initial weights (.pth or .safetensors)")->required();
              app.add_option("--reference", a->reference, "golden-run reference (.safetensors)")->required();
              app.add_option("--device", a->device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-             app.add_option("--precision", a->precision, "auto (CPU: fp64, CUDA: fp32; with --against: the file's), fp64 (CPU), fp32, tf32 (CUDA), bf16 (the CPU's "
-                            "emulation of autocast, with --against)")
+             app.add_option("--precision", a->precision, "auto (CPU: fp64, CUDA: fp32; with --against: the file's; a bf16 autocast reference: bf16), fp64 (CPU), "
+                            "fp32, tf32 (CUDA), bf16 (the CPU's emulation of autocast)")
                  ->check(CLI::IsMember({"auto", "fp64", "fp32", "tf32", "bf16"}));
              app.add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(vb::tools::thread_count());
              app.add_option("--json", a->json, "write {name: relative error} to this file (with --against: groups, "

@@ -174,6 +174,9 @@ def main():
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--seed", type=int, default=20261205, help="seed of the random inputs x0..x2")
     ap.add_argument("--inputs-from", help="take x{t}, y{t} and the weights' labels from this golden file instead")
+    ap.add_argument("--autocast", choices=["bf16"],
+                    help="PyTorch's own float32 run under torch.autocast(bfloat16) on the CPU instead of float64: the "
+                         "reference a bf16 engine is compared with tensor by tensor (vbtrain verify --precision bf16)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     from safetensors.torch import load_file, save_file
@@ -197,7 +200,10 @@ def main():
         labels = torch.tensor(TRAIN_LABELS, dtype=torch.int64)
     num_classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
     cw = class_weights(labels, num_classes)
-    res = golden_run(model, xs, ys, cw)
+    if a.autocast:
+        res = golden_run(model, xs, ys, cw.to(torch.float32), dtype=torch.float32, autocast=torch.bfloat16)
+    else:
+        res = golden_run(model, xs, ys, cw)
 
     gold = OrderedDict(train_labels_for_weights=labels)
     for t, (x, y) in enumerate(zip(xs, ys)):
@@ -207,7 +213,8 @@ def main():
             gold[k] = v
     f32 = {k: (v.to(torch.float32) if v.is_floating_point() else v).contiguous() for k, v in gold.items()}
     meta = {"generator": "tools/make_goldens.py", "torch": torch.__version__, "weights": os.path.basename(a.weights),
-            "x0_shape": "x".join(str(d) for d in xs[0].shape), "math": "float64 on the CPU, stored as float32",
+            "x0_shape": "x".join(str(d) for d in xs[0].shape), "math": ("float32 under torch.autocast(bfloat16) on the CPU" if a.autocast else "float64 on the CPU") +
+            ", stored as float32",
             "seed": "from " + os.path.basename(a.inputs_from) if a.inputs_from else str(a.seed)}
     save_file(f32, a.out, metadata=meta)
     print(f"make_goldens: wrote {a.out}: {len(f32)} tensors, x0 {list(xs[0].shape)}, loss0 {res['loss0'].item():.6f}")

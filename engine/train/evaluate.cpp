@@ -35,7 +35,9 @@ LossBuffers::LossBuffers(Backend& b, const std::vector<float>& weights, int max_
       class_weights(static_cast<float*>(b.alloc(sizeof(float) * weights.size()))),
       labels(static_cast<int64_t*>(b.alloc(sizeof(int64_t) * size_t(max_batch)))),
       loss(static_cast<float*>(b.alloc(sizeof(float)))),
-      readback{nullptr, nullptr} {
+      readback{nullptr, nullptr},
+      readback_batch(max_batch),
+      readback_classes(int(weights.size())) {
   for (float*& r : readback) r = static_cast<float*>(b.host_alloc(sizeof(float) * (size_t(max_batch) * weights.size() + 1)));
   b.upload(class_weights, weights.data(), sizeof(float) * weights.size());
 }
@@ -76,6 +78,8 @@ EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& lb) {
     r.images += f.size;
     progress.update(batches, f.size, loss);
   };
+  VB_CHECK(lb.readback_classes == C && lb.readback_batch >= model.max_batch(), "evaluate: the loss buffers hold ",
+           lb.readback_batch, " x ", lb.readback_classes, " logits, the model makes ", model.max_batch(), " x ", C);
   int slot = 0;
   while (const data::Batch* b = loader.next()) {
     if (b->size == 0) continue;

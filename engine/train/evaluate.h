@@ -36,6 +36,7 @@ struct LossBuffers {
   int64_t* labels;       // (max batch)
   float* loss;           // (1)
   float* readback[2];    // host (Backend::host_alloc): max batch x classes logits, then the loss
+  int readback_batch, readback_classes;  // what readback holds (rows, classes)
   LossBuffers(Backend& b, const std::vector<float>& weights, int max_batch);
   ~LossBuffers();
   LossBuffers(const LossBuffers&) = delete;

@@ -298,7 +298,9 @@ void Trainer::open_run_folder() {
   std::printf("vbtrain: %s on %s (%s); %zu train / %zu val / %zu test clips; batch %d, image %s, %d epochs\n",
               cfg_.describe().c_str(), be_->description().c_str(), precision_name(be_->precision()), train_.size(),
               val_.size(), test_.size(), opt_.batch_size, opt_.image_size.str().c_str(), opt_.epochs);
-  if (step_->capturing()) std::printf("training step: captured as a CUDA graph from its second full batch (VB_CUDA_GRAPH=1)\n");
+  if (step_->capturing())
+    std::printf("training step: captured as a CUDA graph once a full batch has run without allocating or searching "
+                "(VB_CUDA_GRAPH=1)\n");
   std::fflush(stdout);
 }
 
