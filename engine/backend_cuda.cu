@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -132,6 +133,14 @@ class CudaBackend final : public Backend {
     VB_CUDNN_CHECK(cudnnSetActivationDescriptor(relu_, CUDNN_ACTIVATION_RELU, CUDNN_PROPAGATE_NAN, 0.0));
     VB_CUDNN_CHECK(cudnnCreateActivationDescriptor(&identity_));
     VB_CUDNN_CHECK(cudnnSetActivationDescriptor(identity_, CUDNN_ACTIVATION_IDENTITY, CUDNN_PROPAGATE_NAN, 0.0));
+    // The same without NaN propagation (as PyTorch sets them for this call: cuDNN's fused call may refuse
+    // CUDNN_PROPAGATE_NAN); used only if it does.
+    VB_CUDNN_CHECK(cudnnCreateActivationDescriptor(&relu_np_));
+    VB_CUDNN_CHECK(cudnnSetActivationDescriptor(relu_np_, CUDNN_ACTIVATION_RELU, CUDNN_NOT_PROPAGATE_NAN,
+                                                std::numeric_limits<double>::max()));
+    VB_CUDNN_CHECK(cudnnCreateActivationDescriptor(&identity_np_));
+    VB_CUDNN_CHECK(cudnnSetActivationDescriptor(identity_np_, CUDNN_ACTIVATION_IDENTITY, CUDNN_NOT_PROPAGATE_NAN,
+                                                std::numeric_limits<double>::max()));
     VB_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&scalar_host_), kScalarSlots * sizeof(float)));
     for (cudaEvent_t& e : scalar_ev_) VB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     VB_CUDA_CHECK(cudaEventCreateWithFlags(&upload_ev_, cudaEventDisableTiming));
@@ -169,6 +178,8 @@ class CudaBackend final : public Backend {
     if (fold_bias_) cudaFree(fold_bias_);
     if (relu_) cudnnDestroyActivationDescriptor(relu_);
     if (identity_) cudnnDestroyActivationDescriptor(identity_);
+    if (relu_np_) cudnnDestroyActivationDescriptor(relu_np_);
+    if (identity_np_) cudnnDestroyActivationDescriptor(identity_np_);
     if (blas_ws_) cudaFree(blas_ws_);
     for (cudaEvent_t e : scalar_ev_)
       if (e) cudaEventDestroy(e);
@@ -645,15 +656,32 @@ class CudaBackend final : public Backend {
     }
     const float one = 1.f, zero = 0.f;
     VB_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.math[d]));
-    const cudnnStatus_t st = cudnnConvolutionBiasActivationForward(
-        dnn_, &one, p.x, x, p.w, wf, p.conv, cudnnConvolutionFwdAlgo_t(p.algo[d]), ws_, p.ws[d],
-        residual ? &one : &zero, p.y, residual ? residual : y, p.bias, fold_bias_, relu ? relu_ : identity_, p.y, y);
+    auto call = [&](bool propagate) {
+      cudnnActivationDescriptor_t act = relu ? (propagate ? relu_ : relu_np_) : (propagate ? identity_ : identity_np_);
+      return cudnnConvolutionBiasActivationForward(dnn_, &one, p.x, x, p.w, wf, p.conv,
+                                                   cudnnConvolutionFwdAlgo_t(p.algo[d]), ws_, p.ws[d],
+                                                   residual ? &one : &zero, p.y, residual ? residual : y, p.bias,
+                                                   fold_bias_, act, p.y, y);
+    };
+    cudnnStatus_t st = call(fused_propagates_nan_);
+    if (st == CUDNN_STATUS_NOT_SUPPORTED && fused_propagates_nan_ && call(false) == CUDNN_STATUS_SUCCESS) {
+      // Refused only for the NaN propagation: from here on without it, said once.
+      fused_propagates_nan_ = false;
+      std::fprintf(stderr, "vbtrain: note: cuDNN's fused convolution + bias + activation refuses NaN propagation; "
+                   "evaluation's fused ReLU now turns a NaN into 0 (the CPU path keeps it)\n");
+      return true;
+    }
     if (st == CUDNN_STATUS_SUCCESS) return true;
     p.unfused[relu] = true;
-    if (st != CUDNN_STATUS_NOT_SUPPORTED || log)
+    // Said for every layer when logging or for another error; a refused ReLU layer at least once, since the fused
+    // call is evaluation's fast path.
+    if (st != CUDNN_STATUS_NOT_SUPPORTED || log || (relu && !told_relu_refusal_)) {
+      told_relu_refusal_ = told_relu_refusal_ || relu;
       std::fprintf(stderr, "vbtrain: cuDNN refused the fused convolution + bias + %s (%s) for C%d %dx%d K%d %dx%d/%d "
-                   "(algo %d); this layer's evaluation runs unfused\n", relu ? "ReLU" : "identity",
-                   cudnnGetErrorString(st), s.C, s.H, s.W, s.K, s.R, s.S, s.stride, p.algo[d]);
+                   "(algo %d); this layer's evaluation runs unfused%s\n", relu ? "ReLU" : "identity",
+                   cudnnGetErrorString(st), s.C, s.H, s.W, s.K, s.R, s.S, s.stride, p.algo[d],
+                   log ? "" : " (VB_CUDNN_LOG=1 names every such layer)");
+    }
     return false;
   }
 
@@ -912,6 +940,9 @@ class CudaBackend final : public Backend {
   size_t wt_size_ = 0;
   float* fold_bias_ = nullptr;  // conv_bn_eval's folded bias, kBnChannels floats
   cudnnActivationDescriptor_t relu_ = nullptr, identity_ = nullptr;  // conv_bn_eval's activations
+  cudnnActivationDescriptor_t relu_np_ = nullptr, identity_np_ = nullptr;  // the same, NaN not propagated
+  bool fused_propagates_nan_ = true;  // false once cuDNN refused the fused call only for NaN propagation
+  bool told_relu_refusal_ = false;
   size_t fused_evals_ = 0;  // conv_bn_eval calls that ran fused
   // VB_CUDA_FOLD_BN=0: evaluation runs convolution then batch norm (for comparisons, or should cuDNN's fused
   // call misbehave on some GPU).
