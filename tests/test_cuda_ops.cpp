@@ -978,7 +978,9 @@ TEST_CASE("upload_images: uint8 frames normalised on the device equal the CPU ba
   dev().host_free(host);
 }
 
-TEST_CASE("a captured training step (CUDA graph) replays the uncaptured steps bit for bit (deterministic mode)") {
+TEST_CASE("a captured training step (CUDA graph) replays the uncaptured steps bit for bit (deterministic mode) (large)") {
+  // (large: two fresh backends' algorithm searches and 28 steps are slow under compute-sanitizer; the kernels it
+  // runs are all in the small cases the sanitizer does run.)
   if (!has_gpu()) return;
   // tests/step_capture.h's fourteen steps, on a backend of their own in deterministic mode: without capture, then
   // with (graphs recorded after a full step that searched and allocated nothing, AdamW's scalars given anew
