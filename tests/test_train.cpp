@@ -266,3 +266,37 @@ TEST_CASE("continuing the notebook's own checkpoint (its resume is broken; ours 
   CHECK(ck.at("fc.0.weight").shape == vb::Shape{16, 256});
   CHECK(ck.at("layer4.2.bn3.num_batches_tracked").as<int64_t>()[0] == 8 + 3);
 }
+
+TEST_CASE("--precision bf16 trains on the CPU's emulation of autocast; exact resume holds there too") {
+  // The same tiny run in fp32 and in bf16: both finish, the bf16 one says so in config.json and its losses differ
+  // (its activations are rounded to bf16). Stopped after one epoch and resumed, it ends where an uninterrupted bf16
+  // run ends.
+  const fs::path f = work() / "bf16_fp32", b = work() / "bf16", s = work() / "bf16_stop";
+  Result rf = run(tiny(f.string(), 2) + " --precision fp32");
+  Result rb = run(tiny(b.string(), 2) + " --precision bf16");
+  INFO(rb.out);
+  REQUIRE(rf.code == 0);
+  REQUIRE(rb.code == 0);
+  CHECK(rb.out.find("bf16 emulated") != std::string::npos);
+  const auto cfg = nlohmann::json::parse(read(b / "config.json"));
+  CHECK(cfg.at("compute_precision") == "bf16");
+  CHECK(cfg.at("precision") == "bf16");
+  const auto lf = learning_rows(f), lb = learning_rows(b);
+  REQUIRE(lf.size() == 2);
+  REQUIRE(lb.size() == 2);
+  CHECK(nlohmann::json::parse(lf[0]).at("train_loss") != nlohmann::json::parse(lb[0]).at("train_loss"));
+  REQUIRE(run(tiny(s.string(), 1) + " --precision bf16").code == 0);
+  Result rr = run("train --resume " + s.string() + " --epochs 2");
+  INFO(rr.out);
+  REQUIRE(rr.code == 0);
+  CHECK(learning_rows(s) == learning_rows(b));
+  CHECK(read(s / "final_model.safetensors") == read(b / "final_model.safetensors"));
+  // The CUDA backend has none yet: a one-line error (here, without a GPU, the device's).
+  std::string on_cuda = tiny((work() / "bf16_cuda").string(), 1) + " --precision bf16";
+  on_cuda.replace(on_cuda.find("--device cpu"), 12, "--device cuda");
+  Result rc = run(on_cuda);
+  INFO(rc.out);
+  CHECK(rc.code == 1);
+  if (!vb::cuda_available()) CHECK(rc.out.find("no CUDA device") != std::string::npos);
+  else CHECK(rc.out.find("no bf16 path yet") != std::string::npos);
+}

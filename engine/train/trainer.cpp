@@ -10,6 +10,7 @@
 #include <deque>
 #include <thread>
 
+#include "engine/backend_bf16.h"
 #include "engine/file_io.h"
 #include "engine/progress.h"
 #include "engine/text.h"
@@ -170,9 +171,18 @@ void Trainer::build_data() {
 }
 
 void Trainer::build_model() {
+  if (opt_.precision != "tf32" && opt_.precision != "fp32" && opt_.precision != "bf16")
+    fail("--precision must be tf32, fp32 or bf16, got '", opt_.precision, "'");
   be_ = make_backend(opt_.device, opt_.threads);
-  if (opt_.precision != "tf32" && opt_.precision != "fp32") fail("--precision must be tf32 or fp32, got '", opt_.precision, "'");
-  be_->set_precision(opt_.precision == "fp32" || be_->device() == Device::CPU ? Precision::FP32 : Precision::TF32);
+  if (opt_.precision == "bf16") {
+    // bf16 exists as the CPU's emulation of autocast (engine/backend_bf16.h), the CUDA path's future reference.
+    if (be_->device() != Device::CPU)
+      fail("--precision bf16: the CUDA backend has no bf16 path yet; on the CPU (--device cpu) it runs as an "
+           "emulation of torch.autocast(bfloat16), slower than fp32");
+    be_ = make_bf16_emulation(std::move(be_));
+  } else {
+    be_->set_precision(opt_.precision == "fp32" || be_->device() == Device::CPU ? Precision::FP32 : Precision::TF32);
+  }
   be_->set_deterministic(opt_.deterministic);
   const bool fresh = run_.from == ResumeFrom::Nothing;  // else restore() loads the model
   StateDict init;
@@ -270,7 +280,7 @@ void Trainer::open_run_folder() {
   config_ = opt_.to_json();
   config_["model"] = cfg_.describe();
   config_["backend"] = be_->description();
-  config_["compute_precision"] = precision_name(be_->precision());  // the CPU computes in fp32 whatever --precision
+  config_["compute_precision"] = precision_name(be_->precision());  // the CPU: fp32 for tf32 and fp32; bf16 emulated
   config_["train_clips"] = train_.size();
   config_["val_clips"] = val_.size();
   config_["test_clips"] = test_.size();
