@@ -37,6 +37,7 @@
 #include "engine/conv_algo_cache.h"
 #include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/batchnorm.cuh"
+#include "kernels/cuda/bf16_convert.cuh"
 #include "kernels/cuda/bn_fold.cuh"
 #include "kernels/cuda/bn_nhwc.cuh"
 #include "kernels/cuda/elementwise.cuh"
@@ -168,6 +169,8 @@ class CudaBackend final : public Backend {
     if (ws_) cudaFree(ws_);
     if (bn_work_) cudaFree(bn_work_);
     if (stage_) cudaFree(stage_);
+    for (void* p : {stage2_, wt16_, head16_, round_[0], round_[1], round_[2]})
+      if (p) cudaFree(p);
     for (int i = 0; i < 2; ++i) {
       if (img_stage_[i]) cudaFree(img_stage_[i]);
       if (img_copied_ev_[i]) cudaEventDestroy(img_copied_ev_[i]);
@@ -197,8 +200,10 @@ class CudaBackend final : public Backend {
   Layout activation_layout() const override { return nhwc_ ? Layout::NHWC : Layout::NCHW; }
 
   void set_precision(Precision p) override {
-    VB_CHECK(p == Precision::FP32 || p == Precision::TF32, "the CUDA backend computes in fp32 or tf32, not ",
-             precision_name(p));
+    VB_CHECK(p == Precision::FP32 || p == Precision::TF32 || p == Precision::BF16,
+             "the CUDA backend computes in fp32, tf32 or bf16, not ", precision_name(p));
+    VB_CHECK(p != Precision::BF16 || nhwc_, "bf16 on the CUDA backend needs the NHWC layout (VB_CUDA_LAYOUT=nhwc, "
+             "or make_cuda_backend(device, Layout::NHWC))");
     if (p != precision_) drop_capture();  // a captured step keeps the math it was recorded with
     precision_ = p;
     // TF32 applies to the convolutions only, as PyTorch's defaults (cudnn.allow_tf32 on, matmul.allow_tf32
@@ -323,7 +328,11 @@ class CudaBackend final : public Backend {
     if (!nhwc_) return upload(dst, src, bytes);
     grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer", false);
     upload(stage_, src, bytes);
-    cuda::nchw_to_nhwc(st_, N, C, H * W, static_cast<const float*>(stage_), dst);
+    if (!bf16()) return cuda::nchw_to_nhwc(st_, N, C, H * W, static_cast<const float*>(stage_), dst);
+    // bf16: transposed in float into the second staging buffer, then rounded into the activation.
+    grow_buffer(stage2_, stage2_size_, bytes, "the activation staging buffer", false);
+    cuda::nchw_to_nhwc(st_, N, C, H * W, static_cast<const float*>(stage_), static_cast<float*>(stage2_));
+    cuda::float_to_bf16(st_, int64_t(N) * C * H * W, static_cast<const float*>(stage2_), B(dst));
   }
   // The uint8 frames go up on copy_st_ into the two staging buffers in turn, and are normalised on st_: the
   // copy of the next batch overlaps the step that computes on this one. Events order the two streams both
@@ -342,7 +351,9 @@ class CudaBackend final : public Backend {
     ++images_uploaded_;
     VB_CUDA_CHECK(cudaStreamWaitEvent(st_, img_copied_ev_[i], 0));
     const auto* px = static_cast<const uint8_t*>(img_stage_[i]);
-    if (nhwc_)
+    if (bf16())
+      cuda::normalize_frames_nhwc_bf16(st_, N, H, W, px, B(dst));
+    else if (nhwc_)
       cuda::normalize_frames_nhwc(st_, N, H, W, px, dst);
     else
       cuda::normalize_frames(st_, N, H, W, px, dst);
@@ -352,6 +363,11 @@ class CudaBackend final : public Backend {
     const size_t bytes = sizeof(float) * size_t(N) * C * H * W;
     if (!nhwc_) return download(dst, src, bytes);
     grow_buffer(stage_, stage_size_, bytes, "the activation staging buffer", false);
+    if (bf16()) {
+      grow_buffer(stage2_, stage2_size_, bytes, "the activation staging buffer", false);
+      cuda::bf16_to_float(st_, int64_t(N) * C * H * W, B(src), static_cast<float*>(stage2_));
+      src = static_cast<const float*>(stage2_);
+    }
     cuda::nhwc_to_nchw(st_, N, C, H * W, src, static_cast<float*>(stage_));
     download(dst, stage_, bytes);
   }
@@ -361,13 +377,26 @@ class CudaBackend final : public Backend {
   // x, dw, dy).
   // NHWC: w (OIHW) is permuted into the KRSC scratch first; the filter gradient is made there and permuted back.
   // A 1x1 filter is the same bytes in both layouts: used in place.
+  // bf16: activations are bf16 in the model's buffers; the weights go through a bf16 KRSC copy (the float
+  // master permuted, then rounded), and the filter gradient comes back from one (widened, then permuted).
   void conv_fwd(const ConvShape& s, const float* x, const float* w, float* y) override {
+    if (bf16()) return conv_run(s, ConvDir::Fwd, x, bf16_weights(s, w), y);
     conv_run(s, ConvDir::Fwd, x, permuted(s) ? krsc_weights(s, w) : w, y);
   }
   void conv_bwd_data(const ConvShape& s, const float* dy, const float* w, float* dx) override {
+    if (bf16()) return conv_run(s, ConvDir::BwdData, dx, bf16_weights(s, w), dy);
     conv_run(s, ConvDir::BwdData, dx, permuted(s) ? krsc_weights(s, w) : w, dy);
   }
   void conv_bwd_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override {
+    if (bf16()) {
+      const int64_t n = int64_t(s.K) * s.C * s.R * s.S;
+      vb::bf16* g = bf16_filter_scratch(s);
+      conv_run(s, ConvDir::BwdFilter, x, g, dy);
+      if (!permuted(s)) return cuda::bf16_to_float(st_, n, g, dw);
+      float* krsc = krsc_scratch(s);
+      cuda::bf16_to_float(st_, n, g, krsc);
+      return cuda::nhwc_to_nchw(st_, s.K, s.C, s.R * s.S, krsc, dw);
+    }
     if (!permuted(s)) return conv_run(s, ConvDir::BwdFilter, x, dw, dy);
     float* krsc = krsc_scratch(s);
     conv_run(s, ConvDir::BwdFilter, x, krsc, dy);
@@ -385,7 +414,7 @@ class CudaBackend final : public Backend {
                     const float* running_mean, const float* running_var, double eps, const float* residual,
                     bool relu, float* y) override {
     ConvPlan& p = plan(s);
-    if (fold_bn_ && s.K <= kBnChannels && !p.unfused[relu] && fused_eval(s, p, x, w, gamma, beta, running_mean,
+    if (fold_bn_ && !bf16() && s.K <= kBnChannels && !p.unfused[relu] && fused_eval(s, p, x, w, gamma, beta, running_mean,
                                                                           running_var, eps, residual, relu, y)) {
       ++fused_evals_;
       return;
@@ -399,6 +428,12 @@ class CudaBackend final : public Backend {
                     const float* residual, bool relu, float* y, float* save_mean, float* save_invstd,
                     float* running_mean, float* running_var, double momentum, double eps) override {
     grow_bn_work(C);
+    if (bf16()) {  // the output rounded, then the residual added and rounded, then ReLU (as autocast)
+      cuda::bn_nhwc_train_fwd<vb::bf16>(st_, int64_t(N) * H * W, C, B(x), gamma, beta, nullptr, relu && !residual,
+                                        B(y), save_mean, save_invstd, running_mean, running_var, momentum, eps,
+                                        bn_work_);
+      return bf16_residual_relu(int64_t(N) * C * H * W, residual, relu, y);
+    }
     if (nhwc_)
       return cuda::bn_nhwc_train_fwd<float>(st_, int64_t(N) * H * W, C, x, gamma, beta, residual, relu, y, save_mean,
                                             save_invstd, running_mean, running_var, momentum, eps, bn_work_);
@@ -408,6 +443,11 @@ class CudaBackend final : public Backend {
   void bn_eval_fwd(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
                    const float* running_mean, const float* running_var, double eps, const float* residual,
                    bool relu, float* y) override {
+    if (bf16()) {
+      cuda::bn_nhwc_eval_fwd<vb::bf16>(st_, int64_t(N) * H * W, C, B(x), gamma, beta, running_mean, running_var, eps,
+                                       nullptr, relu && !residual, B(y));
+      return bf16_residual_relu(int64_t(N) * C * H * W, residual, relu, y);
+    }
     if (nhwc_)
       return cuda::bn_nhwc_eval_fwd<float>(st_, int64_t(N) * H * W, C, x, gamma, beta, running_mean, running_var, eps,
                                            residual, relu, y);
@@ -415,6 +455,9 @@ class CudaBackend final : public Backend {
   }
   void bn_apply(int N, int C, int H, int W, const float* x, const float* gamma, const float* beta,
                 const float* save_mean, const float* save_invstd, bool relu, float* y) override {
+    if (bf16())
+      return cuda::bn_nhwc_apply<vb::bf16>(st_, int64_t(N) * H * W, C, B(x), gamma, beta, save_mean, save_invstd,
+                                           nullptr, relu, B(y));
     if (nhwc_)
       return cuda::bn_nhwc_apply<float>(st_, int64_t(N) * H * W, C, x, gamma, beta, save_mean, save_invstd, nullptr,
                                         relu, y);
@@ -424,6 +467,9 @@ class CudaBackend final : public Backend {
               const float* save_mean, const float* save_invstd, bool relu, float* dx, float* dresidual,
               float* dgamma, float* dbeta, float* scratch) override {
     grow_bn_work(C);
+    if (bf16())
+      return cuda::bn_nhwc_bwd<vb::bf16>(st_, int64_t(N) * H * W, C, B(x), B(y), B(dy), gamma, save_mean, save_invstd,
+                                         relu, B(dx), B(dresidual), dgamma, dbeta, bn_work_);
     if (nhwc_)  // pass 2 reads the masked gradient from dresidual when there is one (no scratch needed)
       return cuda::bn_nhwc_bwd<float>(st_, int64_t(N) * H * W, C, x, y, dy, gamma, save_mean, save_invstd, relu, dx,
                                       dresidual, dgamma, dbeta, bn_work_);
@@ -433,19 +479,31 @@ class CudaBackend final : public Backend {
 
   // ---- pooling ----
   void maxpool_fwd(int N, int C, int H, int W, int k, int s, int p, const float* x, float* y) override {
+    if (bf16()) return cuda::maxpool_nhwc_fwd<vb::bf16>(st_, N, H, W, C, k, s, p, B(x), B(y));
     if (nhwc_) return cuda::maxpool_nhwc_fwd<float>(st_, N, H, W, C, k, s, p, x, y);
     cuda::maxpool_fwd(st_, N, C, H, W, k, s, p, x, y);
   }
   void maxpool_bwd(int N, int C, int H, int W, int k, int s, int p, const float* x, const float* y,
                    const float* dy, float* dx) override {
+    if (bf16()) return cuda::maxpool_nhwc_bwd<vb::bf16>(st_, N, H, W, C, k, s, p, B(x), B(dy), B(dx));
     if (nhwc_) return cuda::maxpool_nhwc_bwd<float>(st_, N, H, W, C, k, s, p, x, dy, dx);
     cuda::maxpool_bwd(st_, N, C, H, W, k, s, p, x, y, dy, dx);
   }
   void avgpool_fwd(int N, int C, int H, int W, const float* x, float* y) override {
+    if (bf16()) {  // into the head, which stays float: the bf16 mean, widened
+      vb::bf16* h = head_scratch(int64_t(N) * C);
+      cuda::avgpool_nhwc_fwd<vb::bf16>(st_, N, H * W, C, B(x), h);
+      return cuda::bf16_to_float(st_, int64_t(N) * C, h, y);
+    }
     if (nhwc_) return cuda::avgpool_nhwc_fwd<float>(st_, N, H * W, C, x, y);
     cuda::avgpool_fwd(st_, N, C, H * W, x, y);
   }
   void avgpool_bwd(int N, int C, int H, int W, const float* dy, float* dx) override {
+    if (bf16()) {  // dy from the float head (bf16 values: exact), dy / HW rounded once
+      vb::bf16* h = head_scratch(int64_t(N) * C);
+      cuda::float_to_bf16(st_, int64_t(N) * C, dy, h);
+      return cuda::avgpool_nhwc_bwd<vb::bf16>(st_, N, H * W, C, h, B(dx));
+    }
     if (nhwc_) return cuda::avgpool_nhwc_bwd<float>(st_, N, H * W, C, dy, dx);
     cuda::avgpool_bwd(st_, N, C, H * W, dy, dx);
   }
@@ -453,13 +511,37 @@ class CudaBackend final : public Backend {
   // ---- the head: row-major matrices through column-major cuBLAS ----
   // A row-major [M, K] buffer is the column-major [K, M] matrix, so y = x w^T (row-major) is
   // y^T = w x^T (column-major): gemm(T, N) with w seen as [IN, OUT] and x as [IN, N].
+  // bf16: the head's buffers stay float32 holding bf16 values; its operands are rounded copies and its outputs
+  // rounded in place (as autocast's bf16 linear layer with float32 accumulation).
   void linear_fwd(int N, int IN, int OUT, const float* x, const float* w, const float* b, float* y) override {
+    if (bf16()) {
+      const float* xr = rounded(0, x, int64_t(N) * IN);
+      const float* wr = rounded(1, w, int64_t(OUT) * IN);
+      const float* br = b ? rounded(2, b, OUT) : nullptr;
+      linear_fwd_f32(N, IN, OUT, xr, wr, br, y);
+      return cuda::round_to_bf16(st_, int64_t(N) * OUT, y, y);
+    }
+    linear_fwd_f32(N, IN, OUT, x, w, b, y);
+  }
+  void linear_fwd_f32(int N, int IN, int OUT, const float* x, const float* w, const float* b, float* y) {
     const float one = 1.f, zero = 0.f;
     VB_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, &one, w, IN, x, IN, &zero, y, OUT));
     if (b) cuda::bias_add(st_, N, OUT, b, y);
   }
   void linear_bwd(int N, int IN, int OUT, const float* x, const float* w, const float* dy, float* dx, float* dw,
                   float* db) override {
+    if (bf16()) {
+      linear_bwd_f32(N, IN, OUT, rounded(0, x, int64_t(N) * IN), rounded(1, w, int64_t(OUT) * IN),
+                     rounded(2, dy, int64_t(N) * OUT), dx, dw, db);
+      if (dx) cuda::round_to_bf16(st_, int64_t(N) * IN, dx, dx);
+      if (dw) cuda::round_to_bf16(st_, int64_t(OUT) * IN, dw, dw);
+      if (db) cuda::round_to_bf16(st_, OUT, db, db);
+      return;
+    }
+    linear_bwd_f32(N, IN, OUT, x, w, dy, dx, dw, db);
+  }
+  void linear_bwd_f32(int N, int IN, int OUT, const float* x, const float* w, const float* dy, float* dx, float* dw,
+                      float* db) {
     const float one = 1.f, zero = 0.f;
     // dx [N, IN] = dy w: column-major dx^T [IN, N] = w^T [IN, OUT] dy^T [OUT, N].
     if (dx) VB_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, &one, w, IN, dy, OUT, &zero, dx, IN));
@@ -469,11 +551,16 @@ class CudaBackend final : public Backend {
   }
   void relu_fwd(int64_t n, const float* x, float* y) override { cuda::relu_fwd(st_, n, x, y); }
   void relu_bwd(int64_t n, const float* y, const float* dy, float* dx) override { cuda::relu_bwd(st_, n, y, dy, dx); }
-  void add(int64_t n, const float* a, const float* b, float* y) override { cuda::add(st_, n, a, b, y); }
+  // add joins activation gradients (bf16 in bf16 mode); relu is the head's (float in every mode).
+  void add(int64_t n, const float* a, const float* b, float* y) override {
+    if (bf16()) return cuda::add_bf16(st_, n, B(a), B(b), B(y));
+    cuda::add(st_, n, a, b, y);
+  }
 
   void softmax_wce(int N, int C, const float* logits, const int64_t* labels, const float* class_weights,
                    float* probs, float* dlogits, float* loss) override {
     cuda::softmax_wce(st_, N, C, logits, labels, class_weights, probs, dlogits, loss);
+    if (bf16() && dlogits) cuda::round_to_bf16(st_, int64_t(N) * C, dlogits, dlogits);  // the cast back to bf16
   }
   void adamw(int64_t n, float* p, const float* g, float* m, float* v, double lr, double beta1, double beta2,
              double eps, double weight_decay, int64_t step) override {
@@ -685,6 +772,38 @@ class CudaBackend final : public Backend {
     return false;
   }
 
+  // ---- bf16 mode (Precision::BF16, NHWC): activations are bf16 in the model's float-sized buffers ----
+  bool bf16() const { return precision_ == Precision::BF16; }
+  static vb::bf16* B(float* p) { return reinterpret_cast<vb::bf16*>(p); }
+  static const vb::bf16* B(const float* p) { return reinterpret_cast<const vb::bf16*>(p); }
+  // The layer's weights as bf16 KRSC (1x1: the OIHW order is the same): permuted in float, then rounded.
+  const vb::bf16* bf16_weights(const ConvShape& s, const float* w) {
+    vb::bf16* out = bf16_filter_scratch(s);
+    const float* krsc = permuted(s) ? krsc_weights(s, w) : w;
+    cuda::float_to_bf16(st_, int64_t(s.K) * s.C * s.R * s.S, krsc, out);
+    return out;
+  }
+  vb::bf16* bf16_filter_scratch(const ConvShape& s) {
+    grow_buffer(wt16_, wt16_size_, sizeof(vb::bf16) * size_t(s.K) * s.C * s.R * s.S, "the bf16 filter scratch");
+    return static_cast<vb::bf16*>(wt16_);
+  }
+  vb::bf16* head_scratch(int64_t n) {
+    grow_buffer(head16_, head16_size_, sizeof(vb::bf16) * size_t(n), "the bf16 head scratch");
+    return static_cast<vb::bf16*>(head16_);
+  }
+  // A rounded float copy of n values in scratch slot i (the head's operands).
+  const float* rounded(int i, const float* p, int64_t n) {
+    grow_buffer(round_[i], round_size_[i], sizeof(float) * size_t(n), "the bf16 operand scratch");
+    cuda::round_to_bf16(st_, n, p, static_cast<float*>(round_[i]));
+    return static_cast<const float*>(round_[i]);
+  }
+  // After a bf16 batch norm written without its residual: + residual rounded, then ReLU.
+  void bf16_residual_relu(int64_t n, const float* residual, bool relu, float* y) {
+    if (!residual) return;  // the ReLU, if any, was the batch norm kernel's
+    cuda::add_bf16(st_, n, B(y), B(residual), B(y));
+    if (relu) cuda::relu_bf16(st_, n, B(y), B(y));
+  }
+
   // NHWC: whether a layer's filter goes through the KRSC scratch (not a 1x1 one); the scratch (sized in the
   // constructor for ResNet-50, grown for a larger filter), and w permuted into it.
   bool permuted(const ConvShape& s) const { return nhwc_ && s.R * s.S > 1; }
@@ -799,9 +918,11 @@ class CudaBackend final : public Backend {
     VB_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&p->conv));
     // NHWC: activations NHWC and the filter KRSC (cuDNN's NHWC filter format), so no transposes inside cuDNN.
     const cudnnTensorFormat_t f = nhwc_ ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
-    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->x, f, CUDNN_DATA_FLOAT, s.N, s.C, s.H, s.W));
-    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->y, f, CUDNN_DATA_FLOAT, s.N, s.K, s.P(), s.Q()));
-    VB_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p->w, CUDNN_DATA_FLOAT, f, s.K, s.C, s.R, s.S));
+    // bf16: bf16 activations and filters, float accumulation (the convolution descriptor's compute type).
+    const cudnnDataType_t dt = bf16() ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->x, f, dt, s.N, s.C, s.H, s.W));
+    VB_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->y, f, dt, s.N, s.K, s.P(), s.Q()));
+    VB_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p->w, dt, f, s.K, s.C, s.R, s.S));
     VB_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(p->conv, s.pad, s.pad, s.stride, s.stride, 1, 1,
                                                    CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
     int n = 0, c = 0, h = 0, w = 0;
@@ -820,7 +941,7 @@ class CudaBackend final : public Backend {
     // plain-FMA results CUDNN_DEFAULT_MATH, so those stay, and the call runs with CUDNN_FMA_MATH (as PyTorch
     // does with TF32 off).
     if (c.math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) return false;
-    return precision_ == Precision::TF32 || c.math != CUDNN_TENSOR_OP_MATH;
+    return precision_ != Precision::FP32 || c.math != CUDNN_TENSOR_OP_MATH;  // tf32 and bf16: tensor cores
   }
 
   // Heuristics first (to size the workspace for the plausible candidates), then cuDNN times every candidate
@@ -916,6 +1037,15 @@ class CudaBackend final : public Backend {
   size_t bn_work_floats_ = 0;
   void* stage_ = nullptr;  // NHWC: upload_activation / download_activation's NCHW staging buffer
   size_t stage_size_ = 0;
+  void* stage2_ = nullptr;  // bf16: their float NHWC staging buffer
+  size_t stage2_size_ = 0;
+  // bf16 mode's scratch: the layer's bf16 KRSC filter, the pooled features, the head's rounded operands.
+  void* wt16_ = nullptr;
+  size_t wt16_size_ = 0;
+  void* head16_ = nullptr;
+  size_t head16_size_ = 0;
+  void* round_[3] = {};
+  size_t round_size_[3] = {};
   // upload_images: the copy stream, its two uint8 staging buffers (taken in turn) and their events.
   cudaStream_t copy_st_ = nullptr;
   void* img_stage_[2] = {};

@@ -47,7 +47,9 @@ double golden_tolerance(const std::string& name, Device device, Precision precis
     // most), and the later steps by the chaos that any two bf16 runs of this tiny-batch golden fall into (the
     // logits of step 1 already 0.3 apart). The later bounds catch gross faults only: an update that did not
     // happen is 1.0 from the reference's.
-    if (starts_with(name, "eval_logits_init") || name == "logits0" || name == "loss0") return 1e-3;
+    // (On CUDA the convolutions sum in other orders than PyTorch's CPU run, which moves a few roundings.)
+    if (starts_with(name, "eval_logits_init") || name == "logits0" || name == "loss0")
+      return device == Device::CUDA ? 1e-2 : 1e-3;
     if (starts_with(name, "grad")) return 0.15;
     if (starts_with(name, "update.")) return 0.95;
     if (starts_with(name, "after") || starts_with(name, "eval_logits")) return 0.15;

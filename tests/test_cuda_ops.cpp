@@ -36,8 +36,10 @@
 #include "data/jpeg.h"
 #include "data/transforms.h"
 #include "engine/backend.h"
+#include "engine/backend_bf16.h"
 #include "engine/golden.h"
 #include "engine/weights.h"
+#include "kernels/bf16.h"
 #include "tests/gpu_test_util.h"
 #include "tests/steady_state.h"
 #include "tests/step_capture.h"
@@ -1003,6 +1005,158 @@ TEST_CASE("a captured training step (CUDA graph) replays the uncaptured steps bi
   CHECK(std::memcmp(got.losses.data(), want.losses.data(), got.losses.size() * sizeof(float)) == 0);
   CHECK(vbtest::differing_tensors(got.model, want.model) == 0);
   CHECK(vbtest::differing_tensors(got.opt, want.opt) == 0);
+}
+
+// ---- bf16 mode (Precision::BF16, NHWC): op by op against the CPU's emulation of autocast, then the golden ----
+namespace {
+struct Bf16Rig {
+  std::unique_ptr<Backend> gpu = [] {
+    auto b = make_cuda_backend(0, Layout::NHWC);
+    b->set_precision(Precision::BF16);
+    return b;
+  }();
+  std::unique_ptr<Backend> emu = make_bf16_emulation(make_cpu_backend(0, Layout::NHWC));
+  std::vector<void*> owned;
+  ~Bf16Rig() {
+    for (void* p : owned) gpu->release(p);
+  }
+  // A device activation holding the bf16 of v (v must be bf16 values), in a float-sized buffer as the model's.
+  float* act(const std::vector<float>& v) {
+    std::vector<uint16_t> bits(v.size());
+    for (size_t i = 0; i < v.size(); ++i) bits[i] = float_to_bf16_bits(v[i]);
+    auto* p = static_cast<float*>(gpu->alloc(std::max<size_t>(v.size(), 1) * sizeof(float)));
+    owned.push_back(p);
+    gpu->upload(p, bits.data(), bits.size() * sizeof(uint16_t));
+    return p;
+  }
+  float* floats(const std::vector<float>& v) {
+    auto* p = static_cast<float*>(gpu->alloc(std::max<size_t>(v.size(), 1) * sizeof(float)));
+    owned.push_back(p);
+    gpu->upload(p, v.data(), v.size() * sizeof(float));
+    return p;
+  }
+  std::vector<float> read_act(const float* p, size_t n) {
+    std::vector<uint16_t> bits(n);
+    gpu->download(bits.data(), p, n * sizeof(uint16_t));
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; ++i) v[i] = bf16_bits_to_float(bits[i]);
+    return v;
+  }
+  std::vector<float> read_floats(const float* p, size_t n) {
+    std::vector<float> v(n);
+    gpu->download(v.data(), p, n * sizeof(float));
+    return v;
+  }
+};
+std::vector<float> rounded_randv(size_t n, uint32_t seed) {
+  auto v = randv(n, seed);
+  for (float& x : v) x = round_bf16(x);
+  return v;
+}
+}  // namespace
+
+TEST_CASE("bf16 mode: every op against the CPU's emulation of autocast (convolutions within a few roundings)") {
+  if (!has_gpu()) return;
+  Bf16Rig r;
+  const Tol conv{1e-2, 3e-2};  // float sums in other orders move some roundings by one bf16 step
+  const ConvShape s{3, 16, 9, 7, 24, 3, 3, 1, 1};
+  const size_t nx = size_t(3) * 16 * 9 * 7, ny = size_t(3) * 24 * 9 * 7, nw = size_t(24) * 16 * 9;
+  const auto x = rounded_randv(nx, 1), dy = rounded_randv(ny, 2), w = randv(nw, 3, -0.2f, 0.2f);
+  float *gx = r.act(x), *gdy = r.act(dy), *gw = r.floats(w), *gy = r.act(std::vector<float>(ny)),
+        *gdx = r.act(std::vector<float>(nx)), *gdw = r.floats(std::vector<float>(nw));
+  std::vector<float> y(ny), dx(nx), dw(nw);
+  r.gpu->conv_fwd(s, gx, gw, gy);
+  r.emu->conv_fwd(s, x.data(), w.data(), y.data());
+  expect_close("bf16 conv fwd", r.read_act(gy, ny), y, conv.norm, conv.elem);
+  r.gpu->conv_bwd_data(s, gdy, gw, gdx);
+  r.emu->conv_bwd_data(s, dy.data(), w.data(), dx.data());
+  expect_close("bf16 conv bwd-data", r.read_act(gdx, nx), dx, conv.norm, conv.elem);
+  r.gpu->conv_bwd_filter(s, gx, gdy, gdw);
+  r.emu->conv_bwd_filter(s, x.data(), dy.data(), dw.data());
+  expect_close("bf16 conv bwd-filter", r.read_floats(gdw, nw), dw, conv.norm, conv.elem);
+  // A 1x1 layer (no permutation) and the stem's 3 channels.
+  for (const ConvShape& t : {ConvShape{2, 32, 5, 6, 16, 1, 1, 1, 0}, ConvShape{2, 3, 20, 18, 8, 7, 7, 2, 3}}) {
+    const size_t a = size_t(t.N) * t.C * t.H * t.W, b = size_t(t.N) * t.K * t.P() * t.Q(), c = size_t(t.K) * t.C * t.R * t.S;
+    const auto tx = rounded_randv(a, 4), tw = randv(c, 5, -0.2f, 0.2f);
+    float *ga = r.act(tx), *gb = r.floats(tw), *gc = r.act(std::vector<float>(b));
+    std::vector<float> want(b);
+    r.gpu->conv_fwd(t, ga, gb, gc);
+    r.emu->conv_fwd(t, tx.data(), tw.data(), want.data());
+    expect_close("bf16 conv fwd " + std::to_string(t.R) + "x" + std::to_string(t.S), r.read_act(gc, b), want,
+                 conv.norm, conv.elem);
+  }
+  // Batch norm with residual and ReLU (rounded before the residual add), its backward, and add.
+  const int C = 24;
+  const auto res = rounded_randv(ny, 6), g = randv(C, 7, 0.5f, 1.5f), be = randv(C, 8);
+  float *gres = r.act(res), *gg = r.floats(g), *gbe = r.floats(be), *gm = r.floats(std::vector<float>(C)),
+        *gi = r.floats(std::vector<float>(C)), *gbn = r.act(std::vector<float>(ny));
+  std::vector<float> bn(ny), m(C), iv(C);
+  r.gpu->bn_train_fwd(3, C, 9, 7, gdy, gg, gbe, gres, true, gbn, gm, gi, nullptr, nullptr, 0.1, 1e-5);
+  r.emu->bn_train_fwd(3, C, 9, 7, dy.data(), g.data(), be.data(), res.data(), true, bn.data(), m.data(), iv.data(),
+                      nullptr, nullptr, 0.1, 1e-5);
+  expect_close("bf16 bn train fwd + residual + relu", r.read_act(gbn, ny), bn, 1e-2, 3e-2);
+  expect_close("bf16 bn mean", r.read_floats(gm, C), m, 1e-5, 1e-4);
+  const auto g2 = rounded_randv(ny, 9);
+  float *gg2 = r.act(g2), *gdxb = r.act(std::vector<float>(ny)), *gdres = r.act(std::vector<float>(ny)),
+        *gdg = r.floats(std::vector<float>(C)), *gdb = r.floats(std::vector<float>(C));
+  std::vector<float> dxb(ny), dres(ny), dg(C), db(C), scr(ny);
+  const auto bn_gpu = r.read_act(gbn, ny);  // both backward passes from the same forward output (the ReLU mask)
+  float* gbn_in = r.act(bn_gpu);
+  r.gpu->bn_bwd(3, C, 9, 7, gdy, gbn_in, gg2, gg, gm, gi, true, gdxb, gdres, gdg, gdb, nullptr);
+  r.emu->bn_bwd(3, C, 9, 7, dy.data(), bn_gpu.data(), g2.data(), g.data(), r.read_floats(gm, C).data(),
+                r.read_floats(gi, C).data(), true, dxb.data(), dres.data(), dg.data(), db.data(), scr.data());
+  expect_close("bf16 bn bwd dx", r.read_act(gdxb, ny), dxb, 1e-2, 3e-2);
+  expect_identical("bf16 bn bwd dresidual", r.read_act(gdres, ny), dres);
+  expect_close("bf16 bn bwd dgamma", r.read_floats(gdg, C), dg, 1e-4, 1e-3);
+  float* gsum = r.act(std::vector<float>(ny));
+  std::vector<float> sum(ny);
+  r.gpu->add(int64_t(ny), gdy, gres, gsum);
+  r.emu->add(int64_t(ny), dy.data(), res.data(), sum.data());
+  expect_identical("bf16 add", r.read_act(gsum, ny), sum);
+  // Pooling, and the head's float buffers.
+  const int P = (9 + 2 - 3) / 2 + 1, Q = (7 + 2 - 3) / 2 + 1;
+  const size_t np = size_t(3) * P * Q * 16;
+  float *gmp = r.act(std::vector<float>(np)), *gav = r.floats(std::vector<float>(48));
+  std::vector<float> mp(np), av(48);
+  r.gpu->maxpool_fwd(3, 16, 9, 7, 3, 2, 1, gx, gmp);
+  r.emu->maxpool_fwd(3, 16, 9, 7, 3, 2, 1, x.data(), mp.data());
+  expect_identical("bf16 maxpool fwd", r.read_act(gmp, np), mp);
+  r.gpu->avgpool_fwd(3, 16, 9, 7, gx, gav);
+  r.emu->avgpool_fwd(3, 16, 9, 7, x.data(), av.data());
+  expect_close("bf16 avgpool fwd (into the float head)", r.read_floats(gav, 48), av, 1e-2, 1e-2);
+  const auto hx = r.read_floats(gav, 48), hw = randv(8 * 16, 10), hb = randv(8, 11);
+  float *ghw = r.floats(hw), *ghb = r.floats(hb), *ghy = r.floats(std::vector<float>(24));
+  std::vector<float> hy(24);
+  r.gpu->linear_fwd(3, 16, 8, gav, ghw, ghb, ghy);
+  r.emu->linear_fwd(3, 16, 8, hx.data(), hw.data(), hb.data(), hy.data());
+  expect_close("bf16 linear fwd", r.read_floats(ghy, 24), hy, 1e-2, 1e-2);
+  // The input: uint8 frames normalised and rounded on the device, as the emulation's upload rounded at the conv.
+  std::vector<uint8_t> px(size_t(2) * 5 * 4 * 3);
+  for (size_t i = 0; i < px.size(); ++i) px[i] = uint8_t(i * 37);
+  float* gin = r.act(std::vector<float>(px.size()));
+  std::vector<float> in(px.size());
+  r.gpu->upload_images(gin, px.data(), 2, 5, 4);
+  r.emu->upload_images(in.data(), px.data(), 2, 5, 4);
+  for (float& v : in) v = round_bf16(v);
+  expect_identical("bf16 upload_images", r.read_act(gin, in.size()), in);
+}
+
+TEST_CASE("bf16 mode: the golden protocol against PyTorch's own bf16 autocast run (large)") {
+  if (!has_gpu()) return;
+  // tests/fixtures/mini_train_bf16_autocast.safetensors (PyTorch's CPU autocast): the same bounds as the CPU
+  // emulation's (golden_tolerance), the first forward within 1e-2 on CUDA, and the group medians.
+  auto be = make_cuda_backend(0, Layout::NHWC);
+  be->set_precision(Precision::BF16);
+  const StateDict w = load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
+  const StateDict ref = load_safetensors(vbtest::fixture("mini_train_bf16_autocast.safetensors"));
+  auto rows = run_golden(*be, w, ref);
+  add_bf16_group_medians(rows);
+  for (const auto& row : rows) {
+    if (row.name.rfind("median", 0) == 0 || row.name == "eval_logits_init.x0" || row.name == "loss0")
+      MESSAGE("bf16 " << row.name << ": " << row.rel_err << " (bound " << row.tol << ")");
+    INFO("bf16 " << row.name << ": " << row.rel_err << " above " << row.tol);
+    CHECK(row.ok());
+  }
 }
 
 TEST_CASE("deterministic mode: algorithms chosen again among the bit-reproducible ones, same bits every run") {

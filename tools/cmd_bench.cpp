@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "engine/backend_bf16.h"
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "engine/train/step.h"
@@ -64,10 +65,15 @@ double device_used_gib(vb::Backend& be) {
 int run_bench(BenchArgs a) {
   std::unique_ptr<vb::Backend> be = vb::make_backend(a.device, a.threads);
   const bool cpu = be->device() == vb::Device::CPU;
+  if (a.precision == "bf16") {  // CUDA: the bf16 mode (NHWC); the CPU: the emulation of autocast
+    if (!cpu && be->activation_layout() != vb::Layout::NHWC) be = vb::make_cuda_backend(0, vb::Layout::NHWC);
+    if (cpu) be = vb::make_bf16_emulation(std::move(be));
+    else be->set_precision(vb::Precision::BF16);
+  }
   if (!a.batch_size) a.batch_size = cpu ? 1 : 150;
   if (!a.steps) a.steps = cpu ? 3 : 30;
   if (!a.warmup) a.warmup = cpu ? 1 : 5;
-  if (!cpu) be->set_precision(a.precision == "fp32" ? vb::Precision::FP32 : vb::Precision::TF32);
+  if (!cpu && a.precision != "bf16") be->set_precision(a.precision == "fp32" ? vb::Precision::FP32 : vb::Precision::TF32);
   vb::ModelConfig cfg;
   cfg.blocks = vb::parse_int_list(a.blocks, "--blocks");
   cfg.width = a.width;
@@ -201,7 +207,10 @@ VB_COMMAND("bench", "Time the training step and the evaluation forward on random
            [](CLI::App& app) -> std::function<int()> {
              auto a = std::make_shared<BenchArgs>();
              app.add_option("--device", a->device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-             app.add_option("--precision", a->precision, "tf32 or fp32")->check(CLI::IsMember({"tf32", "fp32"}));
+             app.add_option("--precision", a->precision,
+                            "tf32, fp32 or bf16 (CUDA: bf16 activations and convolutions in NHWC; the CPU: the "
+                            "emulation of autocast)")
+                 ->check(CLI::IsMember({"tf32", "fp32", "bf16"}));
              app.add_option("--batch-size", a->batch_size, "batch (default 150 on CUDA, 1 on the CPU)")->check(vb::tools::integer_in(0, 65536));
              app.add_option("--steps", a->steps, "timed steps (default 30 on CUDA, 3 on the CPU)")->check(vb::tools::integer_in(0, 100000));
              app.add_option("--warmup", a->warmup, "untimed steps first (default 5 / 1)")->check(vb::tools::integer_in(0, 100000));

@@ -93,8 +93,9 @@ VB_COMMAND("train", "Train the B1 classifier (the notebook's defaults; no --data
                  ->check(vb::tools::integer_in(0, 1000000));
              app.add_option("--device", o.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
              app.add_option("--precision", o.precision,
-                            "tf32 (default) or fp32 on CUDA; bf16: on the CPU, an emulation of torch.autocast(bfloat16) "
-                            "(to see its accuracy; slower than fp32; the CUDA backend has no bf16 yet)")
+                            "tf32 (default) or fp32 on CUDA; bf16: on CUDA bf16 activations and convolutions (NHWC; "
+                            "not yet run on a GPU), on the CPU an emulation of torch.autocast(bfloat16) (to see its "
+                            "accuracy; slower than fp32)")
                  ->check(CLI::IsMember({"tf32", "fp32", "bf16"}));
              app.add_option("--threads", o.threads, "CPU threads for decoding and the CPU path (0 = all cores)")
                  ->check(vb::tools::thread_count());

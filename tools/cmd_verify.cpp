@@ -107,12 +107,8 @@ int run_verify(const VerifyArgs& a) {
                                 : autocast_ref          ? "bf16"
                                 : a.device == "cuda" || (a.device == "auto" && vb::cuda_available()) ? "fp32"
                                                         : "fp64";
-  // bf16 runs on the CPU's emulation (the CUDA backend has no bf16 path yet): --device auto picks the CPU.
-  const bool cuda = a.device == "cuda" || (a.device == "auto" && precision != "bf16" && vb::cuda_available());
+  const bool cuda = a.device == "cuda" || (a.device == "auto" && vb::cuda_available());
   if (precision == "bf16") {
-    if (cuda)
-      vb::fail("--precision bf16 runs on the CPU's emulation of autocast (engine/backend_bf16.h); the CUDA backend "
-               "has no bf16 path yet: use --device cpu");
     if (!td && !autocast_ref)
       vb::fail(a.reference, " is a float64 golden run: a bf16 run is compared with PyTorch's own bf16 autocast run "
                "(tools/make_goldens.py --autocast bf16, e.g. tests/fixtures/mini_train_bf16_autocast.safetensors), "
@@ -133,7 +129,14 @@ int run_verify(const VerifyArgs& a) {
                 a.reference.c_str(), be->description().c_str());
     rows = vb::run_golden(*be, weights, reference);
   } else if (precision == "bf16") {
-    std::unique_ptr<vb::Backend> be = vb::make_bf16_emulation(vb::make_cpu_backend(a.threads, vb::default_cpu_layout()));
+    // CUDA: the backend's bf16 mode (NHWC); the CPU: the emulation of autocast, the CUDA path's reference.
+    std::unique_ptr<vb::Backend> be;
+    if (cuda) {
+      be = vb::make_cuda_backend(0, vb::Layout::NHWC);
+      be->set_precision(vb::Precision::BF16);
+    } else {
+      be = vb::make_bf16_emulation(vb::make_cpu_backend(a.threads, vb::default_cpu_layout()));
+    }
     prec = be->precision();
     if (td) vb::check_parity_precision(*td, prec);
     std::printf("verify: %s against %s on %s, bf16%s\n", a.weights.c_str(), a.reference.c_str(),
@@ -177,7 +180,7 @@ VB_COMMAND("verify", "Check the engine against a PyTorch golden run (logits, los
              app.add_option("--reference", a->reference, "golden-run reference (.safetensors)")->required();
              app.add_option("--device", a->device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
              app.add_option("--precision", a->precision, "auto (CPU: fp64, CUDA: fp32; with --against: the file's; a bf16 autocast reference: bf16), fp64 (CPU), "
-                            "fp32, tf32 (CUDA), bf16 (the CPU's emulation of autocast)")
+                            "fp32, tf32 (CUDA), bf16 (CUDA's bf16 mode; the CPU: its emulation of autocast)")
                  ->check(CLI::IsMember({"auto", "fp64", "fp32", "tf32", "bf16"}));
              app.add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(vb::tools::thread_count());
              app.add_option("--json", a->json, "write {name: relative error} to this file (with --against: groups, "

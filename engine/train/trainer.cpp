@@ -175,11 +175,13 @@ void Trainer::build_model() {
     fail("--precision must be tf32, fp32 or bf16, got '", opt_.precision, "'");
   be_ = make_backend(opt_.device, opt_.threads);
   if (opt_.precision == "bf16") {
-    // bf16 exists as the CPU's emulation of autocast (engine/backend_bf16.h), the CUDA path's future reference.
-    if (be_->device() != Device::CPU)
-      fail("--precision bf16: the CUDA backend has no bf16 path yet; on the CPU (--device cpu) it runs as an "
-           "emulation of torch.autocast(bfloat16), slower than fp32");
-    be_ = make_bf16_emulation(std::move(be_));
+    // CUDA: the backend's bf16 mode, which needs NHWC; the CPU: the emulation of autocast (engine/backend_bf16.h).
+    if (be_->device() == Device::CUDA) {
+      if (be_->activation_layout() != Layout::NHWC) be_ = make_cuda_backend(0, Layout::NHWC);
+      be_->set_precision(Precision::BF16);
+    } else {
+      be_ = make_bf16_emulation(std::move(be_));
+    }
   } else {
     be_->set_precision(opt_.precision == "fp32" || be_->device() == Device::CPU ? Precision::FP32 : Precision::TF32);
   }

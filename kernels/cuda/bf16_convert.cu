@@ -42,7 +42,41 @@ __global__ void b2f_kernel(int64_t nv, const vb::bf16* __restrict__ x, float* __
   }
 }
 
+__global__ void add_bf16_kernel(int64_t n, const vb::bf16* a, const vb::bf16* b, vb::bf16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float v[1] = {detail::load1(a + i) + detail::load1(b + i)};
+    detail::store_vec<1>(y + i, v);
+  }
+}
+__global__ void relu_bf16_kernel(int64_t n, const vb::bf16* x, vb::bf16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float u = detail::load1(x + i);
+    const float v[1] = {u < 0.f ? 0.f : u};  // NaN: the comparison is false, NaN passes
+    detail::store_vec<1>(y + i, v);
+  }
+}
+__global__ void round_to_bf16_kernel(int64_t n, const float* x, float* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __uint_as_float(uint32_t(detail::bf16_bits(x[i])) << 16);
+}
+
 }  // namespace
+
+void add_bf16(cudaStream_t st, int64_t n, const vb::bf16* a, const vb::bf16* b, vb::bf16* y) {
+  if (n <= 0) return;
+  add_bf16_kernel<<<detail::grid_for(n, 256), 256, 0, st>>>(n, a, b, y);
+  VB_CUDA_LAUNCH_CHECK();
+}
+void relu_bf16(cudaStream_t st, int64_t n, const vb::bf16* x, vb::bf16* y) {
+  if (n <= 0) return;
+  relu_bf16_kernel<<<detail::grid_for(n, 256), 256, 0, st>>>(n, x, y);
+  VB_CUDA_LAUNCH_CHECK();
+}
+void round_to_bf16(cudaStream_t st, int64_t n, const float* x, float* y) {
+  if (n <= 0) return;
+  round_to_bf16_kernel<<<detail::grid_for(n, 256), 256, 0, st>>>(n, x, y);
+  VB_CUDA_LAUNCH_CHECK();
+}
 
 void float_to_bf16(cudaStream_t st, int64_t n, const float* x, vb::bf16* y) {
   VB_CHECK(n >= 0 && (n == 0 || (x && y)), "float_to_bf16: bad size ", n, " or null buffer");

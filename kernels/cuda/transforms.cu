@@ -9,6 +9,8 @@
 // - Normalisation: float32 (u / 255 - mean) / std with IEEE division, as torchvision.
 // The per-pixel code is __host__ __device__: augment_frames_host runs it on the CPU, so that the arithmetic is
 // checked against data/transforms on machines without a GPU too.
+#include <cuda_bf16.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -263,6 +265,23 @@ void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, 
   int64_t blocks = (total + threads - 1) / threads;
   if (blocks > 132 * 16) blocks = 132 * 16;
   normalize_kernel<<<unsigned(blocks), threads, 0, st>>>(ppi, total, src, out);
+  VB_CUDA_LAUNCH_CHECK();
+}
+
+__global__ void normalize_nhwc_bf16_kernel(int64_t total, const uint8_t* __restrict__ src, vb::bf16* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint8_t* s = src + i * 3;
+    for (int c = 0; c < 3; ++c) out[i * 3 + c].bits = __bfloat16_as_ushort(__float2bfloat16_rn(normalize_u8(s[c], c)));
+  }
+}
+
+void normalize_frames_nhwc_bf16(cudaStream_t st, int N, int H, int W, const uint8_t* src, vb::bf16* out) {
+  const int64_t total = int64_t(H) * W * N;
+  if (total <= 0) return;
+  const int threads = 256;
+  int64_t blocks = (total + threads - 1) / threads;
+  if (blocks > 132 * 16) blocks = 132 * 16;
+  normalize_nhwc_bf16_kernel<<<unsigned(blocks), threads, 0, st>>>(total, src, out);
   VB_CUDA_LAUNCH_CHECK();
 }
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "kernels/bf16.h"
+
 namespace vb::cuda {
 
 // One training sample: where its frame lies and what the random draws chose. Built on the host by
@@ -37,5 +39,8 @@ void augment_frames_host(int N, int size, const uint8_t* frames, const AugSample
 void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out);
 // The same values channels-last: out (N, H, W, 3), for an NHWC backend's input.
 void normalize_frames_nhwc(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out);
+// The same rounded to bf16 (the CUDA backend's bf16 input: autocast casts the float input at the first
+// convolution, so the normalised value rounded once).
+void normalize_frames_nhwc_bf16(cudaStream_t st, int N, int H, int W, const uint8_t* src, vb::bf16* out);
 
 }  // namespace vb::cuda
