@@ -46,6 +46,10 @@ class BackendT {
   virtual Device device() const = 0;
   virtual std::string description() const = 0;  // e.g. "cpu (2 threads)" or "cuda: NVIDIA H200, cuDNN 9.19"
   virtual Layout activation_layout() const { return Layout::NCHW; }
+  // Bytes per element of a 4-D activation (and its gradient) in backend memory: sizeof(T), or 2 where the
+  // backend keeps them in bf16 (the CUDA backend's Precision::BF16). Parameters, their gradients, batch-norm
+  // statistics and the head's [N, features] buffers are always T. The model sizes its buffers by it at plan().
+  virtual size_t activation_element_bytes() const { return sizeof(T); }
 
   // ---- memory ----
   virtual void* alloc(size_t bytes) = 0;  // zero-filled, at least 256-byte aligned

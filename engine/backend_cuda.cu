@@ -198,6 +198,7 @@ class CudaBackend final : public Backend {
   Device device() const override { return Device::CUDA; }
   std::string description() const override { return desc_; }
   Layout activation_layout() const override { return nhwc_ ? Layout::NHWC : Layout::NCHW; }
+  size_t activation_element_bytes() const override { return bf16() ? sizeof(vb::bf16) : sizeof(float); }
 
   void set_precision(Precision p) override {
     VB_CHECK(p == Precision::FP32 || p == Precision::TF32 || p == Precision::BF16,

@@ -18,6 +18,7 @@ class ForwardingBackend : public Backend {
   Device device() const override { return in_.device(); }
   std::string description() const override { return in_.description(); }
   Layout activation_layout() const override { return in_.activation_layout(); }
+  size_t activation_element_bytes() const override { return in_.activation_element_bytes(); }
   void* alloc(size_t bytes) override { return in_.alloc(bytes); }
   void release(void* p) override { in_.release(p); }
   void upload(void* dst, const void* src, size_t bytes) override { in_.upload(dst, src, bytes); }

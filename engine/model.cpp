@@ -240,10 +240,16 @@ void ModelT<T>::release_activations() {
 }
 
 template <class T>
-T* ModelT<T>::act_alloc(int64_t floats) {
-  void* p = be_.alloc(sizeof(T) * size_t(std::max<int64_t>(floats, 1)));
+T* ModelT<T>::act_alloc(int64_t n, bool activation) {
+  void* p = be_.alloc((activation ? act_bytes_ : sizeof(T)) * size_t(std::max<int64_t>(n, 1)));
   act_allocs_.push_back(p);
   return static_cast<T*>(p);
+}
+
+template <class T>
+void ModelT<T>::check_plan() const {
+  VB_CHECK(be_.activation_element_bytes() == act_bytes_, "the backend's activation type changed since plan() (",
+           be_.activation_element_bytes(), " bytes an element now, ", act_bytes_, " then): plan again");
 }
 
 template <class T>
@@ -251,6 +257,8 @@ void ModelT<T>::plan(int max_batch, data::ImageSize image_size) {
   VB_CHECK(max_batch > 0 && image_size.h >= 32 && image_size.w >= 32, "bad plan: batch ", max_batch, ", image size ",
            image_size.str());
   release_activations();
+  act_bytes_ = be_.activation_element_bytes();
+  VB_CHECK(act_bytes_ == sizeof(T) || act_bytes_ == 2, "activation elements of ", act_bytes_, " bytes");
   max_batch_ = max_batch;
   image_size_ = image_size;
   const int64_t N = max_batch;
@@ -311,31 +319,35 @@ void ModelT<T>::plan(int max_batch, data::ImageSize image_size) {
   }
   VB_CHECK(h >= 1 && w >= 1, "image size ", image_size.str(), " is too small for this network");
 
-  auto round = [](int64_t n) { return (n + 63) / 64 * 64; };  // 256-byte alignment inside the arena
+  // Inside the arena, offsets in activation elements, rounded to 256 bytes; `at` turns one into a T* (a bf16
+  // activation's address is handed through T* like the others: only the backend reads it).
+  const int64_t per256 = int64_t(256 / act_bytes_);
+  auto round = [per256](int64_t n) { return (n + per256 - 1) / per256 * per256; };
   int64_t deep_total = 0;
   for (const Want& x : wants)
     if (x.deep) deep_total += round(x.n);
   const bool split = deep_from_ < int(cfg_.blocks.size());
   T* arena = nullptr;
+  auto at = [&](int64_t off) { return reinterpret_cast<T*>(reinterpret_cast<char*>(arena) + off * int64_t(act_bytes_)); };
   if (split) {
-    arena = act_alloc(std::max(deep_total, 4 * round(shallow_max) + round(shallow_a)));
+    arena = act_alloc(std::max(deep_total, 4 * round(shallow_max) + round(shallow_a)), true);
     int64_t off = 0;
     for (const Want& x : wants)
-      if (x.deep) { *x.slot = arena + off; off += round(x.n); }
+      if (x.deep) { *x.slot = at(off); off += round(x.n); }
   }
   for (const Want& x : wants)
-    if (!x.deep) *x.slot = act_alloc(x.n);
+    if (!x.deep) *x.slot = act_alloc(x.n, true);
   T* previous = pool_;
   for (Block& b : blocks_) {
     b.x = previous;
     previous = b.y;
   }
   for (int i = 0; i < 4; ++i) {
-    g_[i] = split ? arena + i * round(shallow_max) : act_alloc(shallow_max);
-    gdeep_[i] = split ? act_alloc(deep_max) : g_[i];
+    g_[i] = split ? at(i * round(shallow_max)) : act_alloc(shallow_max, true);
+    gdeep_[i] = split ? act_alloc(deep_max, true) : g_[i];
   }
-  T* a_shallow = split ? arena + 4 * round(shallow_max) : act_alloc(shallow_a);
-  T* a_deep = split ? act_alloc(deep_a) : a_shallow;
+  T* a_shallow = split ? at(4 * round(shallow_max)) : act_alloc(shallow_a, true);
+  T* a_deep = split ? act_alloc(deep_a, true) : a_shallow;
   for (Block& b : blocks_) {
     const bool deep = b.stage >= deep_from_;
     // The downsample branch's BN output is only the residual of its block's last BN in the forward pass, and
@@ -376,6 +388,7 @@ void ModelT<T>::count_training_forward() {
 template <class T>
 void ModelT<T>::forward(int n, bool train) {
   VB_CHECK(n > 0 && n <= max_batch_, "batch of ", n, " images; the model is planned for ", max_batch_);
+  check_plan();
   BackendT<T>& be = be_;
   auto bn_fwd = [&](Bn& b, int H, int W, const T* x, const T* residual, bool relu, T* y) {
     if (train) {
@@ -446,6 +459,7 @@ void ModelT<T>::head_forward(int n) {
 template <class T>
 void ModelT<T>::backward(int n) {
   VB_CHECK(n > 0 && n <= max_batch_, "batch of ", n, " images; the model is planned for ", max_batch_);
+  check_plan();
   BackendT<T>& be = be_;
   // The head, last layer first. dx of the first linear is the gradient of the pooled features.
   const T* dy = dlogits_;
@@ -482,7 +496,7 @@ void ModelT<T>::backward(int n) {
     if (b.stage < deep_from_ && A != g_[0]) {
       // Leaving the deep stages: their activations are dead, so the shallow scratch (which overlaps them)
       // takes over; the gradient of this block's output moves with it.
-      be.copy(g_[0], A, sizeof(T) * size_t(n) * b.out_c * b.out_h * b.out_w);
+      be.copy(g_[0], A, act_bytes_ * size_t(n) * b.out_c * b.out_h * b.out_w);
       A = g_[0], B = g_[1], C = g_[2], D = g_[3];
     }
     const ConvShape s1 = with_batch(b.c1->s, n), s2 = with_batch(b.c2->s, n), s3 = with_batch(b.c3->s, n);

@@ -80,7 +80,10 @@ class ModelT {
   struct Linear;
 
   void release_activations();
-  T* act_alloc(int64_t floats);
+  // n elements of type T (statistics, the head) or, with activation = true, n activation elements
+  // (Backend::activation_element_bytes each).
+  T* act_alloc(int64_t n, bool activation = false);
+  void check_plan() const;
   void head_forward(int n);  // global average pool and the head, from the last block's output
 
   BackendT<T>& be_;
@@ -102,6 +105,7 @@ class ModelT {
   int max_batch_ = 0;
   data::ImageSize image_size_{0};
   std::vector<void*> act_allocs_;
+  size_t act_bytes_ = sizeof(T);  // Backend::activation_element_bytes() when plan() ran
   T* input_ = nullptr;
   T *stem_c_ = nullptr, *stem_a_ = nullptr, *pool_ = nullptr;  // stem conv out, bn+relu out, maxpool out
   T* feat_ = nullptr;                                          // (N, F) after the average pool

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <random>
 
+#include "engine/backend_forwarding.h"
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "data/transforms.h"
@@ -433,4 +434,34 @@ TEST_CASE("download_async on the CPU: the copy is made at once, and only the las
   be->wait_download(t0 + 1);  // the oldest of the last eight
   be->wait_download(t0 + vb::Backend::kDownloadTickets);  // the newest
   CHECK_THROWS_WITH_AS(be->wait_download(t0 + 100), doctest::Contains("not among the last"), vb::Error);
+}
+
+TEST_CASE("plan() sizes activations by the backend's element size (bf16: half the bytes); the rest stays T") {
+  // A backend that says its activations are 2 bytes (as the CUDA backend in bf16): the model's activation memory
+  // halves, its parameters, statistics and head do not; forward refuses once the element size changed.
+  struct Half final : vb::ForwardingBackend {
+    using ForwardingBackend::ForwardingBackend;
+    size_t bytes = 2;
+    size_t activation_element_bytes() const override { return bytes; }
+  };
+  vb::ModelConfig cfg;
+  cfg.blocks = {1, 1, 1, 1};
+  cfg.width = 16;
+  auto cpu = vb::make_cpu_backend(1);
+  size_t full = 0, halved = 0;
+  {
+    vb::Model m(*cpu, cfg);
+    const size_t before = cpu->memory_in_use();
+    m.plan(8, 64);
+    full = cpu->memory_in_use() - before;
+  }
+  Half half(*cpu);
+  vb::Model m(half, cfg);
+  const size_t before = cpu->memory_in_use();
+  m.plan(8, 64);
+  halved = cpu->memory_in_use() - before;
+  CHECK(halved < full * 55 / 100);  // activations are nearly all of it at this size
+  CHECK(halved > full * 45 / 100);
+  half.bytes = 4;
+  CHECK_THROWS_WITH_AS(m.forward(8, false), doctest::Contains("activation type changed since plan()"), vb::Error);
 }
