@@ -207,6 +207,8 @@ class CudaBackend final : public Backend {
              "or make_cuda_backend(device, Layout::NHWC))");
     if (p != precision_) drop_capture();  // a captured step keeps the math it was recorded with
     precision_ = p;
+    // bf16: its filter scratch sized up front, as the float one (no step grows it).
+    if (p == Precision::BF16) grow_buffer(wt16_, wt16_size_, kKrscFloats * sizeof(vb::bf16), "the bf16 filter scratch");
     // TF32 applies to the convolutions only, as PyTorch's defaults (cudnn.allow_tf32 on, matmul.allow_tf32
     // off): the head's matrix products stay fp32 in both modes.
     VB_CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
@@ -430,6 +432,7 @@ class CudaBackend final : public Backend {
                     float* running_mean, float* running_var, double momentum, double eps) override {
     grow_bn_work(C);
     if (bf16()) {  // the output rounded, then the residual added and rounded, then ReLU (as autocast)
+      VB_CHECK(!residual || residual != y, "bf16 batch norm: the output may not alias the residual");
       cuda::bn_nhwc_train_fwd<vb::bf16>(st_, int64_t(N) * H * W, C, B(x), gamma, beta, nullptr, relu && !residual,
                                         B(y), save_mean, save_invstd, running_mean, running_var, momentum, eps,
                                         bn_work_);
@@ -445,6 +448,7 @@ class CudaBackend final : public Backend {
                    const float* running_mean, const float* running_var, double eps, const float* residual,
                    bool relu, float* y) override {
     if (bf16()) {
+      VB_CHECK(!residual || residual != y, "bf16 batch norm: the output may not alias the residual");
       cuda::bn_nhwc_eval_fwd<vb::bf16>(st_, int64_t(N) * H * W, C, B(x), gamma, beta, running_mean, running_var, eps,
                                        nullptr, relu && !residual, B(y));
       return bf16_residual_relu(int64_t(N) * C * H * W, residual, relu, y);
@@ -798,7 +802,8 @@ class CudaBackend final : public Backend {
     cuda::round_to_bf16(st_, n, p, static_cast<float*>(round_[i]));
     return static_cast<const float*>(round_[i]);
   }
-  // After a bf16 batch norm written without its residual: + residual rounded, then ReLU.
+  // After a bf16 batch norm written without its residual: + residual rounded, then ReLU. (So y must not alias the
+  // residual in bf16, which the float kernels allow; the model never does it.)
   void bf16_residual_relu(int64_t n, const float* residual, bool relu, float* y) {
     if (!residual) return;  // the ReLU, if any, was the batch norm kernel's
     cuda::add_bf16(st_, n, B(y), B(residual), B(y));

@@ -47,9 +47,18 @@ double golden_tolerance(const std::string& name, Device device, Precision precis
     // most), and the later steps by the chaos that any two bf16 runs of this tiny-batch golden fall into (the
     // logits of step 1 already 0.3 apart). The later bounds catch gross faults only: an update that did not
     // happen is 1.0 from the reference's.
-    // (On CUDA the convolutions sum in other orders than PyTorch's CPU run, which moves a few roundings.)
-    if (starts_with(name, "eval_logits_init") || name == "logits0" || name == "loss0")
-      return device == Device::CUDA ? 1e-2 : 1e-3;
+    // On CUDA the convolutions sum in other orders than PyTorch's CPU run, which moves some roundings; in this
+    // tiny-batch golden's training mode one moved rounding moves step 0's logits by about 0.15 (measured on the
+    // CPU by nudging every convolution's output by 1e-7 before it is rounded), so only the evaluation forward
+    // (1.8-3.3e-3 under such nudges) and the first loss (6.4e-3) can be judged there; the rest is reported
+    // (its bound: effectively none). The CUDA path is held to the emulation op by op instead (test_cuda_ops).
+    if (device == Device::CUDA) {
+      if (starts_with(name, "eval_logits_init")) return 1e-2;
+      if (name == "loss0") return 3e-2;
+      if (starts_with(name, "lr") || name == "class_weights") return 1e-4;
+      return 1e30;
+    }
+    if (starts_with(name, "eval_logits_init") || name == "logits0" || name == "loss0") return 1e-3;
     if (starts_with(name, "grad")) return 0.15;
     if (starts_with(name, "update.")) return 0.95;
     if (starts_with(name, "after") || starts_with(name, "eval_logits")) return 0.15;
@@ -314,7 +323,10 @@ ParityReport judge_parity(const std::vector<GoldenEntry>& rows, const TorchDista
       // bf16 before any step: the distance is bf16's rounding alone, which an emulation rounding as autocast
       // does reproduces (to four digits on the CPU); so it must also not land far below PyTorch's (a run that
       // forgot to round lands at float32's 1e-7 and would pass a bound from above only).
-      if (precision == Precision::BF16 && g != "setup") ok = ok && r.rel_err >= (1 - kBf16FirstStepSpread) * t;
+      // Only the evaluation forward: the training forward of this golden is chaotic in bf16 (one rounding that
+      // lands elsewhere moves logits0 by about 0.15), so a faithful run can land below PyTorch's distance there.
+      if (precision == Precision::BF16 && r.name == "eval_logits_init.x0")
+        ok = ok && r.rel_err >= (1 - kBf16FirstStepSpread) * t;
       rep.strict.push_back({r.name, r.rel_err, t, tol, ok});
     }
     if (g == "losses" && !first) {

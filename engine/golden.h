@@ -64,7 +64,7 @@ void add_bf16_group_medians(std::vector<GoldenEntry>& rows);
 // path's 5e-8); 1e-6 is about 16 float32 ulps, so float32 arithmetic that is correct is never held below it,
 // and every group of the golden run in float32 lies orders of magnitude above it.
 inline constexpr double kParityFactor = 2.0;
-// bf16 beside PyTorch's autocast distances: the first forward and loss must also land at least (1 - this) of
+// bf16 beside PyTorch's autocast distances: the first evaluation forward must also land at least (1 - this) of
 // PyTorch's distance from the golden (see judge_parity).
 inline constexpr double kBf16FirstStepSpread = 0.1;
 inline constexpr double kParityFloor = 1e-6;

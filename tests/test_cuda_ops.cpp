@@ -1074,16 +1074,24 @@ TEST_CASE("bf16 mode: every op against the CPU's emulation of autocast (convolut
   r.gpu->conv_bwd_filter(s, gx, gdy, gdw);
   r.emu->conv_bwd_filter(s, x.data(), dy.data(), dw.data());
   expect_close("bf16 conv bwd-filter", r.read_floats(gdw, nw), dw, conv.norm, conv.elem);
-  // A 1x1 layer (no permutation) and the stem's 3 channels.
+  // A 1x1 layer (no permutation) and the stem's 3 channels, all three directions.
   for (const ConvShape& t : {ConvShape{2, 32, 5, 6, 16, 1, 1, 1, 0}, ConvShape{2, 3, 20, 18, 8, 7, 7, 2, 3}}) {
     const size_t a = size_t(t.N) * t.C * t.H * t.W, b = size_t(t.N) * t.K * t.P() * t.Q(), c = size_t(t.K) * t.C * t.R * t.S;
-    const auto tx = rounded_randv(a, 4), tw = randv(c, 5, -0.2f, 0.2f);
-    float *ga = r.act(tx), *gb = r.floats(tw), *gc = r.act(std::vector<float>(b));
-    std::vector<float> want(b);
+    const auto tx = rounded_randv(a, 4), tw = randv(c, 5, -0.2f, 0.2f), tdy = rounded_randv(b, 12);
+    float *ga = r.act(tx), *gb = r.floats(tw), *gc = r.act(std::vector<float>(b)), *gd = r.act(tdy),
+          *ge = r.act(std::vector<float>(a)), *gf = r.floats(std::vector<float>(c));
+    std::vector<float> want(b), wdx(a), wdw(c);
+    const std::string nm = " " + std::to_string(t.R) + "x" + std::to_string(t.S) + " C" + std::to_string(t.C);
     r.gpu->conv_fwd(t, ga, gb, gc);
     r.emu->conv_fwd(t, tx.data(), tw.data(), want.data());
-    expect_close("bf16 conv fwd " + std::to_string(t.R) + "x" + std::to_string(t.S), r.read_act(gc, b), want,
-                 conv.norm, conv.elem);
+    expect_close("bf16 conv fwd" + nm, r.read_act(gc, b), want, conv.norm, conv.elem);
+    r.gpu->conv_bwd_filter(t, ga, gd, gf);
+    r.emu->conv_bwd_filter(t, tx.data(), tdy.data(), wdw.data());
+    expect_close("bf16 conv bwd-filter" + nm, r.read_floats(gf, c), wdw, conv.norm, conv.elem);
+    if (t.C == 3) continue;  // the stem's input needs no gradient
+    r.gpu->conv_bwd_data(t, gd, gb, ge);
+    r.emu->conv_bwd_data(t, tdy.data(), tw.data(), wdx.data());
+    expect_close("bf16 conv bwd-data" + nm, r.read_act(ge, a), wdx, conv.norm, conv.elem);
   }
   // Batch norm with residual and ReLU (rounded before the residual add), its backward, and add.
   const int C = 24;
@@ -1095,6 +1103,34 @@ TEST_CASE("bf16 mode: every op against the CPU's emulation of autocast (convolut
   r.emu->bn_train_fwd(3, C, 9, 7, dy.data(), g.data(), be.data(), res.data(), true, bn.data(), m.data(), iv.data(),
                       nullptr, nullptr, 0.1, 1e-5);
   expect_close("bf16 bn train fwd + residual + relu", r.read_act(gbn, ny), bn, 1e-2, 3e-2);
+  {  // on the GPU itself, bit for bit: with the residual = without it, then add, then ReLU (two roundings)
+    float *a0 = r.act(std::vector<float>(ny)), *m0 = r.floats(std::vector<float>(C)), *i0 = r.floats(std::vector<float>(C));
+    r.gpu->bn_train_fwd(3, C, 9, 7, gdy, gg, gbe, nullptr, false, a0, m0, i0, nullptr, nullptr, 0.1, 1e-5);
+    r.gpu->add(int64_t(ny), a0, gres, a0);
+    auto two = r.read_act(a0, ny);
+    for (float& v : two) v = std::max(v, 0.f);
+    expect_identical("bf16 bn with residual = bn, add, ReLU", r.read_act(gbn, ny), two);
+    // bn_apply gives the training forward's bits (backward recomputes with it).
+    float* ap = r.act(std::vector<float>(ny));
+    float* tr = r.act(std::vector<float>(ny));
+    r.gpu->bn_train_fwd(3, C, 9, 7, gdy, gg, gbe, nullptr, true, tr, m0, i0, nullptr, nullptr, 0.1, 1e-5);
+    r.gpu->bn_apply(3, C, 9, 7, gdy, gg, gbe, m0, i0, true, ap);
+    expect_identical("bf16 bn_apply = the training forward", r.read_act(ap, ny), r.read_act(tr, ny));
+    // Evaluation's batch norm (running statistics) and conv_bn_eval (not folded in bf16).
+    const auto rm = randv(C, 13, -0.1f, 0.1f), rv = randv(C, 14, 0.5f, 1.5f);
+    float *grm = r.floats(rm), *grv = r.floats(rv), *ev = r.act(std::vector<float>(ny));
+    std::vector<float> wev(ny);
+    r.gpu->bn_eval_fwd(3, C, 9, 7, gdy, gg, gbe, grm, grv, 1e-5, gres, true, ev);
+    r.emu->bn_eval_fwd(3, C, 9, 7, dy.data(), g.data(), be.data(), rm.data(), rv.data(), 1e-5, res.data(), true,
+                       wev.data());
+    expect_close("bf16 bn eval fwd", r.read_act(ev, ny), wev, 1e-2, 3e-2);
+    float* ce = r.act(std::vector<float>(ny));
+    std::vector<float> wce(ny);
+    r.gpu->conv_bn_eval(s, gx, gw, gg, gbe, grm, grv, 1e-5, gres, true, ce);
+    r.emu->conv_bn_eval(s, x.data(), w.data(), g.data(), be.data(), rm.data(), rv.data(), 1e-5, res.data(), true,
+                        wce.data());
+    expect_close("bf16 conv_bn_eval", r.read_act(ce, ny), wce, conv.norm, conv.elem);
+  }
   expect_close("bf16 bn mean", r.read_floats(gm, C), m, 1e-5, 1e-4);
   const auto g2 = rounded_randv(ny, 9);
   float *gg2 = r.act(g2), *gdxb = r.act(std::vector<float>(ny)), *gdres = r.act(std::vector<float>(ny)),
@@ -1124,12 +1160,50 @@ TEST_CASE("bf16 mode: every op against the CPU's emulation of autocast (convolut
   r.gpu->avgpool_fwd(3, 16, 9, 7, gx, gav);
   r.emu->avgpool_fwd(3, 16, 9, 7, x.data(), av.data());
   expect_close("bf16 avgpool fwd (into the float head)", r.read_floats(gav, 48), av, 1e-2, 1e-2);
+  {  // the pools' backward
+    const auto gpo = rounded_randv(np, 15), gav2 = rounded_randv(48, 16);
+    float *gmpd = r.act(gpo), *gmx = r.act(std::vector<float>(nx)), *gavd = r.floats(gav2),
+          *gax = r.act(std::vector<float>(nx));
+    std::vector<float> wmx(nx), wax(nx);
+    r.gpu->maxpool_bwd(3, 16, 9, 7, 3, 2, 1, gx, gmp, gmpd, gmx);
+    r.emu->maxpool_bwd(3, 16, 9, 7, 3, 2, 1, x.data(), mp.data(), gpo.data(), wmx.data());
+    expect_close("bf16 maxpool bwd", r.read_act(gmx, nx), wmx, 1e-2, 1e-2);
+    r.gpu->avgpool_bwd(3, 16, 9, 7, gavd, gax);
+    r.emu->avgpool_bwd(3, 16, 9, 7, gav2.data(), wax.data());
+    expect_close("bf16 avgpool bwd", r.read_act(gax, nx), wax, 1e-2, 1e-2);  // dy / HW: division or reciprocal
+  }
   const auto hx = r.read_floats(gav, 48), hw = randv(8 * 16, 10), hb = randv(8, 11);
   float *ghw = r.floats(hw), *ghb = r.floats(hb), *ghy = r.floats(std::vector<float>(24));
   std::vector<float> hy(24);
   r.gpu->linear_fwd(3, 16, 8, gav, ghw, ghb, ghy);
   r.emu->linear_fwd(3, 16, 8, hx.data(), hw.data(), hb.data(), hy.data());
   expect_close("bf16 linear fwd", r.read_floats(ghy, 24), hy, 1e-2, 1e-2);
+  {  // the head's backward and the loss's gradient (rounded: the cast back to bf16)
+    const auto hdy = rounded_randv(24, 17);
+    float *ghdy = r.floats(hdy), *ghdx = r.floats(std::vector<float>(48)), *ghdw = r.floats(std::vector<float>(128)),
+          *ghdb = r.floats(std::vector<float>(8));
+    std::vector<float> hdx(48), hdw(128), hdb(8);
+    r.gpu->linear_bwd(3, 16, 8, gav, ghw, ghdy, ghdx, ghdw, ghdb);
+    r.emu->linear_bwd(3, 16, 8, hx.data(), hw.data(), hdy.data(), hdx.data(), hdw.data(), hdb.data());
+    expect_close("bf16 linear bwd dx", r.read_floats(ghdx, 48), hdx, 1e-2, 1e-2);
+    expect_close("bf16 linear bwd dw", r.read_floats(ghdw, 128), hdw, 1e-2, 1e-2);
+    expect_close("bf16 linear bwd db", r.read_floats(ghdb, 8), hdb, 1e-2, 1e-2);
+    const std::vector<int64_t> lab = {1, 5, 7};
+    const std::vector<float> cw(8, 1.f);
+    float *gl = r.floats(hy), *gcw = r.floats(cw), *gdl = r.floats(std::vector<float>(24)), *gloss = r.floats({0.f});
+    auto* glab = static_cast<int64_t*>(r.gpu->alloc(3 * sizeof(int64_t)));
+    r.owned.push_back(glab);
+    r.gpu->upload(glab, lab.data(), 3 * sizeof(int64_t));
+    std::vector<float> dl(24);
+    float loss = 0;
+    r.gpu->softmax_wce(3, 8, gl, glab, gcw, nullptr, gdl, gloss);
+    r.emu->softmax_wce(3, 8, hy.data(), lab.data(), cw.data(), nullptr, dl.data(), &loss);
+    const auto gd = r.read_floats(gdl, 24);
+    expect_close("bf16 dlogits", gd, dl, 1e-2, 1e-2);
+    std::vector<float> gdr = gd;
+    for (float& t : gdr) t = round_bf16(t);
+    CHECK(gd == gdr);  // bf16 values
+  }
   // The input: uint8 frames normalised and rounded on the device, as the emulation's upload rounded at the conv.
   std::vector<uint8_t> px(size_t(2) * 5 * 4 * 3);
   for (size_t i = 0; i < px.size(); ++i) px[i] = uint8_t(i * 37);
@@ -1139,24 +1213,35 @@ TEST_CASE("bf16 mode: every op against the CPU's emulation of autocast (convolut
   r.emu->upload_images(in.data(), px.data(), 2, 5, 4);
   for (float& v : in) v = round_bf16(v);
   expect_identical("bf16 upload_images", r.read_act(gin, in.size()), in);
+  // upload_activation / download_activation: a float NCHW batch in, rounded; out again as float NCHW.
+  const auto nchw = randv(size_t(2) * 3 * 5 * 4, 18);
+  float* ga2 = r.act(std::vector<float>(nchw.size()));
+  r.gpu->upload_activation(ga2, nchw.data(), 2, 3, 5, 4);
+  std::vector<float> back(nchw.size()), want_back(nchw.size());
+  r.gpu->download_activation(back.data(), ga2, 2, 3, 5, 4);
+  for (size_t i = 0; i < nchw.size(); ++i) want_back[i] = round_bf16(nchw[i]);
+  expect_identical("bf16 upload_activation and download_activation", back, want_back);
 }
 
 TEST_CASE("bf16 mode: the golden protocol against PyTorch's own bf16 autocast run (large)") {
   if (!has_gpu()) return;
-  // tests/fixtures/mini_train_bf16_autocast.safetensors (PyTorch's CPU autocast): the same bounds as the CPU
-  // emulation's (golden_tolerance), the first forward within 1e-2 on CUDA, and the group medians.
+  // tests/fixtures/mini_train_bf16_autocast.safetensors (PyTorch's CPU autocast). Only the evaluation forward
+  // (1e-2) and the first loss (3e-2) can be judged on CUDA (golden_tolerance: this golden's training forward is
+  // chaotic in bf16); every entry is printed for the record.
   auto be = make_cuda_backend(0, Layout::NHWC);
   be->set_precision(Precision::BF16);
   const StateDict w = load_state_dict_file(vbtest::fixture("mini_seed_b1_init.pth"));
   const StateDict ref = load_safetensors(vbtest::fixture("mini_train_bf16_autocast.safetensors"));
-  auto rows = run_golden(*be, w, ref);
-  add_bf16_group_medians(rows);
+  const auto rows = run_golden(*be, w, ref);
+  int judged = 0;
   for (const auto& row : rows) {
-    if (row.name.rfind("median", 0) == 0 || row.name == "eval_logits_init.x0" || row.name == "loss0")
+    if (row.tol < 1) ++judged;
+    if (row.name == "eval_logits_init.x0" || row.name.rfind("logits", 0) == 0 || row.name.rfind("loss", 0) == 0)
       MESSAGE("bf16 " << row.name << ": " << row.rel_err << " (bound " << row.tol << ")");
     INFO("bf16 " << row.name << ": " << row.rel_err << " above " << row.tol);
     CHECK(row.ok());
   }
+  CHECK(judged == 6);  // eval_logits_init.x0, loss0, lr0..2, class_weights
 }
 
 TEST_CASE("deterministic mode: algorithms chosen again among the bit-reproducible ones, same bits every run") {

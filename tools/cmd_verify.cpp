@@ -142,7 +142,7 @@ int run_verify(const VerifyArgs& a) {
     std::printf("verify: %s against %s on %s, bf16%s\n", a.weights.c_str(), a.reference.c_str(),
                 be->description().c_str(), autocast_ref ? " (the reference: PyTorch's own bf16 autocast run)" : "");
     rows = vb::run_golden(*be, weights, reference);
-    if (autocast_ref) vb::add_bf16_group_medians(rows);
+    if (autocast_ref && !cuda) vb::add_bf16_group_medians(rows);  // on CUDA past the first forward: reported only
   } else {
     std::unique_ptr<vb::Backend> be = vb::make_backend(cuda ? "cuda" : "cpu", a.threads);
     if (precision == "tf32" && !cuda) vb::fail("--precision tf32 needs --device cuda");
