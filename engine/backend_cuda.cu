@@ -777,7 +777,7 @@ class CudaBackend final : public Backend {
     return false;
   }
 
-  // ---- bf16 mode (Precision::BF16, NHWC): activations are bf16 in the model's float-sized buffers ----
+  // ---- bf16 mode (Precision::BF16, NHWC): activations are bf16 (the model sizes them by activation_element_bytes) ----
   bool bf16() const { return precision_ == Precision::BF16; }
   static vb::bf16* B(float* p) { return reinterpret_cast<vb::bf16*>(p); }
   static const vb::bf16* B(const float* p) { return reinterpret_cast<const vb::bf16*>(p); }

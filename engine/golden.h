@@ -28,7 +28,8 @@ struct GoldenOptions {
   double gamma = 0.6;
 };
 
-// Tolerances per kind of entry for a precision on a device: the CPU (fp32) bounds of issue 2; on CUDA, 10x
+// Tolerances per kind of entry for a precision on a device (bf16: against PyTorch's own bf16 autocast run, see
+// the function): the CPU (fp32) bounds of issue 2; on CUDA, 10x
 // those in strict fp32, and TF32 bounds (1e-2 on logits and losses) in tf32.
 double golden_tolerance(const std::string& name, Device device, Precision precision);
 
@@ -94,12 +95,13 @@ struct ParityGroup {
   bool ok = false;
 };
 struct ParityReport {
-  std::vector<ParityStrict> strict;  // eval_logits_init.x0, logits0, loss0 (1e-4 fp32, 1e-2 tf32), setup entries
+  std::vector<ParityStrict> strict;  // eval_logits_init.x0, logits0, loss0 (1e-4 fp32, 1e-2 tf32, 2x PyTorch's
+                                     // distance in bf16), setup entries
   std::vector<ParityGroup> groups;   // in the order above
   bool ok = false;
 };
 
-// Throws unless `torch` was made at `precision` (fp32 or tf32; --against has no meaning for fp64).
+// Throws unless `torch` was made at `precision` (fp32, tf32 or bf16; --against has no meaning for fp64).
 void check_parity_precision(const TorchDistances& torch, Precision precision);
 // Judges `rows` (run_golden at `precision`) against PyTorch's distances. Throws when the file was made at
 // another precision, or for another reference (an entry of one missing from the other, or another x0 shape when

@@ -1,6 +1,7 @@
 // vbtrain verify: the golden protocol of a PyTorch reference file (see engine/golden.h), every stage's
 // relative error printed against its tolerance; exit 1 when one is above. With --against DISTANCES.json, a
-// float32/TF32 run is judged beside PyTorch's own distance to the golden at the same precision instead.
+// float32, TF32 or bf16 run is judged beside PyTorch's own distance to the golden at the same precision instead;
+// with a reference that is PyTorch's own bf16 autocast run, a bf16 run is compared with it tensor by tensor.
 #include <cmath>
 #include <cstdio>
 #include <fstream>

@@ -25,9 +25,11 @@
 #      .gpu-tools/ (tools/fetch-gpu-tools.sh, carried with the build), else PATH;
 #   4. every test binary: the CUDA op tests, the NHWC kernel tests, the CUDA op tests again with the backend in
 #      NHWC (test_cuda_ops_nhwc), then the others;
-#   5. parity: PyTorch's own distances to the golden run (tools/torch_distances.py, fp32 and tf32, made here)
-#      and `vbtrain verify --device cuda --against` them; bf16 distances for later;
-#   6. `vbtrain bench` (tf32, tf32 with the backend in NHWC, tf32 with the step captured as a CUDA graph, fp32), vbbench, tools/torch_bench.py, then the README's default run (what
+#   5. parity: PyTorch's own distances to the golden run (tools/torch_distances.py, fp32, tf32 and bf16, made
+#      here) and `vbtrain verify --device cuda --against` them, then bf16 against the committed PyTorch autocast
+#      run (verify-bf16-autocast);
+#   6. `vbtrain bench` (tf32, tf32 with the backend in NHWC, tf32 with the step captured as a CUDA graph, bf16,
+#      fp32), vbbench (tf32 and bf16), tools/torch_bench.py, then the README's default run (what
 #      tools/run.sh runs after its setup step: `vbtrain train` with no --data) if time remains.
 # Each step's row is printed the moment the step ends, and the files in $OUT are rewritten after every step,
 # so a run killed from outside still leaves what it did. $OUT gets three files: gpu-results-<date>.md (the
@@ -458,7 +460,7 @@ else
   # a sanitizer that times out still reports what it found so far, a test step cut by the deadline reports nothing.
   sanitizer_step memcheck 100 memcheck "$CUDA_OPS" --test-case-exclude="*(large)*"
   sanitizer_step racecheck 60 racecheck "$CUDA_OPS" --test-case="*batch norm*,*softmax*,*pool*" --test-case-exclude="*(large)*"
-  # The NHWC / bf16 kernels of issue 11 (the backend's with VB_CUDA_LAYOUT=nhwc; bf16 not yet used): small shapes.
+  # The NHWC float and bf16 kernels of issue 11 (VB_CUDA_LAYOUT=nhwc; the bf16 mode): small shapes.
   [[ -x "$CUDA_NHWC" ]] && sanitizer_step memcheck-nhwc 60 memcheck "$CUDA_NHWC" --test-case-exclude="*(large)*"
 fi
 
