@@ -16,6 +16,8 @@
 #include <cstdlib>
 
 #include "kernels/check.h"
+#include "kernels/cuda/block_reduce.cuh"
+#include "kernels/cuda/nhwc_vec.cuh"
 #include "kernels/cuda/transforms.cuh"
 #include "kernels/normalize.h"
 
@@ -181,12 +183,15 @@ __global__ void normalize_kernel(int64_t pixels_per_image, int64_t total, const 
   }
 }
 
-// The same values channels-last: out (N, H, W, 3), the pixels' own order (one pixel per thread).
-__global__ void normalize_nhwc_kernel(int64_t total, const uint8_t* __restrict__ src, float* __restrict__ out) {
+// The same values channels-last: out (N, H, W, 3), the pixels' own order (one pixel per thread); O = float, or
+// vb::bf16 (rounded to nearest even by store_vec).
+template <class O>
+__global__ void normalize_nhwc_kernel(int64_t total, const uint8_t* __restrict__ src, O* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const uint8_t* s = src + i * 3;
-    float* o = out + i * 3;
-    for (int c = 0; c < 3; ++c) o[c] = normalize_u8(s[c], c);
+    float v[3];
+    for (int c = 0; c < 3; ++c) v[c] = normalize_u8(s[c], c);
+    detail::store_vec<3>(out + i * 3, v);
   }
 }
 
@@ -261,38 +266,25 @@ void augment_frames_host(int N, int size, const uint8_t* frames, const AugSample
 void normalize_frames(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out) {
   const int64_t ppi = int64_t(H) * W, total = ppi * N;
   if (total <= 0) return;
-  const int threads = 256;
-  int64_t blocks = (total + threads - 1) / threads;
-  if (blocks > 132 * 16) blocks = 132 * 16;
-  normalize_kernel<<<unsigned(blocks), threads, 0, st>>>(ppi, total, src, out);
+  normalize_kernel<<<detail::grid_for(total, 256), 256, 0, st>>>(ppi, total, src, out);
   VB_CUDA_LAUNCH_CHECK();
 }
 
-__global__ void normalize_nhwc_bf16_kernel(int64_t total, const uint8_t* __restrict__ src, vb::bf16* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint8_t* s = src + i * 3;
-    for (int c = 0; c < 3; ++c) out[i * 3 + c].bits = __bfloat16_as_ushort(__float2bfloat16_rn(normalize_u8(s[c], c)));
-  }
-}
-
-void normalize_frames_nhwc_bf16(cudaStream_t st, int N, int H, int W, const uint8_t* src, vb::bf16* out) {
+namespace {
+template <class O>
+void launch_normalize_nhwc(cudaStream_t st, int N, int H, int W, const uint8_t* src, O* out) {
   const int64_t total = int64_t(H) * W * N;
   if (total <= 0) return;
-  const int threads = 256;
-  int64_t blocks = (total + threads - 1) / threads;
-  if (blocks > 132 * 16) blocks = 132 * 16;
-  normalize_nhwc_bf16_kernel<<<unsigned(blocks), threads, 0, st>>>(total, src, out);
+  normalize_nhwc_kernel<O><<<detail::grid_for(total, 256), 256, 0, st>>>(total, src, out);
   VB_CUDA_LAUNCH_CHECK();
 }
+}  // namespace
 
 void normalize_frames_nhwc(cudaStream_t st, int N, int H, int W, const uint8_t* src, float* out) {
-  const int64_t total = int64_t(H) * W * N;
-  if (total <= 0) return;
-  const int threads = 256;
-  int64_t blocks = (total + threads - 1) / threads;
-  if (blocks > 132 * 16) blocks = 132 * 16;
-  normalize_nhwc_kernel<<<unsigned(blocks), threads, 0, st>>>(total, src, out);
-  VB_CUDA_LAUNCH_CHECK();
+  launch_normalize_nhwc(st, N, H, W, src, out);
+}
+void normalize_frames_nhwc_bf16(cudaStream_t st, int N, int H, int W, const uint8_t* src, vb::bf16* out) {
+  launch_normalize_nhwc(st, N, H, W, src, out);
 }
 
 }  // namespace vb::cuda
