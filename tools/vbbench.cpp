@@ -473,40 +473,42 @@ void bench_conv_bf16(Bench& bench, vb::Backend& be, const std::map<vb::ConvShape
     void* dx = bf16_buf(size_t(s.N) * s.C * s.H * s.W, 4);
     void* dw = bf16_buf(size_t(s.K) * s.C * s.R * s.S, 5);
     const double f = 2.0 * s.N * s.K * s.P() * s.Q() * double(s.C) * s.R * s.S;
-    int got = 0;
+    // One direction: cudnnFind's fastest algorithm (when it has one), timed; 0 ms when there is none.
+    auto measure = [&](const char* dir, auto* perf, auto&& find, auto&& call) {
+      int got = 0;
+      VB_CUDNN_CHECK(find(perf, &got));
+      if (got == 0 || perf[0].status != CUDNN_STATUS_SUCCESS) return 0.0;
+      const auto algo = perf[0].algo;
+      const double t = bench.time_ms([&] { VB_CUDNN_CHECK(call(algo)); });
+      bench.flops_bf16("conv_bf16", base + " " + dir, f, t);
+      return t;
+    };
     cudnnConvolutionFwdAlgoPerf_t pf[8];
-    VB_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(h, xd, x, wd, w, cd, yd, y, 8, &got, pf, ws,
-                                                          kBf16ConvWorkspace));
-    double tf = 0, tb = 0, tw = 0;
-    if (got > 0 && pf[0].status == CUDNN_STATUS_SUCCESS) {
-      const auto algo = pf[0].algo;
-      tf = bench.time_ms([&] {
-        VB_CUDNN_CHECK(cudnnConvolutionForward(h, &one, xd, x, wd, w, cd, algo, ws, kBf16ConvWorkspace, &zero, yd, y));
-      });
-      bench.flops_bf16("conv_bf16", base + " fwd", f, tf);
-    }
     cudnnConvolutionBwdDataAlgoPerf_t pd[8];
-    VB_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(h, wd, w, yd, y, cd, xd, dx, 8, &got, pd, ws,
-                                                               kBf16ConvWorkspace));
-    if (got > 0 && pd[0].status == CUDNN_STATUS_SUCCESS) {
-      const auto algo = pd[0].algo;
-      tb = bench.time_ms([&] {
-        VB_CUDNN_CHECK(
-            cudnnConvolutionBackwardData(h, &one, wd, w, yd, y, cd, algo, ws, kBf16ConvWorkspace, &zero, xd, dx));
-      });
-      bench.flops_bf16("conv_bf16", base + " bwd-data", f, tb);
-    }
     cudnnConvolutionBwdFilterAlgoPerf_t pw[8];
-    VB_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(h, xd, x, yd, y, cd, wd, dw, 8, &got, pw, ws,
-                                                                 kBf16ConvWorkspace));
-    if (got > 0 && pw[0].status == CUDNN_STATUS_SUCCESS) {
-      const auto algo = pw[0].algo;
-      tw = bench.time_ms([&] {
-        VB_CUDNN_CHECK(
-            cudnnConvolutionBackwardFilter(h, &one, xd, x, yd, y, cd, algo, ws, kBf16ConvWorkspace, &zero, wd, dw));
-      });
-      bench.flops_bf16("conv_bf16", base + " bwd-filter", f, tw);
-    }
+    const size_t wsb = kBf16ConvWorkspace;
+    const double tf = measure(
+        "fwd", pf,
+        [&](auto* r, int* got) {
+          return cudnnFindConvolutionForwardAlgorithmEx(h, xd, x, wd, w, cd, yd, y, 8, got, r, ws, wsb);
+        },
+        [&](auto algo) { return cudnnConvolutionForward(h, &one, xd, x, wd, w, cd, algo, ws, wsb, &zero, yd, y); });
+    const double tb = measure(
+        "bwd-data", pd,
+        [&](auto* r, int* got) {
+          return cudnnFindConvolutionBackwardDataAlgorithmEx(h, wd, w, yd, y, cd, xd, dx, 8, got, r, ws, wsb);
+        },
+        [&](auto algo) {
+          return cudnnConvolutionBackwardData(h, &one, wd, w, yd, y, cd, algo, ws, wsb, &zero, xd, dx);
+        });
+    const double tw = measure(
+        "bwd-filter", pw,
+        [&](auto* r, int* got) {
+          return cudnnFindConvolutionBackwardFilterAlgorithmEx(h, xd, x, yd, y, cd, wd, dw, 8, got, r, ws, wsb);
+        },
+        [&](auto algo) {
+          return cudnnConvolutionBackwardFilter(h, &one, xd, x, yd, y, cd, algo, ws, wsb, &zero, wd, dw);
+        });
     for (void* p : {x, w, y, dx, dw}) VB_CUDA_CHECK(cudaFree(p));
     step_ms["convolutions bf16 NHWC (cuDNN alone)"] += count * (tf + tw + (s.C == 3 ? 0.0 : tb));
   }
