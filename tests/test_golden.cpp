@@ -447,20 +447,28 @@ TEST_CASE("bf16 beside the autocast distances: a run that does not round fails t
     if (s.name == "eval_logits_init.x0") CHECK_FALSE(s.ok);
 }
 
-TEST_CASE("bf16 emulation, op by op: rounded operands and outputs, batch norm's output rounded before the residual add") {
-  auto cpu = vb::make_cpu_backend(1);
-  auto be = vb::make_bf16_emulation(vb::make_cpu_backend(1));
-  std::mt19937 rng(5);
+namespace {
+// The op-by-op bf16 tests: normal random values from one seeded generator, and values rounded to bf16.
+struct NormalValues {
+  std::mt19937 rng;
   std::normal_distribution<float> nd;
-  auto randv = [&](size_t n) {
+  explicit NormalValues(uint32_t seed) : rng(seed) {}
+  std::vector<float> operator()(size_t n) {
     std::vector<float> v(n);
     for (float& x : v) x = nd(rng);
     return v;
-  };
-  auto rounded = [](std::vector<float> v) {
-    for (float& x : v) x = vb::round_bf16(x);
-    return v;
-  };
+  }
+};
+std::vector<float> rounded(std::vector<float> v) {
+  for (float& x : v) x = vb::round_bf16(x);
+  return v;
+}
+}  // namespace
+
+TEST_CASE("bf16 emulation, op by op: rounded operands and outputs, batch norm's output rounded before the residual add") {
+  auto cpu = vb::make_cpu_backend(1);
+  auto be = vb::make_bf16_emulation(vb::make_cpu_backend(1));
+  NormalValues randv(5);
   // A convolution: the float32 convolution of the rounded operands, rounded.
   const vb::ConvShape s{2, 5, 7, 6, 4, 3, 3, 1, 1};
   const auto x = randv(size_t(2) * 5 * 7 * 6), w = randv(size_t(4) * 5 * 9);
@@ -535,17 +543,7 @@ TEST_CASE("vbtrain verify --precision bf16: against PyTorch's own bf16 run, or b
 TEST_CASE("bf16 emulation, backward and the other ops: each the float32 op on rounded operands, rounded") {
   auto cpu = vb::make_cpu_backend(1);
   auto be = vb::make_bf16_emulation(vb::make_cpu_backend(1));
-  std::mt19937 rng(9);
-  std::normal_distribution<float> nd;
-  auto randv = [&](size_t n) {
-    std::vector<float> v(n);
-    for (float& x : v) x = nd(rng);
-    return v;
-  };
-  auto rounded = [](std::vector<float> v) {
-    for (float& x : v) x = vb::round_bf16(x);
-    return v;
-  };
+  NormalValues randv(9);
   auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
   };
