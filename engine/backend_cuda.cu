@@ -224,7 +224,7 @@ class CudaBackend final : public Backend {
   }
   void release(void* p) override {
     if (!p) return;
-    VB_CHECK(!capturing_, "release inside a captured step");
+    outside_capture("release");
     drop_capture();  // the graph may use this memory (Backend::has_capture)
     auto it = sizes_.find(p);
     VB_CHECK(it != sizes_.end(), "release of a pointer this CUDA backend did not allocate");
@@ -233,13 +233,13 @@ class CudaBackend final : public Backend {
     VB_CUDA_CHECK(cudaFree(p));
   }
   void* host_alloc(size_t bytes) override {
-    VB_CHECK(!capturing_, "host_alloc inside a captured step");
+    outside_capture("host_alloc");
     void* p = nullptr;
     VB_CUDA_CHECK(cudaMallocHost(&p, bytes == 0 ? 64 : bytes));
     return p;
   }
   void host_free(void* p) override {
-    VB_CHECK(!capturing_, "host_free inside a captured step");
+    outside_capture("host_free");
     if (p) VB_CUDA_CHECK(cudaFreeHost(p));
   }
   void set_deterministic(bool on) override {
@@ -252,19 +252,19 @@ class CudaBackend final : public Backend {
   void set_memory_limit(size_t bytes) override { limit_ = bytes; }
   size_t conv_algo_searches() const override { return algo_cache_.searches(); }
   void upload(void* dst, const void* src, size_t bytes) override {
-    VB_CHECK(!capturing_, "upload inside a captured step");
+    outside_capture("upload");
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, st_));
     VB_CUDA_CHECK(cudaEventRecord(upload_ev_, st_));  // wait_uploads() waits for the latest
   }
   void wait_uploads() override {
-    VB_CHECK(!capturing_, "wait_uploads inside a captured step");
+    outside_capture("wait_uploads");
     VB_CUDA_CHECK(cudaEventSynchronize(upload_ev_));
     if (images_uploaded_ > 0) VB_CUDA_CHECK(cudaEventSynchronize(img_copied_ev_[(images_uploaded_ - 1) % 2]));
   }
   // The values in flight live in page-locked slots, each with the event recorded after its copy; a push into a
   // full ring first parks the oldest value (waiting for it) in scalars_, which holds values older than any slot.
   void scalar_push(const float* src) override {
-    VB_CHECK(!capturing_, "scalar_push inside a captured step");
+    outside_capture("scalar_push");
     if (scalar_pushed_ - scalar_taken_ == kScalarSlots) {
       const int i = int(scalar_taken_ % kScalarSlots);
       VB_CUDA_CHECK(cudaEventSynchronize(scalar_ev_[i]));
@@ -277,7 +277,7 @@ class CudaBackend final : public Backend {
     ++scalar_pushed_;
   }
   bool scalar_pop(float* value, bool wait) override {
-    VB_CHECK(!capturing_, "scalar_pop inside a captured step");
+    outside_capture("scalar_pop");
     if (!scalars_.empty()) {
       *value = scalars_.front();
       scalars_.pop_front();
@@ -300,19 +300,19 @@ class CudaBackend final : public Backend {
     return true;
   }
   uint64_t download_async(void* dst, const void* src, size_t bytes) override {
-    VB_CHECK(!capturing_, "download_async inside a captured step");
+    outside_capture("download_async");
     const uint64_t t = downloads_++;
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
     VB_CUDA_CHECK(cudaEventRecord(download_ev_[t % kDownloadTickets], st_));
     return t;
   }
   void wait_download(uint64_t ticket) override {
-    VB_CHECK(!capturing_, "wait_download inside a captured step");
+    outside_capture("wait_download");
     Backend::wait_download(ticket);  // the ticket's checks
     VB_CUDA_CHECK(cudaEventSynchronize(download_ev_[ticket % kDownloadTickets]));
   }
   void download(void* dst, const void* src, size_t bytes) override {
-    VB_CHECK(!capturing_, "download inside a captured step");
+    outside_capture("download");
     VB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st_));
     VB_CUDA_CHECK(cudaStreamSynchronize(st_));
   }
@@ -321,7 +321,7 @@ class CudaBackend final : public Backend {
   }
   void fill_zero(void* p, size_t bytes) override { VB_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, st_)); }
   void sync() override {
-    VB_CHECK(!capturing_, "sync inside a captured step");
+    outside_capture("sync");
     VB_CUDA_CHECK(cudaStreamSynchronize(st_));
   }
   // NHWC: the host's NCHW batch goes up into the staging buffer, then is transposed into dst on the stream
@@ -342,7 +342,7 @@ class CudaBackend final : public Backend {
   // ways: st_ normalises only after its copy landed (img_copied_ev_), and a buffer is overwritten only after
   // the normalisation that read it (img_read_ev_; an event never recorded is already complete).
   void upload_images(float* dst, const uint8_t* src, int N, int H, int W) override {
-    VB_CHECK(!capturing_, "upload_images inside a captured step");
+    outside_capture("upload_images");
     if (N <= 0) return;
     const size_t bytes = size_t(N) * H * W * 3;
     const int i = int(images_uploaded_ % 2);
@@ -779,6 +779,8 @@ class CudaBackend final : public Backend {
 
   // ---- bf16 mode (Precision::BF16, NHWC): activations are bf16 (the model sizes them by activation_element_bytes) ----
   bool bf16() const { return precision_ == Precision::BF16; }
+  // What a recording (capture) may not contain: a host wait, a copy to or from the host, an allocation.
+  void outside_capture(const char* what) const { VB_CHECK(!capturing_, what, " inside a captured step"); }
   static vb::bf16* B(float* p) { return reinterpret_cast<vb::bf16*>(p); }
   static const vb::bf16* B(const float* p) { return reinterpret_cast<const vb::bf16*>(p); }
   // The layer's weights as bf16 KRSC (1x1: the OIHW order is the same): permuted in float, then rounded.
