@@ -143,6 +143,13 @@ class BackendT {
     conv_fwd(s, x, w, y);
     bn_eval_fwd(s.N, s.K, s.P(), s.Q(), y, gamma, beta, running_mean, running_var, eps, residual, relu, y);
   }
+  // An evaluation pass: between begin_eval_pass() and end_eval_pass() the model's parameters (weights, batch-norm
+  // affine and running statistics) do not change, so a backend may keep what it derives from them from one
+  // conv_bn_eval call of a layer to the next (the CPU backend: each layer's folded, packed weights, made on the
+  // pass's first batch instead of every batch). Open one with EvalPass around a loop of evaluation forwards;
+  // nothing may write the parameters while it is open. Passes do not nest.
+  virtual void begin_eval_pass() {}
+  virtual void end_eval_pass() {}
   // The training forward's output again, y = act(bn(x)), from the statistics it saved (no residual):
   // bit-identical to what bn_train_fwd wrote, so the model can recompute it in backward instead of keeping it.
   virtual void bn_apply(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
@@ -217,6 +224,20 @@ class BackendT {
 };
 
 using Backend = BackendT<float>;
+
+// Holds an evaluation pass open for its lifetime (see begin_eval_pass).
+template <class T>
+class EvalPassT {
+ public:
+  explicit EvalPassT(BackendT<T>& be) : be_(be) { be_.begin_eval_pass(); }
+  ~EvalPassT() { be_.end_eval_pass(); }
+  EvalPassT(const EvalPassT&) = delete;
+  EvalPassT& operator=(const EvalPassT&) = delete;
+
+ private:
+  BackendT<T>& be_;
+};
+using EvalPass = EvalPassT<float>;
 
 // The CPU backend. Activations channels-last by default (the fast path); NCHW runs the NCHW kernels (the CUDA
 // op tests compare the CUDA backend op by op against the CPU backend in the CUDA backend's layout).

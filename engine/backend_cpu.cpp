@@ -175,9 +175,34 @@ class CpuBackend final : public BackendT<T> {
     if (coef_.size() < 2 * size_t(s.K)) coef_.resize(2 * size_t(s.K));
     T* a = coef_.data();
     T* b = a + s.K;
-    for (int k = 0; k < s.K; ++k) cpu::bn_eval_affine(gamma, beta, running_mean, running_var, eps, k, a[k], b[k]);
-    VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
+    auto fold = [&] {
+      for (int k = 0; k < s.K; ++k) cpu::bn_eval_affine(gamma, beta, running_mean, running_var, eps, k, a[k], b[k]);
+    };
+    if (!in_eval_pass_) {
+      fold();
+      VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
+      return;
+    }
+    // In an evaluation pass: the layer's folded weights and bias as the pass's first batch made them.
+    EvalLayer& e = eval_layers_[w];
+    const EvalKey key{gamma, beta, running_mean, running_var, eps};
+    if (e.pass != eval_pass_ || !(e.key == key) || !e.weights.serves(s)) {
+      if (s.N == 0) return;
+      fold();
+      VB_PROF(shape_key("conv_bn_eval prepare", s), cpu::conv2d_nhwc_prepare<T>(s, w, a, e.weights));
+      e.bias.assign(b, b + s.K);
+      e.key = key;
+      e.pass = eval_pass_;
+    }
+    VB_PROF(shape_key("conv_bn_eval", s),
+            cpu::conv2d_nhwc_fwd_prepared<T>(s, x, e.weights, e.bias.data(), residual, relu, y));
   }
+  void begin_eval_pass() override {
+    VB_CHECK(!in_eval_pass_, "begin_eval_pass: an evaluation pass is already open (passes do not nest)");
+    in_eval_pass_ = true;
+    ++eval_pass_;
+  }
+  void end_eval_pass() override { in_eval_pass_ = false; }
 
   void bn_train_fwd(int N, int C, int H, int W, const T* x, const T* gamma, const T* beta,
                     const T* residual, bool relu, T* y, T* save_mean, T* save_invstd,
@@ -253,6 +278,24 @@ class CpuBackend final : public BackendT<T> {
  private:
   bool nhwc_;
   std::vector<T> coef_;  // conv_bn_eval's folded scale and bias
+  // Evaluation passes (begin_eval_pass): each layer's folded weights and bias, by its weight pointer, valid for
+  // the pass numbered `pass` and the batch-norm tensors of `key`. Kept from pass to pass (remade, not freed).
+  struct EvalKey {
+    const T *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
+    double eps = 0;
+    bool operator==(const EvalKey& o) const {
+      return gamma == o.gamma && beta == o.beta && mean == o.mean && var == o.var && eps == o.eps;
+    }
+  };
+  struct EvalLayer {
+    uint64_t pass = 0;
+    EvalKey key;
+    cpu::PreparedConv<T> weights;
+    std::vector<T> bias;
+  };
+  std::unordered_map<const T*, EvalLayer> eval_layers_;
+  uint64_t eval_pass_ = 0;  // the open or last pass's number (0: none yet)
+  bool in_eval_pass_ = false;
   OpProfile prof_;
   std::unordered_map<void*, size_t> sizes_;  // what alloc handed out, for the memory figures
   size_t in_use_ = 0, peak_ = 0, allocations_ = 0;

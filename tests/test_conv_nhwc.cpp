@@ -252,3 +252,57 @@ TEST_CASE("NHWC convolution with a folded affine epilogue (evaluation's batch no
       }
   }
 }
+
+namespace {
+// conv2d_nhwc_fwd_prepared against conv2d_nhwc_fwd_affine on the same weights: the same bits, at the batch the
+// weights were prepared with and at a smaller one; the prepared values are a copy (later changes to w do not
+// reach them); a shape they do not serve is refused.
+template <class T>
+void check_prepared(const ConvShape& s) {
+  const int64_t per_image = int64_t(s.P()) * s.Q() * s.K;
+  const auto x = random_vec<T>(size_t(s.N) * s.H * s.W * s.C, 21);
+  auto w = random_vec<T>(size_t(s.K) * s.C * s.R * s.S, 22);
+  const auto res = random_vec<T>(size_t(s.N * per_image), 23);
+  auto scale = random_vec<T>(size_t(s.K), 24);
+  const auto bias = random_vec<T>(size_t(s.K), 25);
+  for (T& v : scale) v += T(1.5);
+  vb::cpu::PreparedConv<T> prepared;
+  vb::cpu::conv2d_nhwc_prepare<T>(s, w.data(), scale.data(), prepared);
+  CHECK(prepared.winograd == vb::cpu::conv2d_nhwc_winograd<T>(s, vb::cpu::ConvPass::Forward));
+  for (int n : {s.N, 1}) {
+    ConvShape sn = s;
+    sn.N = n;
+    for (bool relu : {false, true}) {
+      std::vector<T> want(size_t(n * per_image)), got(want.size(), T(7));
+      vb::cpu::conv2d_nhwc_fwd_affine<T>(sn, x.data(), w.data(), scale.data(), bias.data(), res.data(), relu,
+                                         want.data());
+      vb::cpu::conv2d_nhwc_fwd_prepared<T>(sn, x.data(), prepared, bias.data(), res.data(), relu, got.data());
+      CHECK(got == want);
+    }
+  }
+  // The weights move after preparing: the prepared values keep the old ones.
+  std::vector<T> before(size_t(s.N * per_image)), after(before.size());
+  vb::cpu::conv2d_nhwc_fwd_prepared<T>(s, x.data(), prepared, bias.data(), nullptr, false, before.data());
+  for (T& v : w) v += T(1);
+  vb::cpu::conv2d_nhwc_fwd_prepared<T>(s, x.data(), prepared, bias.data(), nullptr, false, after.data());
+  CHECK(after == before);
+  ConvShape other = s;
+  other.H += 1;
+  CHECK_THROWS_WITH_AS(vb::cpu::conv2d_nhwc_fwd_prepared<T>(other, x.data(), prepared, bias.data(), nullptr, false,
+                                                            after.data()),
+                       doctest::Contains("prepared for another shape"), std::exception);
+}
+}  // namespace
+
+TEST_CASE("NHWC convolution with prepared weights: the folded forward's bits, any batch") {
+  // The stem (few channels: the padded copy), a 1x1, a strided 3x3, and a 3x3 that runs by Winograd.
+  const ConvShape wino{3, 32, 9, 11, 48, 3, 3, 1, 1};
+  REQUIRE(vb::cpu::conv2d_nhwc_winograd<float>(wino, vb::cpu::ConvPass::Forward));
+  for (const ConvShape& s : {ConvShape{3, 3, 23, 21, 16, 7, 7, 2, 3}, ConvShape{2, 64, 6, 6, 256, 1, 1, 1, 0},
+                             ConvShape{3, 24, 7, 7, 40, 3, 3, 2, 1}, wino}) {
+    CAPTURE(s.C);
+    CAPTURE(s.K);
+    check_prepared<float>(s);
+    check_prepared<double>(s);
+  }
+}

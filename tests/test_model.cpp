@@ -313,6 +313,51 @@ TEST_CASE("a steady-state training step or evaluation allocates no backend memor
   }
 }
 
+TEST_CASE("an evaluation pass keeps each layer's folded weights: the same logits, the next pass sees new weights") {
+  // Width 32 at 40x48: the first stage's 3x3 layer (10x12 maps, 32 channels) runs by Winograd, the stem by its
+  // padded copy, the rest by the packed direct convolution: every kind of prepared weights.
+  const int B = 8, Bp = 5, H = 40, W = 48;
+  const SmallRun<float> in = small_run<float>(32, B, H, W, 6, 3);
+  auto be = vb::make_cpu_backend(2, vb::Layout::NHWC);
+  vb::Model m(*be, in.cfg);
+  m.init_torchvision(8);
+  m.plan(B, vb::data::ImageSize{H, W});
+  vb::AdamW opt(m, {});
+  auto logits = [&](int n) {
+    be->upload_activation(m.input(), in.x.data(), n, 3, H, W);
+    m.forward(n, false);
+    return std::vector<float>(m.logits(), m.logits() + n * 8);
+  };
+  const std::vector<float> full = logits(B), part = logits(Bp);  // outside a pass: folded on every call
+  {
+    vb::EvalPass pass(*be);
+    CHECK(logits(B) == full);
+    CHECK(logits(Bp) == part);  // a smaller batch reuses what the first made
+    CHECK(logits(B) == full);
+    CHECK_THROWS_WITH_AS(be->begin_eval_pass(), doctest::Contains("already open"), vb::Error);
+    // Writing a weight inside a pass breaks its rule; the pass then still sees the weights it started with,
+    // which shows that it keeps them.
+    std::vector<float> p(m.params(), m.params() + m.num_params());
+    for (int64_t i = 0; i < m.head_offset(); ++i) p[size_t(i)] *= 1.25f;
+    be->upload(m.params(), p.data(), sizeof(float) * p.size());
+    CHECK(logits(B) == full);
+  }
+  const std::vector<float> scaled = logits(B);  // outside a pass again: the scaled weights
+  CHECK(scaled != full);
+  // A training step changes weights and running statistics; the next pass folds them afresh.
+  be->upload_activation(m.input(), in.x.data(), B, 3, H, W);
+  m.forward(B, true);
+  float loss = 0;
+  be->softmax_wce(B, 8, m.logits(), in.y.data(), in.cw.data(), nullptr, m.dlogits(), &loss);
+  m.backward(B);
+  opt.step(1e-3);
+  const std::vector<float> trained = logits(B), trained_part = logits(Bp);
+  CHECK(trained != scaled);
+  vb::EvalPass pass(*be);
+  CHECK(logits(Bp) == trained_part);  // this pass's first batch is the partial one
+  CHECK(logits(B) == trained);
+}
+
 TEST_CASE("a CPU training step and evaluation give the same bits on 1 and 2 threads (float, NHWC and NCHW)") {
   // Exact resume rests on this: the CPU kernels split work over threads, never a sum.
   const int B = 16, H = 40, W = 48;

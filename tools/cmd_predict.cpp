@@ -58,6 +58,7 @@ int run_predict(const PredictArgs& a) {
   nlohmann::ordered_json results = nlohmann::ordered_json::array();
   std::vector<float> images(size_t(B) * per_image), logits(size_t(B) * C), probs(logits.size());
   int failures = 0;
+  vb::EvalPass pass(*be);  // the model's weights stay as they are for every batch below
   for (size_t start = 0; start < files.size(); start += size_t(B)) {
     std::vector<std::string> ok;
     for (size_t i = start; i < files.size() && i < start + size_t(B); ++i) {

@@ -58,6 +58,7 @@ EvalResult evaluate(Model& model, data::Loader& loader, LossBuffers& lb) {
   double loss_sum = 0;
   int64_t batches = 0;
   loader.start_epoch(0);
+  EvalPass pass(be);  // the parameters stay as they are until this returns
   Progress progress("eval", loader.batches_per_epoch(), 10.0);
   // The batch in flight: its logits and loss are on their way into lb.readback[slot].
   struct InFlight {

@@ -605,12 +605,11 @@ WinoTile winograd_tile(const ConvShape& s, int th, int tw, int64_t tile, const T
   return t;
 }
 
-// y = conv(x, w) for a 3x3 stride-1 shape that winograd_fits (x: C channels in, y: K out), weights through gk.
-template <class T, class Kernel>
-void winograd_conv(const ConvShape& s, const T* x, T* y, const T* scale, const Epilogue<T>& epi, Kernel&& gk) {
+// y = conv(x, w) for a 3x3 stride-1 shape that winograd_fits (x: C channels in, y: K out), U: winograd_weights'.
+template <class T>
+void winograd_conv(const ConvShape& s, const T* x, T* y, const T* U, const Epilogue<T>& epi) {
   constexpr int MR = kMR<T>, NR = kNR<T>;
   const int C = s.C, K = s.K, P = s.P(), Q = s.Q(), nsl = K / NR;
-  const T* U = winograd_weights<T>(C, K, scale, gk);
   const int th = (P + 1) / 2, tw = (Q + 1) / 2;
   // Blocks of up to kWinoTiles tiles, smaller when there are few, so that the threads get at least 8 (each tile's
   // sums are its own: the block size changes no result).
@@ -755,16 +754,33 @@ void winograd_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dw) {
   });
 }
 
-// The forward pass, with the evaluation epilogue when epi.bias is set (and the weights scaled by `scale`).
+// The forward pass's weights as its micro-kernels read them, scaled by `scale` when set: Winograd's transformed
+// weights for a shape that runs by Winograd, else the packed slivers. In a scratch buffer of the calling thread,
+// valid until its next call. `count` gets the number of values.
 template <class T>
-void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilogue<T>& epi, T* y) {
-  check_shape(s);
+const T* forward_weights(const ConvShape& s, const T* w, const T* scale, size_t& count) {
+  constexpr int NR = kNR<T>;
   if (conv2d_nhwc_winograd<T>(s, ConvPass::Forward)) {
-    winograd_conv<T>(s, x, y, scale, epi, [&](int k, int c, T g[3][3]) {
+    count = size_t(16) * size_t(s.C) * size_t(s.K);  // K is a multiple of NR here
+    return winograd_weights<T>(s.C, s.K, scale, [&](int k, int c, T g[3][3]) {
       const T* src = w + (int64_t(k) * s.C + c) * 9;
       for (int r = 0; r < 3; ++r)
         for (int q = 0; q < 3; ++q) g[r][q] = src[r * 3 + q];
     });
+  }
+  count = size_t((s.K + NR - 1) / NR) * size_t(s.C) * size_t(s.R) * size_t(s.S) * NR;
+  return pack_weights<T>(s, w, false, scale);
+}
+
+// The forward pass, with the evaluation epilogue when epi.bias is set (and the weights scaled by `scale`).
+// prepared: forward_weights' values made earlier (w and scale then unused), or null.
+template <class T>
+void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilogue<T>& epi, T* y,
+         const T* prepared = nullptr) {
+  check_shape(s);
+  if (conv2d_nhwc_winograd<T>(s, ConvPass::Forward)) {
+    size_t count = 0;
+    winograd_conv<T>(s, x, y, prepared ? prepared : forward_weights<T>(s, w, scale, count), epi);
     return;
   }
   if (s.C < kFewChannels && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
@@ -788,7 +804,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
         std::fill(dst + int64_t(pad + s.W) * C, dst + int64_t(Wp) * C, T(0));
       }
     });
-    fwd<T>(ConvShape{s.N, C, Hp, Wp, s.K, s.R, s.S, s.stride, 0}, xp, w, scale, epi, y);
+    fwd<T>(ConvShape{s.N, C, Hp, Wp, s.K, s.R, s.S, s.stride, 0}, xp, w, scale, epi, y, prepared);
     return;
   }
   constexpr int MR = kMR<T>;
@@ -796,7 +812,8 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   const int64_t npq = int64_t(s.N) * P * Q, rows = int64_t(C) * R * S;
   if (npq == 0) return;
   // Rows of the packed weights in (r, s, c) order: the order of the input values in NHWC.
-  const T* packed = pack_weights<T>(s, w, false, scale);
+  size_t count = 0;
+  const T* packed = prepared ? prepared : forward_weights<T>(s, w, scale, count);
   const bool by_row = C < kFewChannels;  // segments: kernel rows of S*C values, else taps of C
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
@@ -1025,17 +1042,48 @@ void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T*
 }
 
 template <class T>
+void conv2d_nhwc_prepare(const ConvShape& s, const T* w, const T* scale, PreparedConv<T>& out) {
+  check_shape(s);
+  VB_CHECK(s.N > 0, "conv2d_nhwc_prepare: the shape needs a batch (Winograd's choice depends on it being nonzero)");
+  size_t count = 0;
+  const T* src = forward_weights<T>(s, w, scale, count);
+  out.shape = s;
+  out.winograd = conv2d_nhwc_winograd<T>(s, ConvPass::Forward);
+  out.values.assign(src, src + count);
+}
+
+template <class T>
+void conv2d_nhwc_fwd_prepared(const ConvShape& s, const T* x, const PreparedConv<T>& w, const T* bias,
+                              const T* residual, bool relu, T* y) {
+  VB_CHECK(bias, "conv2d_nhwc_fwd_prepared: the bias is required");
+  VB_CHECK(w.serves(s),
+           "conv2d_nhwc_fwd_prepared: weights prepared for another shape (C", w.shape.C, " ", w.shape.H, "x",
+           w.shape.W, " K", w.shape.K, ") than the call's (C", s.C, " ", s.H, "x", s.W, " K", s.K, ")");
+  if (s.N == 0) return;
+  VB_CHECK(w.winograd == conv2d_nhwc_winograd<T>(s, ConvPass::Forward),
+           "conv2d_nhwc_fwd_prepared: prepared for another algorithm than this call runs");
+  Epilogue<T> epi;
+  epi.bias = bias;
+  epi.residual = residual;
+  epi.y = y;
+  epi.relu = relu;
+  fwd<T>(s, x, nullptr, nullptr, epi, y, w.values.data());
+}
+
+template <class T>
 void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s);
   if (conv2d_nhwc_winograd<T>(s, ConvPass::DataGradient)) {
     // A stride-1 3x3 data gradient is the forward convolution of dy (K channels in, C out) with the kernel
     // turned half round and padding 2 - pad (whose output is H x W again): through Winograd when that shape
     // fits it.
-    winograd_conv<T>(*winograd_data_grad_shape(s), dy, dx, nullptr, Epilogue<T>{}, [&](int c, int k, T g[3][3]) {
-      const T* src = w + (int64_t(k) * s.C + c) * 9;
-      for (int r = 0; r < 3; ++r)
-        for (int q = 0; q < 3; ++q) g[r][q] = src[(2 - r) * 3 + (2 - q)];
-    });
+    const ConvShape t = *winograd_data_grad_shape(s);
+    winograd_conv<T>(t, dy, dx, winograd_weights<T>(t.C, t.K, nullptr, [&](int c, int k, T g[3][3]) {
+                       const T* src = w + (int64_t(k) * s.C + c) * 9;
+                       for (int r = 0; r < 3; ++r)
+                         for (int q = 0; q < 3; ++q) g[r][q] = src[(2 - r) * 3 + (2 - q)];
+                     }),
+                     Epilogue<T>{});
     return;
   }
   constexpr int MR = kMR<T>;
@@ -1289,6 +1337,9 @@ void nhwc_to_nchw(int N, int C, int HW, const T* src, T* dst) {
   template void conv2d_nhwc_fwd<T>(const ConvShape&, const T*, const T*, T*);      \
   template void conv2d_nhwc_fwd_affine<T>(const ConvShape&, const T*, const T*, const T*, const T*, const T*, bool, \
                                           T*);                                     \
+  template void conv2d_nhwc_prepare<T>(const ConvShape&, const T*, const T*, PreparedConv<T>&);                 \
+  template void conv2d_nhwc_fwd_prepared<T>(const ConvShape&, const T*, const PreparedConv<T>&, const T*, const T*, \
+                                            bool, T*);                                                          \
   template void conv2d_nhwc_bwd_data<T>(const ConvShape&, const T*, const T*, T*); \
   template void conv2d_nhwc_bwd_filter<T>(const ConvShape&, const T*, const T*, T*); \
   template bool conv2d_nhwc_winograd<T>(const ConvShape&, ConvPass);                \

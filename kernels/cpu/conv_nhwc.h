@@ -20,6 +20,8 @@
 // (conv.cpp) in the summation order (and Winograd's transforms) only.
 #pragma once
 
+#include <vector>
+
 #include "kernels/cpu/ops.h"
 
 namespace vb::cpu {
@@ -34,6 +36,28 @@ void conv2d_nhwc_fwd(const ConvShape& s, const T* x, const T* w, T* y);
 template <class T>
 void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T* scale, const T* bias,
                             const T* residual, bool relu, T* y);
+
+// The same with the scaled weights made once and kept: an evaluation over many batches of an unchanging model
+// (the CPU backend's evaluation pass) packs, or Winograd-transforms, each layer's weights once instead of once
+// per batch. conv2d_nhwc_prepare makes them for a shape (N > 0); conv2d_nhwc_fwd_prepared runs any shape that
+// differs from it in N alone, with the same bits as conv2d_nhwc_fwd_affine on the same weights and scale.
+template <class T>
+struct PreparedConv {
+  ConvShape shape{};
+  bool winograd = false;  // the values are Winograd's transformed weights, not the packed slivers
+  std::vector<T> values;
+  // Whether these weights serve shape s: any shape that differs from theirs in N alone (packing depends on C, K,
+  // R and S, whether Winograd runs on the map's size too).
+  bool serves(const ConvShape& s) const {
+    return !values.empty() && s.C == shape.C && s.H == shape.H && s.W == shape.W && s.K == shape.K &&
+           s.R == shape.R && s.S == shape.S && s.stride == shape.stride && s.pad == shape.pad;
+  }
+};
+template <class T>
+void conv2d_nhwc_prepare(const ConvShape& s, const T* w, const T* scale, PreparedConv<T>& out);
+template <class T>
+void conv2d_nhwc_fwd_prepared(const ConvShape& s, const T* x, const PreparedConv<T>& w, const T* bias,
+                              const T* residual, bool relu, T* y);
 // dx [N, H, W, C] from dy [N, P, Q, K] and w.
 template <class T>
 void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx);
