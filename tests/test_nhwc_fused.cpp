@@ -247,7 +247,10 @@ struct PoolShape {
 };
 const PoolShape kPoolShapes[] = {{3, 20, 5, 7, 3, 2, 1},  {2, 64, 7, 7, 3, 2, 1}, {2, 5, 1, 1, 1, 1, 0},
                                  {2, 3, 8, 9, 2, 2, 0},   {2, 70, 9, 6, 3, 1, 1}, {1, 7, 6, 6, 3, 3, 1},
-                                 {2, 130, 12, 12, 3, 2, 1}, {1, 4, 5, 5, 5, 1, 2}};
+                                 {2, 130, 12, 12, 3, 2, 1}, {1, 4, 5, 5, 5, 1, 2},
+                                 // Channels a multiple of 8 (the float windows' intrinsics): the small preset's
+                                 // stem pool, and a 5x5 window
+                                 {2, 16, 9, 10, 3, 2, 1},  {1, 24, 6, 7, 5, 1, 2}};
 
 enum class Fill { kRandom, kTies, kNaN };
 
