@@ -754,6 +754,93 @@ void winograd_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dw) {
   });
 }
 
+// Small output maps (at most kEdgeClassMap pixels: the last stages): most pixels lie at an edge, where some of
+// their taps fall in the padding. Tiles in (n, p, q) order mix pixels of different edges, and a tile sums the
+// union of its pixels' live taps, zeros for the taps a pixel lacks (the small preset's last 3x3 layer, 2x2 maps:
+// 9 taps a pixel where 25 of 36 are live). Here the pixels go by edge class, the ranges of live tap rows
+// [r0, r1) and columns [c0, c1) (fixed by p and q), a class's pixels in (n, p, q) order, MR at a time: every
+// tile sums exactly its pixels' taps, in (r, s) order as the other tiles do.
+constexpr int64_t kEdgeClassMap = 256;
+
+template <class T>
+void fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t rows, const T* zero,
+                       const Epilogue<T>& epi, T* y) {
+  constexpr int MR = kMR<T>;
+  const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, st = s.stride, pad = s.pad;
+  // Classes of rows (p) and of columns (q), by their live taps; the calling thread's grow-only lists, read by
+  // reference from the pool's threads.
+  struct Axis {
+    int t0, t1;            // live taps [t0, t1)
+    std::vector<int> pos;  // the rows (or columns) of this class, ascending
+  };
+  struct Class {
+    int ri, ci;  // row and column class
+    int64_t per_image, first_tile;
+  };
+  struct Lists {
+    std::vector<Axis> rows, cols;
+    std::vector<Class> classes;
+  };
+  Lists& L = *[] {
+    thread_local Lists l;
+    return &l;
+  }();
+  auto classify = [&](std::vector<Axis>& axis, int n, int taps, int size) {
+    size_t used = 0;
+    for (int i = 0; i < n; ++i) {
+      const int first = i * st - pad;  // the input row (column) of tap 0
+      const int t0 = std::max(0, -first), t1 = std::min(taps, size - first);
+      size_t k = 0;
+      while (k < used && (axis[k].t0 != t0 || axis[k].t1 != t1)) ++k;
+      if (k == used) {
+        if (axis.size() <= used) axis.emplace_back();
+        axis[used].t0 = t0;
+        axis[used].t1 = t1;
+        axis[used].pos.clear();
+        ++used;
+      }
+      axis[k].pos.push_back(i);
+    }
+    return used;
+  };
+  const size_t nr = classify(L.rows, P, R, s.H), nc = classify(L.cols, Q, S, s.W);
+  L.classes.clear();
+  int64_t ntiles = 0;
+  for (size_t ri = 0; ri < nr; ++ri)
+    for (size_t ci = 0; ci < nc; ++ci) {
+      const int64_t per_image = int64_t(L.rows[ri].pos.size()) * int64_t(L.cols[ci].pos.size());
+      L.classes.push_back({int(ri), int(ci), per_image, ntiles});
+      ntiles += (per_image * s.N + MR - 1) / MR;
+    }
+  run_tiles<T>(ntiles, R * S, C, rows, packed, s.K, [&](int64_t t, int* k0, const T** a, TileView<T>& v) {
+    size_t k = 0;
+    while (k + 1 < L.classes.size() && L.classes[k + 1].first_tile <= t) ++k;
+    const Class& cl = L.classes[k];
+    const Axis &ra = L.rows[size_t(cl.ri)], &ca = L.cols[size_t(cl.ci)];
+    const int64_t first = (t - cl.first_tile) * MR;
+    const int m = int(std::min<int64_t>(MR, cl.per_image * s.N - first));
+    const int ncols = int(ca.pos.size());
+    int64_t off[MR];  // the input offset of each pixel's tap (0, 0), which may lie in the padding
+    for (int i = 0; i < m; ++i) {
+      const int64_t idx = first + i, n = idx / cl.per_image, at = idx % cl.per_image;
+      const int p = ra.pos[size_t(at / ncols)], q = ca.pos[size_t(at % ncols)];
+      off[i] = ((n * s.H + p * st - pad) * s.W + q * st - pad) * C;
+      v.out[i] = y + ((n * P + p) * Q + q) * s.K;
+    }
+    int nseg = 0;
+    for (int r = ra.t0; r < ra.t1; ++r)
+      for (int ss = ca.t0; ss < ca.t1; ++ss, ++nseg) {
+        const int64_t tap = (int64_t(r) * s.W + ss) * C;
+        for (int i = 0; i < MR; ++i) a[nseg * MR + i] = i < m ? x + (off[i] + tap) : zero;
+        k0[nseg] = (r * S + ss) * C;
+      }
+    v.nseg = nseg;
+    v.m = m;
+    v.k0 = k0;
+    v.a = a;
+  }, epi);
+}
+
 // The forward pass's weights as its micro-kernels read them, scaled by `scale` when set: Winograd's transformed
 // weights for a shape that runs by Winograd, else the packed slivers. In a scratch buffer of the calling thread,
 // valid until its next call. `count` gets the number of values.
@@ -817,6 +904,10 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   const bool by_row = C < kFewChannels;  // segments: kernel rows of S*C values, else taps of C
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
+  if (!by_row && pad > 0 && int64_t(P) * Q <= kEdgeClassMap) {
+    fwd_by_edge_class<T>(s, x, packed, rows, zero, epi, y);
+    return;
+  }
   run_tiles<T>((npq + MR - 1) / MR, max_seg, len, rows, packed, s.K,
                [&](int64_t t, int* k0, const T** a, TileView<T>& v) {
                  // The tile's pixels: the first decoded once, the others by stepping (q, p, n) with carries.
