@@ -472,11 +472,13 @@ inline bool winograd_enabled() {
   return on;
 }
 
-// min_map: the smallest output map. The forward and data gradient need 8x8: on smaller maps (ResNet-50's last
-// stage, 7x7: 4x4 tiles with a quarter wasted) their 16 x C x K transformed weights, made and streamed each call,
-// cost more than the products save (7x7, 512 channels, batch 8: 19.5 -> 29.8 ms). The filter gradient makes no
-// transformed weights and gains from 4x4 up (7x7: 22.4 -> 16.4 ms; 3x3 maps lose).
-constexpr int kWinoMinMap = 8, kWinoGradMinMap = 4;
+// min_map: the smallest output map. The forward and data gradient need 6x6 (ResNet-50's last stage, 7x7, 4x4
+// tiles with a quarter wasted, gains: forward 18.1 -> 15.3 ms, data gradient 18.7 -> 15.6 ms at 512 channels,
+// batch 8, one core). That took blocks of tiles large enough to stream their 16 x C x K transformed weights, made
+// each call, a few times rather than once per 18 tiles (which had made 7x7 lose, 19.5 -> 29.8 ms, and set the
+// limit at 8x8). On 4x4 maps (2x2 tiles, 512 channels) the forward still loses (7.5 -> 8.2-9.2 ms). The filter
+// gradient makes no transformed weights and gains from 4x4 up (7x7: 22.4 -> 16.4 ms; 3x3 maps lose).
+constexpr int kWinoMinMap = 6, kWinoGradMinMap = 4;
 
 // A stride-1 3x3 layer's data gradient as a forward convolution (of dy with the kernel turned half round), when
 // it is one.
@@ -611,10 +613,14 @@ void winograd_conv(const ConvShape& s, const T* x, T* y, const T* U, const Epilo
   constexpr int MR = kMR<T>, NR = kNR<T>;
   const int C = s.C, K = s.K, P = s.P(), Q = s.Q(), nsl = K / NR;
   const int th = (P + 1) / 2, tw = (Q + 1) / 2;
-  // Blocks of up to kWinoTiles tiles, smaller when there are few, so that the threads get at least 8 (each tile's
-  // sums are its own: the block size changes no result).
+  // Blocks of up to kWinoTiles tiles, smaller when there are few, so that each thread gets two (each tile's sums
+  // are its own: the block size changes no result). Every block streams all of U, so fewer, larger blocks pay on
+  // small maps with many channels (7x7, 512 channels, batch 8, one core: 8 blocks of 18 tiles 22 ms, 3 of 48 15
+  // ms, prepared weights).
   const int64_t ntiles = int64_t(s.N) * th * tw;
-  const int64_t per_block = std::min<int64_t>(kWinoTiles, std::max<int64_t>(MR, ((ntiles + 7) / 8 + MR - 1) / MR * MR));
+  const int64_t want = 2 * num_threads();
+  const int64_t per_block =
+      std::min<int64_t>(kWinoTiles, std::max<int64_t>(MR, ((ntiles + want - 1) / want + MR - 1) / MR * MR));
   const int64_t nblocks = (ntiles + per_block - 1) / per_block;
   const T* zero = zeros<T>(size_t(std::max(C, K)));
   parallel_for(nblocks, 1, [&](int64_t bb, int64_t be) {
