@@ -248,8 +248,11 @@ void for_each_group(int N, int g, F&& fn) {
 }  // namespace
 
 void check_conv_shape(const ConvShape& s, const char* what) {
+  // The padded input must hold the kernel (H + 2 pad >= R): P() divides a negative numerator toward zero, so
+  // P() > 0 alone let a kernel larger than the padded input through (the few-channel NHWC path then read past
+  // its padded copy).
   VB_CHECK(s.N >= 0 && s.C > 0 && s.H > 0 && s.W > 0 && s.K > 0 && s.R > 0 && s.S > 0 && s.stride > 0 && s.pad >= 0 &&
-               s.P() > 0 && s.Q() > 0,
+               s.H + 2 * s.pad >= s.R && s.W + 2 * s.pad >= s.S && s.P() > 0 && s.Q() > 0,
            what, ": bad shape N=", s.N, " C=", s.C, " H=", s.H, " W=", s.W, " K=", s.K, " R=", s.R, " S=", s.S,
            " stride=", s.stride, " pad=", s.pad);
 }
