@@ -146,8 +146,9 @@ class BackendT {
   // An evaluation pass: between begin_eval_pass() and end_eval_pass() the model's parameters (weights, batch-norm
   // affine and running statistics) do not change, so a backend may keep what it derives from them from one
   // conv_bn_eval call of a layer to the next (the CPU backend: each layer's folded, packed weights, made on the
-  // pass's first batch instead of every batch). Open one with EvalPass around a loop of evaluation forwards;
-  // nothing may write the parameters while it is open. Passes do not nest.
+  // pass's first batch instead of every batch, found again by the tensors' addresses). Open one with EvalPass
+  // around a loop of evaluation forwards; while it is open nothing may write the parameters, nor free a model
+  // and make another in its memory. Passes do not nest.
   virtual void begin_eval_pass() {}
   virtual void end_eval_pass() {}
   // The training forward's output again, y = act(bn(x)), from the statistics it saved (no residual):

@@ -183,16 +183,33 @@ class CpuBackend final : public BackendT<T> {
       VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
       return;
     }
-    // In an evaluation pass: the layer's folded weights and bias as the pass's first batch made them.
+    // In an evaluation pass: the layer's folded weights and bias as the pass's first batch made them. They count
+    // as the backend's memory; past a limit set with set_memory_limit the layer folds on every call instead.
+    if (s.N == 0) return;
     EvalLayer& e = eval_layers_[w];
     const EvalKey key{gamma, beta, running_mean, running_var, eps};
-    if (e.pass != eval_pass_ || !(e.key == key) || !e.weights.serves(s)) {
-      if (s.N == 0) return;
+    if (e.pass != eval_pass_ || !(e.key == key) || !(e.uncached || e.weights.serves(s))) {
       fold();
       VB_PROF(shape_key("conv_bn_eval prepare", s), cpu::conv2d_nhwc_prepare<T>(s, w, a, e.weights));
       e.bias.assign(b, b + s.K);
       e.key = key;
       e.pass = eval_pass_;
+      e.uncached = false;
+      size_t bytes = sizeof(T) * (e.weights.values.capacity() + e.bias.capacity());
+      if (limit_ && in_use_ - e.bytes + bytes > limit_) {
+        e.weights.values = {};
+        e.bias = {};
+        e.uncached = true;
+        bytes = 0;
+      }
+      in_use_ = in_use_ - e.bytes + bytes;
+      peak_ = std::max(peak_, in_use_);
+      e.bytes = bytes;
+    }
+    if (e.uncached) {
+      fold();
+      VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
+      return;
     }
     VB_PROF(shape_key("conv_bn_eval", s),
             cpu::conv2d_nhwc_fwd_prepared<T>(s, x, e.weights, e.bias.data(), residual, relu, y));
@@ -279,7 +296,8 @@ class CpuBackend final : public BackendT<T> {
   bool nhwc_;
   std::vector<T> coef_;  // conv_bn_eval's folded scale and bias
   // Evaluation passes (begin_eval_pass): each layer's folded weights and bias, by its weight pointer, valid for
-  // the pass numbered `pass` and the batch-norm tensors of `key`. Kept from pass to pass (remade, not freed).
+  // the pass numbered `pass` and the batch-norm tensors of `key`. Kept from pass to pass (remade, not freed) and
+  // counted in memory_in_use() (ResNet-50's: about 120 MB, Winograd's layers at 16/9 of their weights).
   struct EvalKey {
     const T *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
     double eps = 0;
@@ -292,6 +310,8 @@ class CpuBackend final : public BackendT<T> {
     EvalKey key;
     cpu::PreparedConv<T> weights;
     std::vector<T> bias;
+    size_t bytes = 0;       // what weights and bias hold, counted in in_use_
+    bool uncached = false;  // over the memory limit: folded on every call in this pass
   };
   std::unordered_map<const T*, EvalLayer> eval_layers_;
   uint64_t eval_pass_ = 0;  // the open or last pass's number (0: none yet)

@@ -1,8 +1,9 @@
 // A Backend that passes every call on to another one: the base of backends that change a few ops and keep the
 // rest (the bf16 emulation of engine/backend_bf16.h; the tests' CPU twin of a CUDA graph). Override what
 // differs; everything else reaches `inner` unchanged, except two things that would bypass the overrides:
-// conv_bn_eval runs as this class's conv_fwd then bn_eval_fwd (the inner backend might fold them), and a derived
-// backend cannot capture (a replay on the inner backend would skip the derived class's own work per op).
+// conv_bn_eval runs as this class's conv_fwd then bn_eval_fwd (the inner backend might fold them), a derived
+// backend cannot capture (a replay on the inner backend would skip the derived class's own work per op), and
+// evaluation passes stay here (Backend's no-op: the inner backend never sees a conv_bn_eval to keep).
 // precision() is this object's: set it through set_precision.
 #pragma once
 #include <string>

@@ -176,15 +176,19 @@ const ConvShape kShapes[] = {
     {2, 4, 12, 12, 8, 4, 4, 2, 1},
     {2, 3, 20, 20, 8, 8, 8, 2, 3},
     // The data gradient with stride 3 (nine parity classes), Winograd with padding 2, and a 4x5 map (Winograd
-    // for the filter gradient only; the layer4-like 7x7 shape above is another).
+    // for the filter gradient only; the layer4-like 7x7 shape above is another: at a batch of 2 it has too few
+    // tiles for the forward's and data gradient's Winograd below 8x8).
     {1, 8, 11, 11, 8, 3, 3, 3, 1},
     {1, 32, 10, 10, 32, 3, 3, 1, 2},
     {3, 32, 4, 5, 32, 3, 3, 1, 1},
     // A 1x1 convolution with padding and more channels than a KC pass: its border pixels have no tap at all.
     {1, 384, 3, 3, 16, 1, 1, 1, 1},
-    // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, maps of 8x8 or more): odd output sizes (edge
-    // tiles), no padding (its data gradient pads by 2), and a 56-wide map of the first stage.
+    // Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, maps of 8x8 or more, or 6x6 with 48 tiles or
+    // more): odd output sizes (edge tiles), no padding (its data gradient pads by 2), a 56-wide map of the first
+    // stage, and 7x7 and 6x7 maps with just enough tiles.
     {2, 32, 9, 11, 48, 3, 3, 1, 1},
+    {3, 32, 7, 7, 32, 3, 3, 1, 1},
+    {4, 32, 6, 7, 48, 3, 3, 1, 1},
     {1, 32, 12, 13, 32, 3, 3, 1, 0},
     {1, 64, 56, 56, 64, 3, 3, 1, 1},
 };
@@ -305,4 +309,20 @@ TEST_CASE("NHWC convolution with prepared weights: the folded forward's bits, an
     check_prepared<float>(s);
     check_prepared<double>(s);
   }
+}
+
+TEST_CASE("a kernel larger than the padded input is refused, not run past the input") {
+  // (2 + 2 - 5) / 3 + 1 is 1 in C++ (the division rounds toward zero), so P() > 0 alone let this through and the
+  // few-channel path read past its padded copy.
+  const ConvShape s{1, 3, 2, 6, 16, 5, 5, 3, 1};
+  std::vector<float> x(size_t(s.N) * s.H * s.W * s.C, 1.f), w(size_t(s.K) * s.C * s.R * s.S, 1.f), y(64);
+  CHECK_THROWS_WITH_AS(vb::cpu::conv2d_nhwc_fwd<float>(s, x.data(), w.data(), y.data()),
+                       doctest::Contains("bad shape"), std::exception);
+  CHECK_THROWS_WITH_AS(vb::cpu::conv2d_fwd<float>(s, x.data(), w.data(), y.data()), doctest::Contains("bad shape"),
+                       std::exception);
+  ConvShape wide = s;
+  wide.W = 2;  // the columns too
+  wide.H = 6;
+  CHECK_THROWS_WITH_AS(vb::cpu::conv2d_nhwc_fwd<float>(wide, x.data(), w.data(), y.data()),
+                       doctest::Contains("bad shape"), std::exception);
 }

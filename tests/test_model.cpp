@@ -353,9 +353,34 @@ TEST_CASE("an evaluation pass keeps each layer's folded weights: the same logits
   opt.step(1e-3);
   const std::vector<float> trained = logits(B), trained_part = logits(Bp);
   CHECK(trained != scaled);
-  vb::EvalPass pass(*be);
-  CHECK(logits(Bp) == trained_part);  // this pass's first batch is the partial one
-  CHECK(logits(B) == trained);
+  {
+    vb::EvalPass pass(*be);
+    CHECK(logits(Bp) == trained_part);  // this pass's first batch is the partial one
+    CHECK(logits(B) == trained);
+  }
+  // The kept weights count as the backend's memory; under a limit that leaves them no room each layer folds on
+  // every call instead, with the same logits.
+  auto be2 = vb::make_cpu_backend(2, vb::Layout::NHWC);
+  vb::Model m2(*be2, in.cfg);
+  m2.init_torchvision(8);
+  m2.plan(B, vb::data::ImageSize{H, W});
+  be2->upload_activation(m2.input(), in.x.data(), B, 3, H, W);
+  m2.forward(B, false);
+  const std::vector<float> fresh(m2.logits(), m2.logits() + B * 8);
+  CHECK(fresh == full);
+  const size_t held = be2->memory_in_use();
+  be2->set_memory_limit(held);
+  for (int limited = 1; limited >= 0; --limited) {
+    vb::EvalPass pass(*be2);
+    m2.forward(B, false);
+    CHECK(std::vector<float>(m2.logits(), m2.logits() + B * 8) == full);
+    if (limited) {
+      CHECK(be2->memory_in_use() == held);
+      be2->set_memory_limit(0);
+    } else {
+      CHECK(be2->memory_in_use() > held + sizeof(float) * size_t(m2.num_params()) / 2);
+    }
+  }
 }
 
 TEST_CASE("a CPU training step and evaluation give the same bits on 1 and 2 threads (float, NHWC and NCHW)") {

@@ -21,7 +21,11 @@
 // (row_filter_grad).
 //
 // Winograd F(2x2, 3x3) takes the 3x3 stride-1 layers with at least 32 channels: all three passes on maps of 8x8
-// or more, the filter gradient from 4x4 (see winograd_fits).
+// or more, the forward and data gradient on 6x6 and 7x7 from 48 tiles a call (any batch with prepared weights),
+// the filter gradient from 4x4 (see winograd_fits and winograd_pays).
+//
+// Small output maps (at most 256 pixels) with padding take their forward tiles by edge class, so that no tile
+// sums a tap in the padding (fwd_by_edge_class), when that makes less work.
 //
 // Tiles go in chunks of kChunk; a chunk's pointer tables are built once and reused for every sliver, and the
 // sliver's packed weights (C*R*S*NR values) stay in L2 across the chunk's tiles. Threads take (chunk, group
@@ -456,10 +460,11 @@ namespace {
 // as A^T [ (G g G^T) .* (B^T d B) ] A, the elementwise product summed over input channels, so 16 multiply-adds
 // per channel pair give 4 outputs instead of 36 (2.25x fewer). The transforms only add, subtract and halve:
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],  A^T = [1 1 1 0; 0 1 -1 -1].
-// Tiles go in blocks of kWinoTiles, one block per thread at a time: input transform into V [tiles][16][C], the
-// 16 products by the tap micro-kernel (one segment of C channels, in KC passes) into M [tiles][16][K], output
-// transform (and evaluation's epilogue) into y. Tile-major, so that each transform reads or writes one
-// contiguous block per tile (16 rows far apart were 10% of a 64-channel 56x56 layer's forward). Sums in a fixed order; the results differ from the direct
+// Tiles go in blocks of at most kWinoTiles (at least two blocks per thread), each thread taking one block at a
+// time: input transform into V [tiles][16][C], the 16 products by the tap micro-kernel (one segment of C
+// channels, in KC passes) into M [tiles][16][K], output transform (and evaluation's epilogue) into y.
+// Tile-major, so that each transform reads or writes one contiguous block per tile (16 rows far apart were 10%
+// of a 64-channel 56x56 layer's forward). Sums in a fixed order; the results differ from the direct
 // convolution's by the transforms' rounding.
 constexpr int kWinoTiles = 48;
 
@@ -479,6 +484,15 @@ inline bool winograd_enabled() {
 // limit at 8x8). On 4x4 maps (2x2 tiles, 512 channels) the forward still loses (7.5 -> 8.2-9.2 ms). The filter
 // gradient makes no transformed weights and gains from 4x4 up (7x7: 22.4 -> 16.4 ms; 3x3 maps lose).
 constexpr int kWinoMinMap = 6, kWinoGradMinMap = 4;
+// Below 8x8 the forward and data gradient transform their weights each call for few tiles: from 48 tiles on (7x7
+// maps: a batch of 3) that pays; at a batch of 1 it does not (7x7, 512 channels, one core: 4.0-4.3 ms direct,
+// 5.2-5.6 by Winograd). Weights prepared once (conv2d_nhwc_prepare) take Winograd at any batch (2.1-2.6 against
+// 2.4 ms at a batch of 1).
+constexpr int64_t kWinoSmallMapTiles = 48;
+inline bool winograd_pays(const ConvShape& s) {
+  const int P = s.P(), Q = s.Q();
+  return (P >= 8 && Q >= 8) || int64_t(s.N) * ((P + 1) / 2) * ((Q + 1) / 2) >= kWinoSmallMapTiles;
+}
 
 // A stride-1 3x3 layer's data gradient as a forward convolution (of dy with the kernel turned half round), when
 // it is one.
@@ -765,11 +779,15 @@ void winograd_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dw) {
 // union of its pixels' live taps, zeros for the taps a pixel lacks (the small preset's last 3x3 layer, 2x2 maps:
 // 9 taps a pixel where 25 of 36 are live). Here the pixels go by edge class, the ranges of live tap rows
 // [r0, r1) and columns [c0, c1) (fixed by p and q), a class's pixels in (n, p, q) order, MR at a time: every
-// tile sums exactly its pixels' taps, in (r, s) order as the other tiles do.
+// tile sums exactly its pixels' taps, in (r, s) order as the other tiles do. Only when that is less work: each
+// class's last tile may be short, and at a batch of 1 or 2 the classes hold few pixels (2x2 maps at N = 1: four
+// tiles of one pixel instead of one of four). Returns false, having done nothing, when the (n, p, q) tiles cost
+// less: the taps they sum plus kTileCost for each.
 constexpr int64_t kEdgeClassMap = 256;
+constexpr int64_t kTileCost = 2;  // a tile's fixed cost (its table, epilogue and stores) in taps, about
 
 template <class T>
-void fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t rows, const T* zero,
+bool fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t rows, const T* zero,
                        const Epilogue<T>& epi, T* y) {
   constexpr int MR = kMR<T>;
   const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, st = s.stride, pad = s.pad;
@@ -811,13 +829,31 @@ void fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t 
   };
   const size_t nr = classify(L.rows, P, R, s.H), nc = classify(L.cols, Q, S, s.W);
   L.classes.clear();
-  int64_t ntiles = 0;
+  int64_t ntiles = 0, cost = 0;
   for (size_t ri = 0; ri < nr; ++ri)
     for (size_t ci = 0; ci < nc; ++ci) {
       const int64_t per_image = int64_t(L.rows[ri].pos.size()) * int64_t(L.cols[ci].pos.size());
+      const int64_t tiles = (per_image * s.N + MR - 1) / MR;
       L.classes.push_back({int(ri), int(ci), per_image, ntiles});
-      ntiles += (per_image * s.N + MR - 1) / MR;
+      ntiles += tiles;
+      cost += tiles * (int64_t(L.rows[ri].t1 - L.rows[ri].t0) * (L.cols[ci].t1 - L.cols[ci].t0) + kTileCost);
     }
+  // The (n, p, q) tiles: each sums the taps live for any of its pixels (about: the span of their ranges).
+  const int64_t npq = int64_t(s.N) * P * Q;
+  int64_t plain = 0;
+  for (int64_t first = 0; first < npq; first += MR) {
+    int r0 = R, r1 = 0, c0 = S, c1 = 0;
+    for (int64_t i = first; i < std::min(npq, first + MR); ++i) {
+      const int p = int(i / Q % P), q = int(i % Q);
+      r0 = std::min(r0, std::max(0, pad - p * st));
+      r1 = std::max(r1, std::min(R, s.H + pad - p * st));
+      c0 = std::min(c0, std::max(0, pad - q * st));
+      c1 = std::max(c1, std::min(S, s.W + pad - q * st));
+    }
+    plain += int64_t(std::max(0, r1 - r0)) * std::max(0, c1 - c0) + kTileCost;
+    if (plain > cost) break;  // edge classes win
+  }
+  if (plain <= cost) return false;
   run_tiles<T>(ntiles, R * S, C, rows, packed, s.K, [&](int64_t t, int* k0, const T** a, TileView<T>& v) {
     size_t k = 0;
     while (k + 1 < L.classes.size() && L.classes[k + 1].first_tile <= t) ++k;
@@ -845,15 +881,16 @@ void fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t 
     v.k0 = k0;
     v.a = a;
   }, epi);
+  return true;
 }
 
 // The forward pass's weights as its micro-kernels read them, scaled by `scale` when set: Winograd's transformed
 // weights for a shape that runs by Winograd, else the packed slivers. In a scratch buffer of the calling thread,
 // valid until its next call. `count` gets the number of values.
 template <class T>
-const T* forward_weights(const ConvShape& s, const T* w, const T* scale, size_t& count) {
+const T* forward_weights(const ConvShape& s, const T* w, const T* scale, bool winograd, size_t& count) {
   constexpr int NR = kNR<T>;
-  if (conv2d_nhwc_winograd<T>(s, ConvPass::Forward)) {
+  if (winograd) {
     count = size_t(16) * size_t(s.C) * size_t(s.K);  // K is a multiple of NR here
     return winograd_weights<T>(s.C, s.K, scale, [&](int k, int c, T g[3][3]) {
       const T* src = w + (int64_t(k) * s.C + c) * 9;
@@ -866,14 +903,15 @@ const T* forward_weights(const ConvShape& s, const T* w, const T* scale, size_t&
 }
 
 // The forward pass, with the evaluation epilogue when epi.bias is set (and the weights scaled by `scale`).
-// prepared: forward_weights' values made earlier (w and scale then unused), or null.
+// prepared: forward_weights' values made earlier (w and scale then unused), Winograd's when prepared_winograd,
+// or null.
 template <class T>
 void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilogue<T>& epi, T* y,
-         const T* prepared = nullptr) {
+         const T* prepared = nullptr, bool prepared_winograd = false) {
   check_shape(s);
-  if (conv2d_nhwc_winograd<T>(s, ConvPass::Forward)) {
+  if (prepared ? prepared_winograd : conv2d_nhwc_winograd<T>(s, ConvPass::Forward)) {
     size_t count = 0;
-    winograd_conv<T>(s, x, y, prepared ? prepared : forward_weights<T>(s, w, scale, count), epi);
+    winograd_conv<T>(s, x, y, prepared ? prepared : forward_weights<T>(s, w, scale, true, count), epi);
     return;
   }
   if (s.C < kFewChannels && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
@@ -897,7 +935,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
         std::fill(dst + int64_t(pad + s.W) * C, dst + int64_t(Wp) * C, T(0));
       }
     });
-    fwd<T>(ConvShape{s.N, C, Hp, Wp, s.K, s.R, s.S, s.stride, 0}, xp, w, scale, epi, y, prepared);
+    fwd<T>(ConvShape{s.N, C, Hp, Wp, s.K, s.R, s.S, s.stride, 0}, xp, w, scale, epi, y, prepared, false);
     return;
   }
   constexpr int MR = kMR<T>;
@@ -906,14 +944,12 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   if (npq == 0) return;
   // Rows of the packed weights in (r, s, c) order: the order of the input values in NHWC.
   size_t count = 0;
-  const T* packed = prepared ? prepared : forward_weights<T>(s, w, scale, count);
+  const T* packed = prepared ? prepared : forward_weights<T>(s, w, scale, false, count);
   const bool by_row = C < kFewChannels;  // segments: kernel rows of S*C values, else taps of C
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
-  if (!by_row && pad > 0 && int64_t(P) * Q <= kEdgeClassMap) {
-    fwd_by_edge_class<T>(s, x, packed, rows, zero, epi, y);
+  if (!by_row && pad > 0 && int64_t(P) * Q <= kEdgeClassMap && fwd_by_edge_class<T>(s, x, packed, rows, zero, epi, y))
     return;
-  }
   run_tiles<T>((npq + MR - 1) / MR, max_seg, len, rows, packed, s.K,
                [&](int64_t t, int* k0, const T** a, TileView<T>& v) {
                  // The tile's pixels: the first decoded once, the others by stepping (q, p, n) with carries.
@@ -946,13 +982,13 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                    for (int r = 0; r < R; ++r)
                      for (int ss = 0; ss < taps; ++ss, ++nseg) {
                        const int64_t tap = r * row_step + int64_t(ss) * C;
-                       for (int i = 0; i < MR; ++i) a[nseg * MR + i] = x + off[i] + tap;
+                       for (int i = 0; i < MR; ++i) a[nseg * MR + i] = x + (off[i] + tap);
                        k0[nseg] = (r * S + ss) * C;
                      }
                  }
                  for (int r = 0; r < R && !inside; ++r) {
                    if (by_row) {  // pad is 0 here (see above): only the rows of a short last tile are missing
-                     for (int i = 0; i < MR; ++i) a[nseg * MR + i] = i < m ? x + off[i] + r * row_step : zero;
+                     for (int i = 0; i < MR; ++i) a[nseg * MR + i] = i < m ? x + (off[i] + r * row_step) : zero;
                      k0[nseg++] = r * S * C;
                    } else {
                      bool row_ok[MR];
@@ -962,7 +998,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                        const int64_t tap = r * row_step + int64_t(ss) * C;
                        for (int i = 0; i < MR; ++i) {
                          const bool ok = row_ok[i] && unsigned(iw0[i] + ss) < unsigned(s.W);
-                         a[nseg * MR + i] = ok ? x + off[i] + tap : zero;
+                         a[nseg * MR + i] = ok ? x + (off[i] + tap) : zero;
                          live |= ok;
                        }
                        if (live) k0[nseg++] = (r * S + ss) * C;
@@ -1142,10 +1178,12 @@ template <class T>
 void conv2d_nhwc_prepare(const ConvShape& s, const T* w, const T* scale, PreparedConv<T>& out) {
   check_shape(s);
   VB_CHECK(s.N > 0, "conv2d_nhwc_prepare: the shape needs a batch (Winograd's choice depends on it being nonzero)");
+  // Winograd wherever the shape fits it, at any batch: the weights' transform is paid once here.
+  const bool winograd = winograd_enabled() && winograd_fits<T>(s);
   size_t count = 0;
-  const T* src = forward_weights<T>(s, w, scale, count);
+  const T* src = forward_weights<T>(s, w, scale, winograd, count);
   out.shape = s;
-  out.winograd = conv2d_nhwc_winograd<T>(s, ConvPass::Forward);
+  out.winograd = winograd;
   out.values.assign(src, src + count);
 }
 
@@ -1157,14 +1195,12 @@ void conv2d_nhwc_fwd_prepared(const ConvShape& s, const T* x, const PreparedConv
            "conv2d_nhwc_fwd_prepared: weights prepared for another shape (C", w.shape.C, " ", w.shape.H, "x",
            w.shape.W, " K", w.shape.K, ") than the call's (C", s.C, " ", s.H, "x", s.W, " K", s.K, ")");
   if (s.N == 0) return;
-  VB_CHECK(w.winograd == conv2d_nhwc_winograd<T>(s, ConvPass::Forward),
-           "conv2d_nhwc_fwd_prepared: prepared for another algorithm than this call runs");
   Epilogue<T> epi;
   epi.bias = bias;
   epi.residual = residual;
   epi.y = y;
   epi.relu = relu;
-  fwd<T>(s, x, nullptr, nullptr, epi, y, w.values.data());
+  fwd<T>(s, x, nullptr, nullptr, epi, y, w.values.data(), w.winograd);
 }
 
 template <class T>
@@ -1394,10 +1430,10 @@ bool conv2d_nhwc_winograd(const ConvShape& s, ConvPass pass) {
   // The one place that decides: the three passes above ask here.
   if (!winograd_enabled() || s.N == 0) return false;
   switch (pass) {
-    case ConvPass::Forward: return winograd_fits<T>(s);
+    case ConvPass::Forward: return winograd_fits<T>(s) && winograd_pays(s);
     case ConvPass::DataGradient: {
       const auto t = winograd_data_grad_shape(s);
-      return t && winograd_fits<T>(*t);
+      return t && winograd_fits<T>(*t) && winograd_pays(*t);
     }
     case ConvPass::FilterGradient: return winograd_fits<T>(s, kWinoGradMinMap);
   }

@@ -11,8 +11,8 @@
 // tile sums dy times each pixel's kernel rows read in place instead.
 //
 // 3x3 stride-1 layers with at least 32 channels on maps of 8x8 or more run all three passes by Winograd
-// F(2x2, 3x3), the filter gradient from 4x4 up (conv2d_nhwc_winograd): 2.25x fewer multiply-adds, with the
-// transforms' rounding besides.
+// F(2x2, 3x3); the forward and data gradient also on 6x6 and 7x7 maps from 48 tiles a call, the filter gradient
+// from 4x4 up (conv2d_nhwc_winograd): 2.25x fewer multiply-adds, with the transforms' rounding besides.
 //
 // Every output element is one sum in an order fixed by the shape: over taps in (r, s) order, channels in order
 // (forward and data gradient); over pixels in blocks fixed by the shape (filter gradient). Threads split the
@@ -40,7 +40,9 @@ void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T*
 // The same with the scaled weights made once and kept: an evaluation over many batches of an unchanging model
 // (the CPU backend's evaluation pass) packs, or Winograd-transforms, each layer's weights once instead of once
 // per batch. conv2d_nhwc_prepare makes them for a shape (N > 0); conv2d_nhwc_fwd_prepared runs any shape that
-// differs from it in N alone, with the same bits as conv2d_nhwc_fwd_affine on the same weights and scale.
+// differs from it in N alone. Prepared weights take Winograd wherever the shape fits it (6x6 maps and up) at any
+// batch, their transform being paid once; otherwise the same algorithm as conv2d_nhwc_fwd_affine, and then the
+// same bits on the same weights and scale.
 template <class T>
 struct PreparedConv {
   ConvShape shape{};
@@ -66,8 +68,8 @@ template <class T>
 void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw);
 
 // Whether a pass runs this shape by Winograd F(2x2, 3x3) (3x3 stride 1, at least 32 channels, output maps of
-// 8x8 or more, 4x4 for the filter gradient, and not turned off by VB_CPU_WINOGRAD=0): its results then carry
-// the transforms' rounding too.
+// 8x8 or more, or 6x6 with 48 tiles of 2x2 or more; 4x4 for the filter gradient; not turned off by
+// VB_CPU_WINOGRAD=0): its results then carry the transforms' rounding too.
 enum class ConvPass { Forward, DataGradient, FilterGradient };
 template <class T>
 bool conv2d_nhwc_winograd(const ConvShape& s, ConvPass pass);
