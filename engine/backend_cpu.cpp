@@ -178,41 +178,37 @@ class CpuBackend final : public BackendT<T> {
     auto fold = [&] {
       for (int k = 0; k < s.K; ++k) cpu::bn_eval_affine(gamma, beta, running_mean, running_var, eps, k, a[k], b[k]);
     };
-    if (!in_eval_pass_) {
-      fold();
-      VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
-      return;
-    }
-    // In an evaluation pass: the layer's folded weights and bias as the pass's first batch made them. They count
-    // as the backend's memory; past a limit set with set_memory_limit the layer folds on every call instead.
-    if (s.N == 0) return;
-    EvalLayer& e = eval_layers_[w];
-    const EvalKey key{gamma, beta, running_mean, running_var, eps};
-    if (e.pass != eval_pass_ || !(e.key == key) || !(e.uncached || e.weights.serves(s))) {
-      fold();
-      VB_PROF(shape_key("conv_bn_eval prepare", s), cpu::conv2d_nhwc_prepare<T>(s, w, a, e.weights));
-      e.bias.assign(b, b + s.K);
-      e.key = key;
-      e.pass = eval_pass_;
-      e.uncached = false;
-      size_t bytes = sizeof(T) * (e.weights.values.capacity() + e.bias.capacity());
-      if (limit_ && in_use_ - e.bytes + bytes > limit_) {
-        e.weights.values = {};
-        e.bias = {};
-        e.uncached = true;
-        bytes = 0;
+    if (in_eval_pass_ && s.N > 0) {
+      // In an evaluation pass: the layer's folded weights and bias as the pass's first batch made them. They count
+      // as the backend's memory; past a limit set with set_memory_limit the layer folds on every call instead.
+      EvalLayer& e = eval_layers_[w];
+      const EvalKey key{gamma, beta, running_mean, running_var, eps};
+      if (e.pass != eval_pass_ || !(e.key == key) || !(e.uncached || e.weights.serves(s))) {
+        fold();
+        VB_PROF(shape_key("conv_bn_eval prepare", s), cpu::conv2d_nhwc_prepare<T>(s, w, a, e.weights));
+        e.bias.assign(b, b + s.K);
+        e.key = key;
+        e.pass = eval_pass_;
+        e.uncached = false;
+        size_t bytes = sizeof(T) * (e.weights.values.capacity() + e.bias.capacity());
+        if (limit_ && in_use_ - e.bytes + bytes > limit_) {
+          e.weights.values = {};
+          e.bias = {};
+          e.uncached = true;
+          bytes = 0;
+        }
+        in_use_ = in_use_ - e.bytes + bytes;
+        peak_ = std::max(peak_, in_use_);
+        e.bytes = bytes;
       }
-      in_use_ = in_use_ - e.bytes + bytes;
-      peak_ = std::max(peak_, in_use_);
-      e.bytes = bytes;
+      if (!e.uncached) {
+        VB_PROF(shape_key("conv_bn_eval", s),
+                cpu::conv2d_nhwc_fwd_prepared<T>(s, x, e.weights, e.bias.data(), residual, relu, y));
+        return;
+      }
     }
-    if (e.uncached) {
-      fold();
-      VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
-      return;
-    }
-    VB_PROF(shape_key("conv_bn_eval", s),
-            cpu::conv2d_nhwc_fwd_prepared<T>(s, x, e.weights, e.bias.data(), residual, relu, y));
+    fold();
+    VB_PROF(shape_key("conv_bn_eval", s), cpu::conv2d_nhwc_fwd_affine<T>(s, x, w, a, b, residual, relu, y));
   }
   void begin_eval_pass() override {
     VB_CHECK(!in_eval_pass_, "begin_eval_pass: an evaluation pass is already open (passes do not nest)");

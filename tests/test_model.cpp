@@ -323,11 +323,12 @@ TEST_CASE("an evaluation pass keeps each layer's folded weights: the same logits
   m.init_torchvision(8);
   m.plan(B, vb::data::ImageSize{H, W});
   vb::AdamW opt(m, {});
-  auto logits = [&](int n) {
-    be->upload_activation(m.input(), in.x.data(), n, 3, H, W);
-    m.forward(n, false);
-    return std::vector<float>(m.logits(), m.logits() + n * 8);
+  auto logits_of = [&](vb::Backend& b, vb::Model& model, int n) {
+    b.upload_activation(model.input(), in.x.data(), n, 3, H, W);
+    model.forward(n, false);
+    return std::vector<float>(model.logits(), model.logits() + n * 8);
   };
+  auto logits = [&](int n) { return logits_of(*be, m, n); };
   const std::vector<float> full = logits(B), part = logits(Bp);  // outside a pass: folded on every call
   {
     vb::EvalPass pass(*be);
@@ -364,16 +365,12 @@ TEST_CASE("an evaluation pass keeps each layer's folded weights: the same logits
   vb::Model m2(*be2, in.cfg);
   m2.init_torchvision(8);
   m2.plan(B, vb::data::ImageSize{H, W});
-  be2->upload_activation(m2.input(), in.x.data(), B, 3, H, W);
-  m2.forward(B, false);
-  const std::vector<float> fresh(m2.logits(), m2.logits() + B * 8);
-  CHECK(fresh == full);
+  CHECK(logits_of(*be2, m2, B) == full);
   const size_t held = be2->memory_in_use();
   be2->set_memory_limit(held);
   for (int limited = 1; limited >= 0; --limited) {
     vb::EvalPass pass(*be2);
-    m2.forward(B, false);
-    CHECK(std::vector<float>(m2.logits(), m2.logits() + B * 8) == full);
+    CHECK(logits_of(*be2, m2, B) == full);
     if (limited) {
       CHECK(be2->memory_in_use() == held);
       be2->set_memory_limit(0);

@@ -63,6 +63,13 @@ T* scratch(size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }
+// The calling thread's own V (grow-only lists kept from call to call): taken as a reference on the calling thread,
+// so that tile builders running on the pool's threads read this thread's object, not their own.
+template <class V>
+V& calling_thread_own() {
+  thread_local V v;
+  return v;
+}
 
 // ---- the micro-kernel -------------------------------------------------------------------------------------
 // Evaluation's epilogue on a full 6 x NR tile, applied in registers before the store: c = act((c + bias) + res),
@@ -791,8 +798,7 @@ bool fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t 
                        const Epilogue<T>& epi, T* y) {
   constexpr int MR = kMR<T>;
   const int P = s.P(), Q = s.Q(), R = s.R, S = s.S, C = s.C, st = s.stride, pad = s.pad;
-  // Classes of rows (p) and of columns (q), by their live taps; the calling thread's grow-only lists, read by
-  // reference from the pool's threads.
+  // Classes of rows (p) and of columns (q), by their live taps; the calling thread's grow-only lists.
   struct Axis {
     int t0, t1;            // live taps [t0, t1)
     std::vector<int> pos;  // the rows (or columns) of this class, ascending
@@ -805,15 +811,18 @@ bool fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t 
     std::vector<Axis> rows, cols;
     std::vector<Class> classes;
   };
-  Lists& L = *[] {
-    thread_local Lists l;
-    return &l;
-  }();
+  Lists& L = calling_thread_own<Lists>();
+  // Output row (column) i's live taps [t0, t1) of `taps`, on an input of `size` rows (columns).
+  auto live = [&](int i, int taps, int size, int& t0, int& t1) {
+    const int first = i * st - pad;  // the input row (column) of tap 0
+    t0 = std::max(0, -first);
+    t1 = std::min(taps, size - first);
+  };
   auto classify = [&](std::vector<Axis>& axis, int n, int taps, int size) {
     size_t used = 0;
     for (int i = 0; i < n; ++i) {
-      const int first = i * st - pad;  // the input row (column) of tap 0
-      const int t0 = std::max(0, -first), t1 = std::min(taps, size - first);
+      int t0, t1;
+      live(i, taps, size, t0, t1);
       size_t k = 0;
       while (k < used && (axis[k].t0 != t0 || axis[k].t1 != t1)) ++k;
       if (k == used) {
@@ -844,11 +853,13 @@ bool fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t 
   for (int64_t first = 0; first < npq; first += MR) {
     int r0 = R, r1 = 0, c0 = S, c1 = 0;
     for (int64_t i = first; i < std::min(npq, first + MR); ++i) {
-      const int p = int(i / Q % P), q = int(i % Q);
-      r0 = std::min(r0, std::max(0, pad - p * st));
-      r1 = std::max(r1, std::min(R, s.H + pad - p * st));
-      c0 = std::min(c0, std::max(0, pad - q * st));
-      c1 = std::max(c1, std::min(S, s.W + pad - q * st));
+      int pr0, pr1, pc0, pc1;
+      live(int(i / Q % P), R, s.H, pr0, pr1);
+      live(int(i % Q), S, s.W, pc0, pc1);
+      r0 = std::min(r0, pr0);
+      r1 = std::max(r1, pr1);
+      c0 = std::min(c0, pc0);
+      c1 = std::max(c1, pc1);
     }
     plain += int64_t(std::max(0, r1 - r0)) * std::max(0, c1 - c0) + kTileCost;
     if (plain > cost) break;  // edge classes win
@@ -885,20 +896,17 @@ bool fwd_by_edge_class(const ConvShape& s, const T* x, const T* packed, int64_t 
 }
 
 // The forward pass's weights as its micro-kernels read them, scaled by `scale` when set: Winograd's transformed
-// weights for a shape that runs by Winograd, else the packed slivers. In a scratch buffer of the calling thread,
-// valid until its next call. `count` gets the number of values.
+// weights (16 x C x K values, K a multiple of NR) when `winograd`, else the packed slivers (ceil(K / NR) x C x R x
+// S x NR). In a scratch buffer of the calling thread, valid until its next call.
 template <class T>
-const T* forward_weights(const ConvShape& s, const T* w, const T* scale, bool winograd, size_t& count) {
-  constexpr int NR = kNR<T>;
+const T* forward_weights(const ConvShape& s, const T* w, const T* scale, bool winograd) {
   if (winograd) {
-    count = size_t(16) * size_t(s.C) * size_t(s.K);  // K is a multiple of NR here
     return winograd_weights<T>(s.C, s.K, scale, [&](int k, int c, T g[3][3]) {
       const T* src = w + (int64_t(k) * s.C + c) * 9;
       for (int r = 0; r < 3; ++r)
         for (int q = 0; q < 3; ++q) g[r][q] = src[r * 3 + q];
     });
   }
-  count = size_t((s.K + NR - 1) / NR) * size_t(s.C) * size_t(s.R) * size_t(s.S) * NR;
   return pack_weights<T>(s, w, false, scale);
 }
 
@@ -910,8 +918,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
          const T* prepared = nullptr, bool prepared_winograd = false) {
   check_shape(s);
   if (prepared ? prepared_winograd : conv2d_nhwc_winograd<T>(s, ConvPass::Forward)) {
-    size_t count = 0;
-    winograd_conv<T>(s, x, y, prepared ? prepared : forward_weights<T>(s, w, scale, true, count), epi);
+    winograd_conv<T>(s, x, y, prepared ? prepared : forward_weights<T>(s, w, scale, true), epi);
     return;
   }
   if (s.C < kFewChannels && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
@@ -943,8 +950,7 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   const int64_t npq = int64_t(s.N) * P * Q, rows = int64_t(C) * R * S;
   if (npq == 0) return;
   // Rows of the packed weights in (r, s, c) order: the order of the input values in NHWC.
-  size_t count = 0;
-  const T* packed = prepared ? prepared : forward_weights<T>(s, w, scale, false, count);
+  const T* packed = prepared ? prepared : forward_weights<T>(s, w, scale, false);
   const bool by_row = C < kFewChannels;  // segments: kernel rows of S*C values, else taps of C
   const int len = by_row ? S * C : C, max_seg = by_row ? R : R * S;
   const T* zero = zeros<T>(size_t(len));
@@ -1177,11 +1183,13 @@ void conv2d_nhwc_fwd_affine(const ConvShape& s, const T* x, const T* w, const T*
 template <class T>
 void conv2d_nhwc_prepare(const ConvShape& s, const T* w, const T* scale, PreparedConv<T>& out) {
   check_shape(s);
-  VB_CHECK(s.N > 0, "conv2d_nhwc_prepare: the shape needs a batch (Winograd's choice depends on it being nonzero)");
+  VB_CHECK(s.N > 0, "conv2d_nhwc_prepare: the shape needs a batch (N > 0)");
   // Winograd wherever the shape fits it, at any batch: the weights' transform is paid once here.
   const bool winograd = winograd_enabled() && winograd_fits<T>(s);
-  size_t count = 0;
-  const T* src = forward_weights<T>(s, w, scale, winograd, count);
+  constexpr int NR = kNR<T>;
+  const size_t count = winograd ? size_t(16) * size_t(s.C) * size_t(s.K)
+                                : size_t((s.K + NR - 1) / NR) * size_t(s.C) * size_t(s.R) * size_t(s.S) * NR;
+  const T* src = forward_weights<T>(s, w, scale, winograd);
   out.shape = s;
   out.winograd = winograd;
   out.values.assign(src, src + count);
@@ -1233,12 +1241,8 @@ void conv2d_nhwc_bwd_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
     int rh, rw;
     int64_t count, first_tile;
   };
-  // Grow-only (no allocation once the largest stride has been seen), and the calling thread's: a reference, so
-  // that the tile builder, running on the pool's threads, reads this thread's list.
-  std::vector<Class>& classes = *[] {
-    thread_local std::vector<Class> v;
-    return &v;
-  }();
+  // Grow-only (no allocation once the largest stride has been seen), and the calling thread's.
+  std::vector<Class>& classes = calling_thread_own<std::vector<Class>>();
   classes.clear();
   int64_t ntiles = 0;
   for (int rh = 0; rh < std::min(st, H); ++rh)
