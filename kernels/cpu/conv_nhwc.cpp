@@ -17,8 +17,9 @@
 // Filter gradient: a GEMM dw = dy^T im2col(x) over blocks of pixels (a 1x1 stride-1 convolution reads x itself).
 // A small result gets one partial sum per block, the blocks split over the threads, the partial sums then added
 // in block order; a large one is accumulated block after block, each GEMM split over the threads. Layers with
-// fewer than 8 input channels (the stem) sum dy times each pixel's kernel rows in a register tile instead
-// (row_filter_grad).
+// at most 32 input or output channels, and the stem, sum dy times each pixel's input values in a register tile
+// of output channels instead, reading x in place (direct_filter_grad; the GEMM's packing cost them as much as
+// their sums); when K is not a multiple of two vectors, few-channel layers sum by kernel rows (row_filter_grad).
 //
 // Winograd F(2x2, 3x3) takes the 3x3 stride-1 layers with at least 32 channels: all three passes on maps of 8x8
 // or more, the forward and data gradient on 6x6 and 7x7 from 48 tiles a call (any batch with prepared weights),
@@ -82,19 +83,26 @@ struct TileEpilogue {
 };
 
 // acc[i][j] (i < 6, j < NR) = sum over segments g, then j' in [jb, je), of a[6g + i][j'] * b[(k0[g] + j') * NR + j];
-// then c[i][j] = acc (add: c[i][j] + acc), then the epilogue when there is one.
+// then c[i][j] = acc (add: c[i][j] + acc), then the epilogue when there is one. A regular tile (soff set: every
+// segment of every pixel in the image) has one pointer per pixel, a[i], and segment g of pixel i at a[i] + soff[g]
+// instead, so that its segments need no table of their own.
+template <bool Reg, class T>
+inline const T* seg_row(const T* const* a, const int64_t* soff, int g, int i) {
+  if constexpr (Reg) return a[i] + soff[g];
+  return a[6 * g + i];
+}
 #ifdef VB_GEMM_AVX2
-template <class T>
-inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const T* bs, T* const* c,
-                       bool add, const TileEpilogue<T>* epi = nullptr) {
+template <class T, bool Reg>
+inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const int64_t* soff, const T* bs,
+                       T* const* c, bool add, const TileEpilogue<T>* epi = nullptr) {
   using Vec = typename Traits<T>::Vec;
   using V = typename Vec::V;
   constexpr int W = Vec::W, NR = 2 * W;
   V c00 = Vec::zero(), c01 = Vec::zero(), c10 = Vec::zero(), c11 = Vec::zero(), c20 = Vec::zero(), c21 = Vec::zero(),
     c30 = Vec::zero(), c31 = Vec::zero(), c40 = Vec::zero(), c41 = Vec::zero(), c50 = Vec::zero(), c51 = Vec::zero();
   for (int g = 0; g < nseg; ++g) {
-    const T *p0 = a[6 * g], *p1 = a[6 * g + 1], *p2 = a[6 * g + 2], *p3 = a[6 * g + 3], *p4 = a[6 * g + 4],
-            *p5 = a[6 * g + 5];
+    const T *p0 = seg_row<Reg>(a, soff, g, 0), *p1 = seg_row<Reg>(a, soff, g, 1), *p2 = seg_row<Reg>(a, soff, g, 2),
+            *p3 = seg_row<Reg>(a, soff, g, 3), *p4 = seg_row<Reg>(a, soff, g, 4), *p5 = seg_row<Reg>(a, soff, g, 5);
     const T* b = bs + int64_t(k0[g] + jb) * NR;
     for (int j = jb; j < je; ++j, b += NR) {
       const V b0 = Vec::load(b), b1 = Vec::load(b + W);
@@ -190,16 +198,16 @@ inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* 
   Vec::store(c[5] + W, c51);
 }
 #else
-template <class T>
-inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const T* bs, T* const* c,
-                       bool add, const TileEpilogue<T>* epi = nullptr) {
+template <class T, bool Reg>
+inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const int64_t* soff, const T* bs,
+                       T* const* c, bool add, const TileEpilogue<T>* epi = nullptr) {
   constexpr int NR = kNR<T>;
   T acc[6][NR] = {};
   for (int g = 0; g < nseg; ++g) {
     const T* b = bs + int64_t(k0[g] + jb) * NR;
     for (int j = jb; j < je; ++j, b += NR)
       for (int i = 0; i < 6; ++i) {
-        const T av = a[6 * g + i][j];
+        const T av = seg_row<Reg>(a, soff, g, i)[j];
         for (int q = 0; q < NR; ++q) acc[i][q] = av * b[q] + acc[i][q];
       }
   }
@@ -234,12 +242,14 @@ inline void decode_pixel(int64_t i, int P, int Q, int64_t& n, int& p, int& q) {
   }
 }
 
-// A tile's live segments: k0[g] and the 6 row pointers a[6g .. 6g+5]; its m output rows out[i] (i < m).
+// A tile's live segments: k0[g] and the 6 row pointers a[6g .. 6g+5] (a regular tile: a[i] + soff[g], see
+// tap_kernel); its m output rows out[i] (i < m).
 template <class T>
 struct TileView {
   int nseg = 0, m = 0;
   const int* k0 = nullptr;
   const T* const* a = nullptr;
+  const int64_t* soff = nullptr;
   T* out[6] = {};
 };
 
@@ -278,24 +288,36 @@ void apply_epilogue(T* __restrict y, const T* __restrict res, const T* __restric
 // in passes of about KC multiply-adds, each added to the last (as the GEMM's K blocks): whole segments while
 // they are short, else each segment in KC-long pieces.
 // epi (may be null): applied by the last pass.
-template <class T>
-void sum_segments(int nseg, const int* k0, int len, const T* const* a, const T* bs, T* const* c,
-                  const TileEpilogue<T>* epi = nullptr) {
+template <class T, bool Reg>
+void sum_segments_as(int nseg, const int* k0, int len, const T* const* a, const int64_t* soff, const T* bs,
+                     T* const* c, const TileEpilogue<T>* epi) {
   constexpr int MR = kMR<T>, KC = Traits<T>::KC;
+  // Segments [g, ...) of the tile: a regular tile's pointers stay, its offsets move on.
+  const auto from = [&](int g) { return Reg ? a : a + g * MR; };
+  const auto soff_from = [&](int g) { return Reg ? soff + g : nullptr; };
   if (nseg == 0) {
-    tap_kernel<T>(0, k0, 0, len, a, bs, c, false, epi);
+    tap_kernel<T, false>(0, k0, 0, len, a, nullptr, bs, c, false, epi);
   } else if (len >= KC) {
     for (int g = 0; g < nseg; ++g)
       for (int jb = 0; jb < len; jb += KC) {
         const bool last = g == nseg - 1 && jb + KC >= len;
-        tap_kernel<T>(1, k0 + g, jb, std::min(len, jb + KC), a + g * MR, bs, c, g > 0 || jb > 0, last ? epi : nullptr);
+        tap_kernel<T, Reg>(1, k0 + g, jb, std::min(len, jb + KC), from(g), soff_from(g), bs, c, g > 0 || jb > 0,
+                           last ? epi : nullptr);
       }
   } else {
     const int group = KC / len;
     for (int g = 0; g < nseg; g += group)
-      tap_kernel<T>(std::min(group, nseg - g), k0 + g, 0, len, a + g * MR, bs, c, g > 0,
-                    g + group >= nseg ? epi : nullptr);
+      tap_kernel<T, Reg>(std::min(group, nseg - g), k0 + g, 0, len, from(g), soff_from(g), bs, c, g > 0,
+                         g + group >= nseg ? epi : nullptr);
   }
+}
+template <class T>
+void sum_segments(int nseg, const int* k0, int len, const T* const* a, const int64_t* soff, const T* bs,
+                  T* const* c, const TileEpilogue<T>* epi = nullptr) {
+  if (soff)
+    sum_segments_as<T, true>(nseg, k0, len, a, soff, bs, c, epi);
+  else
+    sum_segments_as<T, false>(nseg, k0, len, a, nullptr, bs, c, epi);
 }
 
 // The (tile, sliver) items of a chunk run in order, sliver by sliver; the item kPrefetchTiles ahead has its
@@ -363,7 +385,7 @@ void run_tiles(int64_t ntiles, int max_seg, int len, int64_t rows, const T* pack
               te.res = res;
             }
           }
-          sum_segments<T>(v.nseg, v.k0, len, v.a, bs, c, te.bias ? &te : nullptr);
+          sum_segments<T>(v.nseg, v.k0, len, v.a, v.soff, bs, c, te.bias ? &te : nullptr);
           if (epi.bias && !direct)
             for (int i = 0; i < v.m; ++i)
               apply_epilogue<T>(c[i], epi.residual ? epi.residual + (v.out[i] - epi.y) + sl * NR : nullptr,
@@ -461,6 +483,31 @@ void check_shape(const ConvShape& s) { check_conv_shape(s, "conv2d (NHWC)"); }
 }  // namespace
 
 namespace {
+
+// x [N, H, W, C] copied with its zero border of s.pad pixels written out; sp: s for the copy (padding 0, the same
+// output map). The copy is the calling thread's grow-only scratch, about the input's size (for ResNet-50's stem,
+// (230/224)^2 of it). For the layers with few channels (the stem), whose tiles then read whole kernel rows in place.
+template <class T>
+const T* zero_bordered(const ConvShape& s, const T* x, ConvShape& sp) {
+  const int pad = s.pad, Hp = s.H + 2 * pad, Wp = s.W + 2 * pad, C = s.C;
+  T* xp = scratch<T, 17>(size_t(s.N) * Hp * Wp * C);
+  parallel_for(int64_t(s.N) * Hp, 16, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t n = row / Hp;
+      const int h = int(row % Hp) - pad;
+      T* dst = xp + row * Wp * C;
+      if (h < 0 || h >= s.H) {
+        std::fill(dst, dst + int64_t(Wp) * C, T(0));
+        continue;
+      }
+      std::fill(dst, dst + int64_t(pad) * C, T(0));
+      std::memcpy(dst + int64_t(pad) * C, x + ((n * s.H + h) * s.W) * C, sizeof(T) * size_t(s.W) * C);
+      std::fill(dst + int64_t(pad + s.W) * C, dst + int64_t(Wp) * C, T(0));
+    }
+  });
+  sp = ConvShape{s.N, C, Hp, Wp, s.K, s.R, s.S, s.stride, 0};
+  return xp;
+}
 
 // ---- Winograd F(2x2, 3x3) -------------------------------------------------------------------------------------
 // A 3x3 stride-1 convolution as 16 GEMMs: each 2x2 block of outputs ("tile") comes from a 4x4 block of inputs d
@@ -668,7 +715,7 @@ void winograd_conv(const ConvShape& s, const T* x, T* y, const T* U, const Epilo
               c[i] = live ? M + (int64_t(g + i) * 16 + xi) * K + sl * NR : tmp + i * NR;
             }
             const int k0 = 0;
-            sum_segments<T>(1, &k0, C, a, bs, c);
+            sum_segments<T>(1, &k0, C, a, nullptr, bs, c);
           }
         }
       T* spare = scratch<T, 10>(size_t(K));  // where outputs past the image's edge go
@@ -924,25 +971,10 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   if (s.C < kFewChannels && s.pad > 0 && s.N > 0 && s.P() > 0 && s.Q() > 0) {
     // Few channels (the stem): the input copied once with its zero border, so that every tile reads its kernel
     // rows in place, with no checks and nothing staged (a third of the stem's forward went to its edge tiles).
-    // The rows that fell in the padding now add zeros: the same sums. The copy is the calling thread's grow-only
-    // scratch, about the input's size (for ResNet-50's stem, (230/224)^2 of it).
-    const int pad = s.pad, Hp = s.H + 2 * pad, Wp = s.W + 2 * pad, C = s.C;
-    T* xp = scratch<T, 17>(size_t(s.N) * Hp * Wp * C);
-    parallel_for(int64_t(s.N) * Hp, 16, [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t n = row / Hp;
-        const int h = int(row % Hp) - pad;
-        T* dst = xp + row * Wp * C;
-        if (h < 0 || h >= s.H) {
-          std::fill(dst, dst + int64_t(Wp) * C, T(0));
-          continue;
-        }
-        std::fill(dst, dst + int64_t(pad) * C, T(0));
-        std::memcpy(dst + int64_t(pad) * C, x + ((n * s.H + h) * s.W) * C, sizeof(T) * size_t(s.W) * C);
-        std::fill(dst + int64_t(pad + s.W) * C, dst + int64_t(Wp) * C, T(0));
-      }
-    });
-    fwd<T>(ConvShape{s.N, C, Hp, Wp, s.K, s.R, s.S, s.stride, 0}, xp, w, scale, epi, y, prepared, false);
+    // The rows that fell in the padding now add zeros: the same sums.
+    ConvShape sp;
+    const T* xp = zero_bordered(s, x, sp);
+    fwd<T>(sp, xp, w, scale, epi, y, prepared, false);
     return;
   }
   constexpr int MR = kMR<T>;
@@ -956,6 +988,18 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
   const T* zero = zeros<T>(size_t(len));
   if (!by_row && pad > 0 && int64_t(P) * Q <= kEdgeClassMap && fwd_by_edge_class<T>(s, x, packed, rows, zero, epi, y))
     return;
+  // A few-channel layer's tile whose every kernel row lies in the image (all but a short last tile, its input
+  // being zero-bordered) is regular: its segments are the same offsets from each pixel's top-left tap, made here
+  // once (reg_off, reg_k0) rather than a pointer per pixel and segment per tile. The stem's forward (7 rows of 21
+  // values): 1.80 -> 1.63 ms at batch 32, 64x64, one core. Layers with taps of 16 or more channels lost 1-4% by
+  // it (the kernel's pointer arithmetic against the tables they fill in a fraction of their sums' time).
+  const int64_t row_step = int64_t(s.W) * C;
+  int64_t* reg_off = scratch<int64_t, 18>(size_t(R));  // the calling thread's, read by the pool's
+  int* reg_k0 = scratch<int, 19>(size_t(R));
+  for (int r = 0; r < R; ++r) {
+    reg_off[r] = r * row_step;
+    reg_k0[r] = r * S * C;
+  }
   run_tiles<T>((npq + MR - 1) / MR, max_seg, len, rows, packed, s.K,
                [&](int64_t t, int* k0, const T** a, TileView<T>& v) {
                  // The tile's pixels: the first decoded once, the others by stepping (q, p, n) with carries.
@@ -978,15 +1022,23 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                      }
                    }
                  }
-                 const int64_t row_step = int64_t(s.W) * C;
                  int nseg = 0;
                  bool inside = m == MR;  // every tap of every pixel in the image: no checks
                  for (int i = 0; i < MR && inside; ++i)
                    inside = ih0[i] >= 0 && ih0[i] + R <= s.H && iw0[i] >= 0 && iw0[i] + S <= s.W;
+                 if (inside && by_row) {
+                   for (int i = 0; i < MR; ++i) a[i] = x + off[i];
+                   v.nseg = R;
+                   v.m = m;
+                   v.k0 = reg_k0;
+                   v.a = a;
+                   v.soff = reg_off;
+                   for (int i = 0; i < m; ++i) v.out[i] = y + (first + i) * s.K;
+                   return;
+                 }
                  if (inside) {
-                   const int taps = by_row ? 1 : S;
                    for (int r = 0; r < R; ++r)
-                     for (int ss = 0; ss < taps; ++ss, ++nseg) {
+                     for (int ss = 0; ss < S; ++ss, ++nseg) {
                        const int64_t tap = r * row_step + int64_t(ss) * C;
                        for (int i = 0; i < MR; ++i) a[nseg * MR + i] = x + (off[i] + tap);
                        k0[nseg] = (r * S + ss) * C;
@@ -1015,19 +1067,27 @@ void fwd(const ConvShape& s, const T* x, const T* w, const T* scale, const Epilo
                  v.m = m;
                  v.k0 = k0;
                  v.a = a;
+                 v.soff = nullptr;
                  for (int i = 0; i < m; ++i) v.out[i] = y + (first + i) * s.K;
                },
                epi);
 }
 
-// dst[i] = the sum of part[blk * outs + i] over blk < nblocks, in block order (thread-count independent).
+// dst[i] = the sum of part[blk * outs + i] over blk < nblocks, in block order (thread-count independent): runs of
+// kRun values at a time, so that the additions go down whole vectors (one value at a time, striding over the
+// blocks, was a fifth of a 16-channel 1x1 layer's filter gradient).
 template <class T>
 void sum_block_partials(const T* part, int64_t nblocks, int64_t outs, T* dst) {
-  parallel_for(outs, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      T acc = part[i];
-      for (int64_t blk = 1; blk < nblocks; ++blk) acc += part[blk * outs + i];
-      dst[i] = acc;
+  constexpr int64_t kRun = 256;
+  parallel_for((outs + kRun - 1) / kRun, 1, [&](int64_t b, int64_t e) {
+    for (int64_t run = b; run < e; ++run) {
+      const int64_t i0 = run * kRun, n = std::min(kRun, outs - i0);
+      T* __restrict d = dst + i0;
+      std::copy(part + i0, part + i0 + n, d);
+      for (int64_t blk = 1; blk < nblocks; ++blk) {
+        const T* __restrict p = part + blk * outs + i0;
+        for (int64_t i = 0; i < n; ++i) d[i] += p[i];
+      }
     }
   });
 }
@@ -1098,6 +1158,115 @@ void row_grad_block(int NV, int K, int R, int L, int64_t nrows, const T* const* 
         for (int l = 0; l < L; ++l) out[l] = l < W ? tmp[l] : l < W + (NV == 3 ? W : 0) ? tmp[l] : tmp[2 * W + l - o2];
       }
     }
+}
+
+// The filter gradient with the output channels in vectors (K a multiple of two vectors): a register tile of 2
+// vectors of channels by 6 of the kernel's (r, s, c) values e, each a broadcast of the pixel's input value
+// base[i] + eoff[e]. It reads x in place (zero-bordered when the layer has padding): no im2col matrix, no packing,
+// and one pointer per pixel. For the stem it wastes no lane but in the last 6 values (the row tile below used
+// 21 of its 24 for the stem's rows); for layers of 16 to 64 channels it skips the GEMM's packing, which cost as
+// much as their sums.
+// part[e * K + k] (e in [e_lo, e_hi), k < K) = the sum over i < nrows, in order, of dy[i * K + k] * base[i][eoff[e]].
+template <class T>
+void grad_tiles_kv(int K, int64_t nrows, const T* const* base, const int64_t* eoff, int e_lo, int e_hi, const T* dy,
+                   T* part) {
+  using Vec = typename Traits<T>::Vec;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  for (int k0 = 0; k0 < K; k0 += 2 * W)  // a block's slice of dy stays in L1 across the values e
+    for (int e0 = e_lo; e0 < e_hi; e0 += 6) {
+      const int m = std::min(6, e_hi - e0);  // a short last tile repeats its last value
+      const int64_t o0 = eoff[e0], o1 = eoff[e0 + std::min(1, m - 1)], o2 = eoff[e0 + std::min(2, m - 1)],
+                    o3 = eoff[e0 + std::min(3, m - 1)], o4 = eoff[e0 + std::min(4, m - 1)],
+                    o5 = eoff[e0 + std::min(5, m - 1)];
+      V a00 = Vec::zero(), a01 = Vec::zero(), a10 = Vec::zero(), a11 = Vec::zero(), a20 = Vec::zero(),
+        a21 = Vec::zero(), a30 = Vec::zero(), a31 = Vec::zero(), a40 = Vec::zero(), a41 = Vec::zero(),
+        a50 = Vec::zero(), a51 = Vec::zero();
+      const T* d = dy + k0;
+      for (int64_t i = 0; i < nrows; ++i, d += K) {
+        const T* b = base[i];
+        const V d0 = Vec::load(d), d1 = Vec::load(d + W);
+        V xv = Vec::bcast(b + o0);
+        a00 = Vec::fma(xv, d0, a00);
+        a01 = Vec::fma(xv, d1, a01);
+        xv = Vec::bcast(b + o1);
+        a10 = Vec::fma(xv, d0, a10);
+        a11 = Vec::fma(xv, d1, a11);
+        xv = Vec::bcast(b + o2);
+        a20 = Vec::fma(xv, d0, a20);
+        a21 = Vec::fma(xv, d1, a21);
+        xv = Vec::bcast(b + o3);
+        a30 = Vec::fma(xv, d0, a30);
+        a31 = Vec::fma(xv, d1, a31);
+        xv = Vec::bcast(b + o4);
+        a40 = Vec::fma(xv, d0, a40);
+        a41 = Vec::fma(xv, d1, a41);
+        xv = Vec::bcast(b + o5);
+        a50 = Vec::fma(xv, d0, a50);
+        a51 = Vec::fma(xv, d1, a51);
+      }
+      const V acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+      for (int j = 0; j < m; ++j) {
+        T* out = part + int64_t(e0 + j) * K + k0;
+        Vec::store(out, acc[j][0]);
+        Vec::store(out + W, acc[j][1]);
+      }
+    }
+}
+
+// dwe [(r, s, c), K] by grad_tiles_kv: pixels in blocks of `block` (fixed by the shape), one partial sum each,
+// added in block order; a block's tiles split over the threads in runs of e (any split, the same bits).
+// Pixel (n, p, q)'s value (r, s, c) at base + r * Wp * C + s * C + c, base its top-left tap in x (zero-bordered
+// first when the layer has padding).
+template <class T>
+void direct_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dwe, int64_t block) {
+  const int P = s.P(), Q = s.Q(), C = s.C, K = s.K, st = s.stride;
+  const int64_t npq = int64_t(s.N) * P * Q, outs = int64_t(K) * s.R * s.S * C;
+  const int rsc = s.R * s.S * C;
+  const int64_t nblocks = (npq + block - 1) / block;
+  T* part = nblocks > 1 ? scratch<T, 6>(size_t(nblocks * outs)) : dwe;
+  ConvShape sp;
+  const T* xp = s.pad > 0 ? zero_bordered(s, x, sp) : (sp = s, x);
+  int64_t* eoff = scratch<int64_t, 18>(size_t(rsc));  // the calling thread's, read by the pool's
+  for (int r = 0; r < s.R; ++r)
+    for (int l = 0; l < s.S * C; ++l) eoff[r * s.S * C + l] = int64_t(r) * sp.W * C + l;
+  const T** base = scratch<const T*, 12>(size_t(npq));  // every pixel's top-left tap, made once
+  parallel_for(npq, 1024, [&](int64_t b, int64_t e) {
+    int64_t n;
+    int p, q;
+    decode_pixel(b, P, Q, n, p, q);
+    for (int64_t i = b; i < e; ++i) {
+      base[i] = xp + ((n * sp.H + int64_t(p) * st) * sp.W + int64_t(q) * st) * C;
+      if (++q == Q) {
+        q = 0;
+        if (++p == P) p = 0, ++n;
+      }
+    }
+  });
+  // Items: (block, run of e), enough of them for the threads.
+  const int etiles = (rsc + 5) / 6, t = num_threads();
+  const int runs = nblocks >= 4 * t ? 1 : std::min<int>(etiles, int((4 * t + nblocks - 1) / nblocks));
+  const int per_run = (etiles + runs - 1) / runs;
+  parallel_for(nblocks * runs, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t blk = item / runs, b0 = blk * block, mb = std::min(block, npq - b0);
+      const int run = int(item % runs), e_lo = std::min(rsc, run * per_run * 6),
+                e_hi = std::min(rsc, (run + 1) * per_run * 6);
+      if (e_lo < e_hi)
+        grad_tiles_kv<T>(K, mb, base + b0, eoff, e_lo, e_hi, dy + b0 * K, part + (nblocks > 1 ? blk * outs : 0));
+    }
+  });
+  if (nblocks > 1) sum_block_partials(part, nblocks, outs, dwe);
+}
+
+// dw [K, C, R, S] from dwe [(r, s, c), K].
+template <class T>
+void rsck_to_kcrs(int K, int C, int RS, const T* dwe, T* dw) {
+  parallel_for(K, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k)
+      for (int c = 0; c < C; ++c)
+        for (int rs = 0; rs < RS; ++rs) dw[(k * C + c) * RS + rs] = dwe[(int64_t(rs) * C + c) * K + k];
+  });
 }
 
 // dwt [K, (r, s, c)] for a layer row_grad_vectors accepts: pixels in blocks fixed by the shape, one partial sum
@@ -1352,6 +1521,21 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
   const int64_t outs = int64_t(K) * rsc;
   const bool reorder = R * S > 1;
   T* dwt = reorder ? scratch<T, 5>(size_t(outs)) : dw;  // [K, (r, s, c)]
+  // Direct (register tiles over x in place) for the stem and for layers with at most 32 input or output channels:
+  // batch 32, one core, the small preset's layers: 16 -> 16 3x3 0.68 -> 0.42 ms, 16 -> 16 1x1 0.13 -> 0.09,
+  // 16 -> 64 1x1 0.32 -> 0.26, 32 -> 128 1x1 0.27 -> 0.23, the stem 2.47 -> 1.84; from 64 channels in and out the
+  // GEMM wins (8-130% faster on 2x2 to 8x8 maps). VB_CPU_DIRECT_DW=0 / 1: never / wherever K fits (comparisons).
+  static const int force = [] {
+    const char* e = std::getenv("VB_CPU_DIRECT_DW");
+    return e ? std::atoi(e) : -1;
+  }();
+  const bool kv = K % (2 * Traits<T>::Vec::W) == 0;
+  if (kv && (force == 1 || (force != 0 && (row_grad_vectors<T>(s) > 0 || std::min(C, K) <= 32)))) {
+    T* dwe = scratch<T, 5>(size_t(outs));  // [(r, s, c), K]
+    direct_filter_grad<T>(s, x, dy, dwe, std::max<int64_t>(256, (npq + 63) / 64));
+    rsck_to_kcrs(K, C, R * S, dwe, dw);
+    return;
+  }
   if (row_grad_vectors<T>(s) > 0) {
     row_filter_grad<T>(s, x, dy, dwt);
     krsc_to_kcrs(K, C, R * S, dwt, dw);
