@@ -17,9 +17,10 @@
 // Filter gradient: a GEMM dw = dy^T im2col(x) over blocks of pixels (a 1x1 stride-1 convolution reads x itself).
 // A small result gets one partial sum per block, the blocks split over the threads, the partial sums then added
 // in block order; a large one is accumulated block after block, each GEMM split over the threads. Layers with
-// at most 32 input or output channels, and the stem, sum dy times each pixel's input values in a register tile
-// of output channels instead, reading x in place (direct_filter_grad; the GEMM's packing cost them as much as
-// their sums); when K is not a multiple of two vectors, few-channel layers sum by kernel rows (row_filter_grad).
+// at most 32 input or output channels and a small result (at most 16K values), and the stem, sum dy times each
+// pixel's input values in a register tile of output channels instead, reading x in place (direct_filter_grad;
+// the GEMM's packing cost them as much as their sums), when K is a multiple of two vectors; otherwise the stem
+// sums by kernel rows (row_filter_grad), when they fit its tile, and the rest by the GEMM.
 //
 // Winograd F(2x2, 3x3) takes the 3x3 stride-1 layers with at least 32 channels: all three passes on maps of 8x8
 // or more, the forward and data gradient on 6x6 and 7x7 from 48 tiles a call (any batch with prepared weights),
@@ -1521,16 +1522,21 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
   const int64_t outs = int64_t(K) * rsc;
   const bool reorder = R * S > 1;
   T* dwt = reorder ? scratch<T, 5>(size_t(outs)) : dw;  // [K, (r, s, c)]
-  // Direct (register tiles over x in place) for the stem and for layers with at most 32 input or output channels:
-  // batch 32, one core, the small preset's layers: 16 -> 16 3x3 0.68 -> 0.42 ms, 16 -> 16 1x1 0.13 -> 0.09,
-  // 16 -> 64 1x1 0.32 -> 0.26, 32 -> 128 1x1 0.27 -> 0.23, the stem 2.47 -> 1.84; from 64 channels in and out the
-  // GEMM wins (8-130% faster on 2x2 to 8x8 maps). VB_CPU_DIRECT_DW=0 / 1: never / wherever K fits (comparisons).
+  // Direct (register tiles over x in place) for the stem and for small results (at most kSmallOuts values) of
+  // layers with at most 32 input or output channels: batch 32, one core, the small preset's layers: 16 -> 16 3x3
+  // 0.68 -> 0.42 ms, 16 -> 16 1x1 0.13 -> 0.09, 16 -> 64 1x1 0.32 -> 0.26, 32 -> 128 1x1 0.27 -> 0.23, the stem
+  // 2.47 -> 1.84. The GEMM wins from 64 channels in and out (8-130% faster on 2x2 to 8x8 maps) and on larger
+  // results (32 -> 256 3x3 stride 2 at 28x28: 9.5 against 14.5 ms; 32 -> 64 3x3: 4.1 against 5.1). The padded
+  // layers' zero-bordered copy is at most the stem forward's in a ResNet (a quarter of its side, at most 32
+  // channels against 3). VB_CPU_DIRECT_DW=0 / 1: never / wherever K fits (for comparisons).
+  constexpr int64_t kSmallOuts = int64_t(16) << 10;
   static const int force = [] {
     const char* e = std::getenv("VB_CPU_DIRECT_DW");
     return e ? std::atoi(e) : -1;
   }();
   const bool kv = K % (2 * Traits<T>::Vec::W) == 0;
-  if (kv && (force == 1 || (force != 0 && (row_grad_vectors<T>(s) > 0 || std::min(C, K) <= 32)))) {
+  const bool direct = row_grad_vectors<T>(s) > 0 || (std::min(C, K) <= 32 && outs <= kSmallOuts);
+  if (kv && (force == 1 || (force != 0 && direct))) {
     T* dwe = scratch<T, 5>(size_t(outs));  // [(r, s, c), K]
     direct_filter_grad<T>(s, x, dy, dwe, std::max<int64_t>(256, (npq + 63) / 64));
     rsck_to_kcrs(K, C, R * S, dwe, dw);
@@ -1573,7 +1579,7 @@ void conv2d_nhwc_bwd_filter(const ConvShape& s, const T* x, const T* dy, T* dw) 
   // so short that re-reading the K x RSC result for each costs more). A small result (at most kSmallOuts
   // values: the stem's 64 x 147, the 16- to 64-channel layers of small models) is a GEMM too small to split
   // over threads: it gets 8 to 64 blocks, each with its own partial sum. Block sizes depend on the shape only.
-  constexpr int64_t kColElems = int64_t(192) << 10, kSmallOuts = int64_t(16) << 10;
+  constexpr int64_t kColElems = int64_t(192) << 10;
   const int64_t fit = pointwise ? npq : std::max<int64_t>(256, kColElems / rsc);
   const bool partials = outs <= kSmallOuts && npq >= 512;
   const int64_t block =

@@ -7,9 +7,10 @@
 // per call. The data gradient is the same gather written the other way round: each input pixel sums the output
 // pixels its taps reach (for stride 2, pixels of one column parity at a time, so every tap in a tile is live for
 // all or none of them). The filter gradient is a GEMM over pixels of dy^T and an im2col built a block of pixels
-// at a time (a 1x1 stride-1 convolution uses x itself); layers with at most 32 input or output channels and the
-// stem sum dy times each pixel's input values in a register tile of output channels instead, reading x in place
-// (zero-bordered when padded).
+// at a time (a 1x1 stride-1 convolution uses x itself); the stem, and layers with at most 32 input or output
+// channels and at most 16K weights, sum dy times each pixel's input values in a register tile of 16 output
+// channels (8 in double; K a multiple of it) instead, reading x in place (zero-bordered when padded), unless
+// Winograd takes the layer.
 //
 // 3x3 stride-1 layers with at least 32 channels on maps of 8x8 or more run all three passes by Winograd
 // F(2x2, 3x3); the forward and data gradient also on 6x6 and 7x7 maps from 48 tiles a call, the filter gradient
