@@ -487,7 +487,8 @@ namespace {
 
 // x [N, H, W, C] copied with its zero border of s.pad pixels written out; sp: s for the copy (padding 0, the same
 // output map). The copy is the calling thread's grow-only scratch, about the input's size (for ResNet-50's stem,
-// (230/224)^2 of it). For the layers with few channels (the stem), whose tiles then read whole kernel rows in place.
+// (230/224)^2 of it). For the stem's forward, whose tiles then read whole kernel rows in place, and the direct
+// filter gradient, which reads every pixel's values at fixed offsets from its top-left tap.
 template <class T>
 const T* zero_bordered(const ConvShape& s, const T* x, ConvShape& sp) {
   const int pad = s.pad, Hp = s.H + 2 * pad, Wp = s.W + 2 * pad, C = s.C;
@@ -1165,8 +1166,8 @@ void row_grad_block(int NV, int K, int R, int L, int64_t nrows, const T* const* 
 // vectors of channels by 6 of the kernel's (r, s, c) values e, each a broadcast of the pixel's input value
 // base[i] + eoff[e]. It reads x in place (zero-bordered when the layer has padding): no im2col matrix, no packing,
 // and one pointer per pixel. For the stem it wastes no lane but in the last 6 values (the row tile below used
-// 21 of its 24 for the stem's rows); for layers of 16 to 64 channels it skips the GEMM's packing, which cost as
-// much as their sums.
+// 21 of its 24 for the stem's rows); for layers with at most 32 channels in or out it skips the GEMM's packing,
+// which cost as much as their sums.
 // part[e * K + k] (e in [e_lo, e_hi), k < K) = the sum over i < nrows, in order, of dy[i * K + k] * base[i][eoff[e]].
 template <class T>
 void grad_tiles_kv(int K, int64_t nrows, const T* const* base, const int64_t* eoff, int e_lo, int e_hi, const T* dy,
@@ -1231,30 +1232,28 @@ void direct_filter_grad(const ConvShape& s, const T* x, const T* dy, T* dwe, int
   int64_t* eoff = scratch<int64_t, 18>(size_t(rsc));  // the calling thread's, read by the pool's
   for (int r = 0; r < s.R; ++r)
     for (int l = 0; l < s.S * C; ++l) eoff[r * s.S * C + l] = int64_t(r) * sp.W * C + l;
-  const T** base = scratch<const T*, 12>(size_t(npq));  // every pixel's top-left tap, made once
-  parallel_for(npq, 1024, [&](int64_t b, int64_t e) {
-    int64_t n;
-    int p, q;
-    decode_pixel(b, P, Q, n, p, q);
-    for (int64_t i = b; i < e; ++i) {
-      base[i] = xp + ((n * sp.H + int64_t(p) * st) * sp.W + int64_t(q) * st) * C;
-      if (++q == Q) {
-        q = 0;
-        if (++p == P) p = 0, ++n;
-      }
-    }
-  });
   // Items: (block, run of e), enough of them for the threads.
   const int etiles = (rsc + 5) / 6, t = num_threads();
   const int runs = nblocks >= 4 * t ? 1 : std::min<int>(etiles, int((4 * t + nblocks - 1) / nblocks));
   const int per_run = (etiles + runs - 1) / runs;
   parallel_for(nblocks * runs, 1, [&](int64_t b, int64_t e) {
+    const T** base = scratch<const T*, 12>(size_t(block));  // the block's pixels' top-left taps
     for (int64_t item = b; item < e; ++item) {
       const int64_t blk = item / runs, b0 = blk * block, mb = std::min(block, npq - b0);
       const int run = int(item % runs), e_lo = std::min(rsc, run * per_run * 6),
                 e_hi = std::min(rsc, (run + 1) * per_run * 6);
-      if (e_lo < e_hi)
-        grad_tiles_kv<T>(K, mb, base + b0, eoff, e_lo, e_hi, dy + b0 * K, part + (nblocks > 1 ? blk * outs : 0));
+      if (e_lo >= e_hi) continue;
+      int64_t n;
+      int p, q;
+      decode_pixel(b0, P, Q, n, p, q);
+      for (int64_t i = 0; i < mb; ++i) {
+        base[i] = xp + ((n * sp.H + int64_t(p) * st) * sp.W + int64_t(q) * st) * C;
+        if (++q == Q) {
+          q = 0;
+          if (++p == P) p = 0, ++n;
+        }
+      }
+      grad_tiles_kv<T>(K, mb, base, eoff, e_lo, e_hi, dy + b0 * K, part + (nblocks > 1 ? blk * outs : 0));
     }
   });
   if (nblocks > 1) sum_block_partials(part, nblocks, outs, dwe);
