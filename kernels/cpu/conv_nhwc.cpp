@@ -92,6 +92,32 @@ inline const T* seg_row(const T* const* a, const int64_t* soff, int g, int i) {
   if constexpr (Reg) return a[i] + soff[g];
   return a[6 * g + i];
 }
+// One step of a 6 x 2-vector register tile: ci0 += bcast(qi) * v0 and ci1 += bcast(qi) * v1 for i < 6 (the
+// micro-kernel's six pixels at one input value, against two vectors of weights; the direct filter gradient's six
+// input values of one pixel, against two vectors of dy). The accumulators are named, not an array of vectors,
+// which GCC kept on the stack.
+template <class Vec, class T, class V>
+inline void fma_6x2(const T* q0, const T* q1, const T* q2, const T* q3, const T* q4, const T* q5, V v0, V v1, V& c00,
+                    V& c01, V& c10, V& c11, V& c20, V& c21, V& c30, V& c31, V& c40, V& c41, V& c50, V& c51) {
+  V q = Vec::bcast(q0);
+  c00 = Vec::fma(q, v0, c00);
+  c01 = Vec::fma(q, v1, c01);
+  q = Vec::bcast(q1);
+  c10 = Vec::fma(q, v0, c10);
+  c11 = Vec::fma(q, v1, c11);
+  q = Vec::bcast(q2);
+  c20 = Vec::fma(q, v0, c20);
+  c21 = Vec::fma(q, v1, c21);
+  q = Vec::bcast(q3);
+  c30 = Vec::fma(q, v0, c30);
+  c31 = Vec::fma(q, v1, c31);
+  q = Vec::bcast(q4);
+  c40 = Vec::fma(q, v0, c40);
+  c41 = Vec::fma(q, v1, c41);
+  q = Vec::bcast(q5);
+  c50 = Vec::fma(q, v0, c50);
+  c51 = Vec::fma(q, v1, c51);
+}
 #ifdef VB_GEMM_AVX2
 template <class T, bool Reg>
 inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* a, const int64_t* soff, const T* bs,
@@ -106,25 +132,8 @@ inline void tap_kernel(int nseg, const int* k0, int jb, int je, const T* const* 
             *p3 = seg_row<Reg>(a, soff, g, 3), *p4 = seg_row<Reg>(a, soff, g, 4), *p5 = seg_row<Reg>(a, soff, g, 5);
     const T* b = bs + int64_t(k0[g] + jb) * NR;
     for (int j = jb; j < je; ++j, b += NR) {
-      const V b0 = Vec::load(b), b1 = Vec::load(b + W);
-      V av = Vec::bcast(p0 + j);
-      c00 = Vec::fma(av, b0, c00);
-      c01 = Vec::fma(av, b1, c01);
-      av = Vec::bcast(p1 + j);
-      c10 = Vec::fma(av, b0, c10);
-      c11 = Vec::fma(av, b1, c11);
-      av = Vec::bcast(p2 + j);
-      c20 = Vec::fma(av, b0, c20);
-      c21 = Vec::fma(av, b1, c21);
-      av = Vec::bcast(p3 + j);
-      c30 = Vec::fma(av, b0, c30);
-      c31 = Vec::fma(av, b1, c31);
-      av = Vec::bcast(p4 + j);
-      c40 = Vec::fma(av, b0, c40);
-      c41 = Vec::fma(av, b1, c41);
-      av = Vec::bcast(p5 + j);
-      c50 = Vec::fma(av, b0, c50);
-      c51 = Vec::fma(av, b1, c51);
+      fma_6x2<Vec>(p0 + j, p1 + j, p2 + j, p3 + j, p4 + j, p5 + j, Vec::load(b), Vec::load(b + W), c00, c01, c10,
+                   c11, c20, c21, c30, c31, c40, c41, c50, c51);
     }
   }
   if (add) {
@@ -1187,25 +1196,8 @@ void grad_tiles_kv(int K, int64_t nrows, const T* const* base, const int64_t* eo
       const T* d = dy + k0;
       for (int64_t i = 0; i < nrows; ++i, d += K) {
         const T* b = base[i];
-        const V d0 = Vec::load(d), d1 = Vec::load(d + W);
-        V xv = Vec::bcast(b + o0);
-        a00 = Vec::fma(xv, d0, a00);
-        a01 = Vec::fma(xv, d1, a01);
-        xv = Vec::bcast(b + o1);
-        a10 = Vec::fma(xv, d0, a10);
-        a11 = Vec::fma(xv, d1, a11);
-        xv = Vec::bcast(b + o2);
-        a20 = Vec::fma(xv, d0, a20);
-        a21 = Vec::fma(xv, d1, a21);
-        xv = Vec::bcast(b + o3);
-        a30 = Vec::fma(xv, d0, a30);
-        a31 = Vec::fma(xv, d1, a31);
-        xv = Vec::bcast(b + o4);
-        a40 = Vec::fma(xv, d0, a40);
-        a41 = Vec::fma(xv, d1, a41);
-        xv = Vec::bcast(b + o5);
-        a50 = Vec::fma(xv, d0, a50);
-        a51 = Vec::fma(xv, d1, a51);
+        fma_6x2<Vec>(b + o0, b + o1, b + o2, b + o3, b + o4, b + o5, Vec::load(d), Vec::load(d + W), a00, a01, a10,
+                     a11, a20, a21, a30, a31, a40, a41, a50, a51);
       }
       const V acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
       for (int j = 0; j < m; ++j) {
